@@ -1,0 +1,1 @@
+"""Data layer: dataset layouts -> MONAI datalists, synthetic generators, transforms."""

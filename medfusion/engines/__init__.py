@@ -1,0 +1,1 @@
+"""Glue to MONAI engines: generic train step, method handlers, trainer builders."""

@@ -1,0 +1,1 @@
+"""All-combination evaluation: metrics, tables and figures."""

@@ -1,0 +1,138 @@
+"""Tables and figures shared by every all-combination evaluation.
+
+Input is always a tidy per-(case, combination) DataFrame with a ``combination`` column holding
+combination names (``"flair+t1ce"``) and one column per metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medfusion.modality import combination_name, combinations
+
+__all__ = ["summarize", "to_markdown", "plot_heatmap", "write_reports"]
+
+
+def summarize(per_case: pd.DataFrame, metrics: Sequence[str], modalities: Sequence[str]) -> pd.DataFrame:
+    """Mean of each metric per combination, rows in canonical combination order, plus a ``mean`` row.
+
+    The ``mean`` row is the unweighted mean over the combination rows (the papers' "average over
+    the 15 combinations"), NaNs skipped.
+
+    Args:
+        per_case: tidy table with ``combination`` and the ``metrics`` columns.
+        metrics: metric columns to summarise.
+        modalities: the model's ordered modality names (fixes the row order).
+
+    Returns:
+        DataFrame indexed by combination name (+ ``"mean"``) with the metric columns and ``n``
+        (number of cases per combination).
+    """
+    order = [combination_name(c) for c in combinations(modalities)]
+    grouped = per_case.groupby("combination", sort=False)
+    table = grouped[list(metrics)].mean()
+    table["n"] = grouped.size()
+    table = table.reindex([o for o in order if o in table.index])
+    mean_row = table[list(metrics)].mean(axis=0, skipna=True)
+    mean_row["n"] = int(table["n"].min()) if len(table) else 0
+    table.loc["mean"] = mean_row
+    table.index.name = "combination"
+    return table
+
+
+def to_markdown(summary: pd.DataFrame, metrics: Sequence[str], scale: float = 1.0, digits: int = 2) -> str:
+    """Markdown table (rows = combinations + mean); values multiplied by ``scale`` (100 for %)."""
+    cols = list(metrics)
+    header = "| combination | " + " | ".join(cols) + " | n |"
+    sep = "|---|" + "---|" * (len(cols) + 1)
+    lines = [header, sep]
+    for name, row in summary.iterrows():
+        vals = []
+        for c in cols:
+            v = row[c]
+            vals.append("nan" if pd.isna(v) else f"{v * scale:.{digits}f}")
+        label = f"**{name}**" if name == "mean" else str(name)
+        lines.append(f"| {label} | " + " | ".join(vals) + f" | {int(row['n'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(
+    summary: pd.DataFrame,
+    metrics: Sequence[str],
+    path: str | Path,
+    title: str = "",
+    labels: Sequence[str] | None = None,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+) -> Path:
+    """Heatmap of ``summary[metrics]`` (rows = combinations + mean) with the values written in.
+
+    Args:
+        summary: output of :func:`summarize`.
+        metrics: columns to show.
+        path: PNG path.
+        title: figure title.
+        labels: column labels (default: the metric names).
+        vmin: colour scale minimum.
+        vmax: colour scale maximum.
+
+    Returns:
+        The written path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = summary[list(metrics)].to_numpy(dtype=float)
+    n_rows, n_cols = data.shape
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * n_cols, 0.9 + 0.38 * n_rows))
+    im = ax.imshow(data, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(n_cols), labels=list(labels) if labels else list(metrics))
+    ax.set_yticks(range(n_rows), labels=[str(i) for i in summary.index])
+    for i in range(n_rows):
+        for j in range(n_cols):
+            v = data[i, j]
+            if np.isfinite(v):
+                colour = "white" if v < vmin + 0.6 * (vmax - vmin) else "black"
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color=colour, fontsize=8)
+    if n_rows > 1:
+        ax.axhline(n_rows - 1.5, color="white", linewidth=2)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_reports(
+    per_case: pd.DataFrame,
+    metrics: Sequence[str],
+    modalities: Sequence[str],
+    output_dir: str | Path,
+    heatmap_metrics: Sequence[str] | None = None,
+    title: str = "",
+    scale: float = 1.0,
+) -> tuple[pd.DataFrame, str]:
+    """Write ``per_case.csv``, ``summary.csv``, ``summary.md`` and ``heatmap.png`` into ``output_dir``.
+
+    Returns:
+        ``(summary DataFrame, markdown text)``.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_case.to_csv(out / "per_case.csv", index=False)
+    summary = summarize(per_case, metrics, modalities)
+    summary.to_csv(out / "summary.csv")
+    md = to_markdown(summary, metrics, scale=scale)
+    (out / "summary.md").write_text((f"# {title}\n\n" if title else "") + md)
+    plot_heatmap(summary, heatmap_metrics or metrics, out / "heatmap.png", title=title)
+    return summary, md

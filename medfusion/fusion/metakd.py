@@ -1,0 +1,377 @@
+"""MetaKD: meta-learned modality-weighted knowledge distillation (../shared/METHODS.md section 1).
+
+Pieces (each maps to a test with hand-computed values, see docs/methods.md):
+
+* importance weight vector (IWV) ``w`` in R^M, normalised by softmax (:class:`ImportanceWeights`);
+* KD weights ``softmax(w)_i / softmax(w)_j = exp(w_i - w_j)``, detached (:func:`kd_weight_matrix`);
+* ordered pairs (teacher i, student j), i != j, both present (:func:`kd_pair_mask`);
+* ``kd_ij = ratio_ij * mean |stopgrad(f_i) - f_j|`` summed over pairs, mean over the batch
+  (:func:`metakd_kd_loss`);
+* total ``L = L_task + alpha * sum kd_ij`` (:class:`MetaKDMethod`);
+* meta step every ``meta_interval`` iterations on a held-out all-modality split, bottleneck features
+  scaled by ``softmax(w)``, first-order Adam step on ``w`` ONLY (:class:`MetaStepHandler`).
+
+``alpha = 0`` is the "no KD" baseline; ``dropout_mode="fixed"`` with one combination trains a
+"dedicated" per-combination model. The same method drives the :class:`~medfusion.models.segmenter.Segmenter`
+(KD at the bottleneck) and the classification head :class:`MetaKDHead` (KD on pooled features).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from torch import nn
+
+from medfusion.encoders.base import EncoderOutput
+from medfusion.engines.method import Method, forward_outputs, model_inputs, to_device, unwrap
+from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
+from medfusion.modality import Keys, combination_name, parse_combination, validate_modalities
+
+__all__ = [
+    "ImportanceWeights",
+    "kd_pair_mask",
+    "kd_weight_matrix",
+    "metakd_kd_loss",
+    "MetaKDHead",
+    "MetaKDMethod",
+    "MetaStepHandler",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ImportanceWeights(nn.Module):
+    """MetaKD's importance weight vector ``w`` [M] (initialised to 0 = uniform softmax).
+
+    Lives in the method, not the network; put it in the checkpoint's ``save_dict``
+    (``{"metakd": method.state}``) so it is saved and restored with the model.
+
+    Args:
+        modalities: ordered modality names.
+    """
+
+    def __init__(self, modalities: Sequence[str]) -> None:
+        super().__init__()
+        self.modalities = validate_modalities(modalities)
+        self.w = nn.Parameter(torch.zeros(len(self.modalities)))
+        self.register_buffer("meta_steps", torch.zeros((), dtype=torch.long))
+
+    def weights(self) -> torch.Tensor:
+        """``softmax(w)`` [M] (differentiable in ``w``)."""
+        return torch.softmax(self.w, dim=0)
+
+    def as_dict(self) -> dict[str, float]:
+        """``{modality: softmax(w)_m}``."""
+        return dict(zip(self.modalities, self.weights().detach().cpu().tolist()))
+
+    def ranking(self) -> list[str]:
+        """Modalities sorted by learned importance, highest first."""
+        d = self.as_dict()
+        return sorted(d, key=d.__getitem__, reverse=True)
+
+
+def kd_pair_mask(modality_mask: torch.Tensor) -> torch.Tensor:
+    """Ordered (teacher i, student j) pairs, i != j, both present.
+
+    Args:
+        modality_mask: bool ``[B, M]``.
+
+    Returns:
+        bool ``[B, M, M]``, entry ``[b, i, j]`` True when i is a teacher of j for sample b.
+    """
+    m = modality_mask.bool()
+    eye = torch.eye(m.shape[1], dtype=torch.bool, device=m.device)
+    return m[:, :, None] & m[:, None, :] & ~eye
+
+
+def kd_weight_matrix(w: torch.Tensor) -> torch.Tensor:
+    """``softmax(w)_i / softmax(w)_j`` [M, M] (= ``exp(w_i - w_j)``), detached."""
+    p = torch.softmax(w.detach(), dim=0)
+    return p[:, None] / p[None, :]
+
+
+def metakd_kd_loss(features: torch.Tensor, modality_mask: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Modality-weighted pairwise L1 distillation.
+
+    ``sum_{i != j, both present} (softmax(w)_i / softmax(w)_j) * mean_{C,spatial} |stopgrad(f_i) - f_j|``,
+    averaged over the batch.
+
+    Args:
+        features: per-modality features before imputation, ``[B, M, C, *spatial]`` (or ``[B, M, C]``).
+        modality_mask: bool ``[B, M]``.
+        w: IWV ``[M]`` (only its detached softmax is used).
+
+    Returns:
+        scalar loss (0 when no sample has two present modalities).
+    """
+    b, n_mod = features.shape[:2]
+    flat = features.reshape(b, n_mod, -1)
+    teacher = flat.detach()
+    # |f_i - f_j| averaged over C and space: [B, M(teacher), M(student)]
+    dist = (teacher[:, :, None, :] - flat[:, None, :, :]).abs().mean(dim=-1)
+    pairs = kd_pair_mask(modality_mask).to(dist.dtype)
+    ratio = kd_weight_matrix(w).to(dist.dtype)
+    return (dist * pairs * ratio).sum(dim=(1, 2)).mean()
+
+
+@register_fusion("metakd")
+class MetaKDHead(FusionHead):
+    """MetaKD classification head: mean-imputed pooled features, concatenated, MLP classifier.
+
+    Args:
+        modalities: ordered modality names.
+        in_dims: ``{name: pooled dim}``; every modality is projected to ``embed_dim``.
+        num_classes: number of classes ``K``.
+        embed_dim: common per-modality dimension (needed so features can be averaged and compared).
+        hidden: hidden size of the classifier MLP.
+        dropout: dropout before the classifier.
+        impute: ``"mean"`` (Eq. 2) or ``"zero"``.
+
+    Returns (forward):
+        ``FusionOutput(logits [B, K], embeddings {name: [B, E]} after imputation,
+        aux={"modality_features": [B, M, E] before imputation})``.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        in_dims: Mapping[str, int],
+        num_classes: int,
+        embed_dim: int = 64,
+        hidden: int = 64,
+        dropout: float = 0.0,
+        impute: str = "mean",
+    ) -> None:
+        super().__init__(modalities)
+        from medfusion.models.segmenter import impute_features
+
+        self._impute_fn = impute_features
+        self.impute = impute
+        self.proj = nn.ModuleDict({m: nn.Linear(int(in_dims[m]), embed_dim) for m in self.modalities})
+        self.classifier = nn.Sequential(
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(len(self.modalities) * embed_dim, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(
+        self,
+        features: Mapping[str, EncoderOutput],
+        modality_mask: torch.Tensor,
+        modality_weights: torch.Tensor | None = None,
+    ) -> FusionOutput:
+        """Fuse pooled features; ``modality_weights`` [M] scales them (meta step)."""
+        f = torch.stack([self.proj[m](features[m].pooled) for m in self.modalities], dim=1)  # [B, M, E]
+        f = f * modality_mask.to(f.dtype).unsqueeze(-1)  # absent content never leaks
+        imputed = self._impute_fn(f, modality_mask, self.impute)
+        if modality_weights is not None:
+            imputed = imputed * modality_weights.to(f.dtype).view(1, -1, 1)
+        logits = self.classifier(imputed.flatten(1))
+        emb = {m: imputed[:, i] for i, m in enumerate(self.modalities)}
+        return FusionOutput(logits, emb, {"modality_features": f})
+
+
+def default_task_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Dice + BCE on sigmoid outputs (segmentation) or cross-entropy (classification)."""
+    if task == "segmentation":
+        from monai.losses import DiceCELoss
+
+        return DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    if task == "classification":
+        return nn.CrossEntropyLoss()
+    raise ValueError(f"task must be 'segmentation' or 'classification', got {task!r}.")
+
+
+class MetaKDMethod(Method):
+    """MetaKD training recipe (also the "no KD" and "dedicated" baselines).
+
+    Args:
+        modalities: ordered modality names of the network.
+        task: ``"segmentation"`` (Dice+BCE, labels ``[B, 3, ...]``) or ``"classification"`` (CE).
+        alpha: KD weight (0.1 in the paper; 0 = "no KD" baseline, no meta step).
+        dropout_mode: modality dropout during training (``"uniform"`` over the 2^M-1 combinations per
+            sample, ``"k_subset"`` per batch as in the reference code, ``"bernoulli"``, ``"fixed"``,
+            ``"none"``).
+        dropout_combination: the combination for ``"fixed"`` (``"flair+t1ce"``) = dedicated model.
+        dropout_p: drop probability for ``"bernoulli"``.
+        warmup_epochs: epochs trained with all (available) modalities before dropout starts.
+        meta_loader: loader of the held-out meta-validation split (all modalities); ``None``
+            disables the meta step.
+        meta_interval: iterations between meta steps (reference code: 100).
+        meta_lr: Adam learning rate of ``w``.
+        meta_weight_decay: Adam weight decay of ``w`` (paper 5e-5, code 5e-4).
+        output_dir: where ``iwv_trajectory.csv`` is appended after every meta step (optional).
+        task_loss: override of the task loss.
+        seed: seed of the modality-dropout generator.
+    """
+
+    name = "metakd"
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        task: str = "segmentation",
+        alpha: float = 0.1,
+        dropout_mode: str = "uniform",
+        dropout_combination: str | Sequence[str] | None = None,
+        dropout_p: float = 0.5,
+        warmup_epochs: int = 0,
+        meta_loader: Iterable[Mapping[str, Any]] | None = None,
+        meta_interval: int = 100,
+        meta_lr: float = 1e-2,
+        meta_weight_decay: float = 5e-4,
+        output_dir: str | Path | None = None,
+        task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        from medfusion.data.dropout import BatchModalityDropout
+
+        self.modalities = validate_modalities(modalities)
+        self.task = task
+        self.alpha = float(alpha)
+        self.task_loss = task_loss if task_loss is not None else default_task_loss(task)
+        self.warmup_epochs = int(warmup_epochs)
+        combo = None
+        if dropout_combination is not None:
+            combo = list(parse_combination(dropout_combination, self.modalities))
+        self.dropout = BatchModalityDropout(
+            self.modalities, mode=dropout_mode, p=dropout_p, combination=combo, seed=seed
+        )
+        self.state = ImportanceWeights(self.modalities)
+        self.meta_loader = meta_loader
+        self.meta_interval = int(meta_interval)
+        self.meta_lr = meta_lr
+        self.meta_weight_decay = meta_weight_decay
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+
+    # -------------------------------------------------------------- training
+    def prepare(self, batch: dict[str, Any], engine: Any) -> dict[str, Any]:
+        """Batch-level modality dropout after the warm-up epochs."""
+        self.state.to(batch[Keys.MASK].device)
+        if engine is not None and engine.state.epoch <= self.warmup_epochs:
+            return batch
+        return self.dropout(batch)
+
+    def loss_step(self, model: nn.Module, batch: Mapping[str, Any], engine: Any) -> dict[str, torch.Tensor]:
+        """``L = L_task + alpha * KD`` on the (dropped-out) batch."""
+        mask = batch[Keys.MASK].bool()
+        out = forward_outputs(model, model_inputs(batch, self.modalities), mask)
+        task = self.task_loss(out.logits, batch[Keys.LABEL])
+        if self.alpha > 0:
+            kd = metakd_kd_loss(out.aux["modality_features"], mask, self.state.w)
+        else:
+            kd = torch.zeros((), device=task.device)
+        return {"loss": task + self.alpha * kd, "task_loss": task, "kd_loss": kd}
+
+    def handlers(self) -> list[Any]:
+        """The meta step (only when KD is on and a meta-validation loader is given)."""
+        if self.alpha > 0 and self.meta_loader is not None:
+            return [MetaStepHandler(self)]
+        return []
+
+    # ----------------------------------------------------------- meta step
+    def meta_step(self, model: nn.Module, batch: Mapping[str, Any]) -> float:
+        """One first-order step on ``w`` only.
+
+        The network's bottleneck features are scaled by ``softmax(w)``; the task loss on the
+        meta-validation batch (all available modalities) is differentiated w.r.t. ``w`` alone
+        (``torch.autograd.grad``), so the network's parameters and their ``.grad`` are untouched.
+
+        Returns:
+            the meta-validation task loss.
+        """
+        w = self.state.w
+        if not hasattr(self, "_meta_opt"):
+            self._meta_opt = torch.optim.Adam([w], lr=self.meta_lr, weight_decay=self.meta_weight_decay)
+        mask = batch[Keys.MASK].bool()
+        out = unwrap(model).forward_outputs(
+            model_inputs(batch, self.modalities), mask, modality_weights=self.state.weights()
+        )
+        loss = self.task_loss(out.logits, batch[Keys.LABEL])
+        (grad,) = torch.autograd.grad(loss, [w])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank steps w identically (w is outside DistributedDataParallel)
+            torch.distributed.all_reduce(grad)
+            grad = grad / torch.distributed.get_world_size()
+        self._meta_opt.zero_grad(set_to_none=True)
+        w.grad = grad
+        self._meta_opt.step()
+        w.grad = None
+        self.state.meta_steps += 1
+        return float(loss.detach())
+
+    def record(self, iteration: int, meta_loss: float) -> dict[str, float]:
+        """Log the IWV and append it to ``iwv_trajectory.csv`` when ``output_dir`` is set."""
+        weights = self.state.as_dict()
+        row: dict[str, Any] = {"meta_step": int(self.state.meta_steps), "iteration": iteration, "meta_loss": meta_loss}
+        row.update({f"w_{m}": float(v) for m, v in zip(self.modalities, self.state.w.detach().cpu().tolist())})
+        row.update({f"softmax_{m}": v for m, v in weights.items()})
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            path = self.output_dir / "iwv_trajectory.csv"
+            new = not path.exists()
+            with path.open("a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        logger.info(
+            "MetaKD meta step %d (iteration %d): meta loss %.4f, softmax(w) %s",
+            row["meta_step"],
+            iteration,
+            meta_loss,
+            {m: round(v, 4) for m, v in weights.items()},
+        )
+        return row
+
+    def describe(self) -> dict[str, Any]:
+        """What the method decided: final IWV (softmax) and its ranking."""
+        return {"iwv": self.state.as_dict(), "ranking": combination_name(self.state.ranking()).split("+")}
+
+
+class MetaStepHandler:
+    """Ignite handler: a MetaKD meta step every ``method.meta_interval`` iterations.
+
+    Cycles over ``method.meta_loader``; the IWV after every step goes to the log, to
+    ``engine.state.metrics`` (``iwv_<modality>``, so StatsHandler/TensorBoard show it) and to
+    ``iwv_trajectory.csv``.
+
+    Args:
+        method: the :class:`MetaKDMethod`.
+    """
+
+    def __init__(self, method: MetaKDMethod) -> None:
+        self.method = method
+        self._iter: Any = None
+        self.trajectory: list[dict[str, float]] = []
+
+    def attach(self, engine: Any) -> None:
+        """Register on ``ITERATION_COMPLETED(every=meta_interval)``."""
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.method.meta_interval), self)
+
+    def _next_batch(self) -> Mapping[str, Any]:
+        if self._iter is None:
+            self._iter = iter(self.method.meta_loader)  # type: ignore[arg-type]
+        try:
+            return next(self._iter)
+        except StopIteration:
+            self._iter = iter(self.method.meta_loader)  # type: ignore[arg-type]
+            return next(self._iter)
+
+    def __call__(self, engine: Any) -> None:
+        """Run one meta step with the engine's network."""
+        batch = to_device(self._next_batch(), engine.state.device)
+        net = engine.network
+        loss = self.method.meta_step(net, batch)
+        row = self.method.record(engine.state.iteration, loss)
+        self.trajectory.append(row)
+        for m, v in self.method.state.as_dict().items():
+            engine.state.metrics[f"iwv_{m}"] = v

@@ -1,0 +1,609 @@
+"""OmniFuse: imputation + dynamic weighted fusion + laziness activation.
+
+../shared/METHODS.md section 3 ("OmniFuse: A general modality fusion framework for multi-modality learning
+on low-quality medical data"). Pieces (each maps to a test, see docs/methods.md):
+
+* embeddings ``v_m = proj_m(e_m(x_m))``; an absent modality gets ``proj_m(e_m(0))`` where ``e_m(0)`` is
+  the encoder's pooled output on a zero input, held in the head buffer ``zero_pooled`` and refreshed by
+  :func:`refresh_zero_pooled` (see "Decisions" below);
+* Cascade Residual Autoencoder (:class:`CascadeResidualAutoencoder`): ``dz_1 = phi_1(v)``,
+  ``dz_k = phi_k(v + sum_{j<k} dz_j)``, ``v' = v + sum_k dz_k``; a second CRA maps ``v' -> v''``;
+  ``L_fw = mse(v', v_true)`` over the observed modalities, ``L_bw = mse(v'', v)``;
+* DWFuse: ``omega_m = [prod_{n != m} (1 - p_n[y])]^(beta / (M - 1))`` (:func:`dwfuse_omega`),
+  ``L_enc = sum_m mean_b(omega_m * CE(g_m(v'_m), y))`` with omega detached, ``L_ra = CE(g_ra(codes), y)``,
+  ``L_DWFuse = L_enc + alpha * L_ra`` (:func:`dwfuse_loss`);
+* TLA: after every epoch the combination with the largest per-sample cross-entropy over the training set
+  is "lazy" (:func:`combination_losses`, :func:`lazy_from_losses`, :class:`OmniFuseEpochHandler`); in the
+  next epoch samples whose simulated combination equals it get ``L_TLA = CE`` (:func:`tla_loss`);
+* ``L = L_fw + lambda1 * L_bw + lambda2 * L_DWFuse + lambda3 * L_TLA`` (1, 10, 0.5; :class:`OmniFuseMethod`);
+* inference: ``logits = log(0.5 * (softmax(o) + sum_m omega_m p_m / sum_m omega_m))`` over the present
+  modalities, with ``p_n[y]`` replaced by ``p_n[argmax]`` in omega (:class:`OmniFuseHead`).
+
+Decisions:
+
+* Zero-input embedding. The head has no encoder access and must not read an absent modality's content
+  (contract). ``e_m(0)`` is therefore computed by the encoder in EVAL mode without gradient on a zero
+  tensor shaped like one sample (:func:`refresh_zero_pooled`: every training iteration by
+  :class:`OmniFuseMethod` and at every epoch end) and stored in the head buffer ``zero_pooled``, so
+  inference from a checkpoint is deterministic and independent of absent content. Deviation from a
+  zero-filled forward pass: no gradient reaches the encoder through its zero-input output (the
+  projection and the CRA still learn from it), and zero batches never enter BatchNorm running statistics.
+  Before the first refresh the buffer is 0 (absent embedding = the projection bias).
+* Missingness is simulated in :meth:`OmniFuseMethod.prepare`: per sample, a combination drawn uniformly
+  from the non-empty subsets of its OBSERVED modalities; the observed mask is kept under
+  :data:`OBSERVED_MASK_KEY`. ``v_true`` is the embedding under the observed mask (detached); ``L_fw`` is the
+  mean squared error over the observed modalities' entries (= the paper's loss on complete samples,
+  and defined for incompletely observed training samples too). ``L_bw`` targets the detached ``v``.
+* ``L_enc`` and its omega use all M modalities (absent ones through their imputed ``v'_m``, so the
+  imputation is trained to be discriminative); at inference the weighted average runs over the PRESENT
+  modalities (``weighted_over="present"``, option ``"all"``), with ``p_n[argmax]`` for ``p_n[y]``.
+* TLA distance: mean per-sample cross-entropy of the deployable logits over the samples that have all
+  the combination's modalities (equals the paper's sum up to the constant N on complete data);
+  ``L_TLA`` is the mean cross-entropy over the batch's lazy samples (0 when there are none).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Events
+from torch import nn
+
+from medfusion.encoders.base import EncoderOutput
+from medfusion.engines.method import Method, forward_outputs, model_inputs, to_device, unwrap
+from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
+from medfusion.fusion.baselines import check_in_dims, mlp, per_modality_ce, safe_log, stack_modality_logits
+from medfusion.modality import Keys, all_combination_masks, combination_name, combinations, validate_modalities
+
+__all__ = [
+    "OBSERVED_MASK_KEY",
+    "ResidualAutoencoder",
+    "CascadeResidualAutoencoder",
+    "dwfuse_omega",
+    "dwfuse_loss",
+    "tla_loss",
+    "simulate_missing",
+    "refresh_zero_pooled",
+    "combination_losses",
+    "lazy_from_losses",
+    "OmniFuseHead",
+    "OmniFuseMethod",
+    "OmniFuseEpochHandler",
+]
+
+logger = logging.getLogger(__name__)
+
+OBSERVED_MASK_KEY = "observed_modality_mask"
+"""Batch key of the mask before simulated missingness (bool ``[B, M]``), set by :meth:`OmniFuseMethod.prepare`."""
+
+
+class ResidualAutoencoder(nn.Module):
+    """One CRA block: ``code = relu(W_e x + b_e)``, ``dz = W_d code + b_d``.
+
+    Args:
+        dim: input/output size (``M * embed_dim``).
+        code_dim: bottleneck size.
+    """
+
+    def __init__(self, dim: int, code_dim: int) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(dim, code_dim)
+        self.decoder = nn.Linear(code_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dz [B, dim], code [B, code_dim])``."""
+        code = torch.relu(self.encoder(x))
+        return self.decoder(code), code
+
+
+class CascadeResidualAutoencoder(nn.Module):
+    """Cascade of K residual autoencoders.
+
+    ``dz_1 = phi_1(v)``, ``dz_k = phi_k(v + sum_{j<k} dz_j)``, output ``v + sum_k dz_k``.
+
+    Args:
+        dim: size of the joint embedding ``v``.
+        code_dim: bottleneck size of each block.
+        num_blocks: K (5 in the paper).
+    """
+
+    def __init__(self, dim: int, code_dim: int, num_blocks: int = 5) -> None:
+        super().__init__()
+        if num_blocks < 1:
+            raise ValueError(f"CascadeResidualAutoencoder: num_blocks must be >= 1, got {num_blocks}.")
+        self.blocks = nn.ModuleList([ResidualAutoencoder(dim, code_dim) for _ in range(num_blocks)])
+
+    def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the cascade.
+
+        Args:
+            v: ``[B, dim]``.
+
+        Returns:
+            ``(v + sum_k dz_k [B, dim], [code_k [B, code_dim] for k in 1..K])``.
+        """
+        acc = v
+        codes = []
+        for block in self.blocks:
+            dz, code = block(acc)
+            acc = acc + dz
+            codes.append(code)
+        return acc, codes
+
+
+def dwfuse_omega(confidence: torch.Tensor, use: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """DWFuse down-weighting factor ``omega_m = [prod_{n != m, n used} (1 - q_n)]^(beta / (M - 1))``.
+
+    Args:
+        confidence: ``q`` ``[B, M]``: ``p_n[y]`` in training, ``p_n[argmax]`` at inference.
+        use: bool ``[B, M]``: modalities taking part (all in training, present ones at inference).
+        beta: exponent numerator (0.5).
+
+    Returns:
+        ``[B, M]``, 0 where ``use`` is False; ``1 - q`` is clamped to 1e-6 so omega stays positive. ``M`` is
+        the model's number of modalities (the exponent does not change with the number present); for
+        ``M = 1`` omega is 1.
+    """
+    n_mod = confidence.shape[1]
+    if n_mod == 1:
+        return use.to(confidence.dtype)
+    log1m = torch.log((1.0 - confidence).clamp_min(1e-6)) * use.to(confidence.dtype)  # [B, M]
+    others = 1.0 - torch.eye(n_mod, dtype=confidence.dtype, device=confidence.device)  # [m, n], n != m
+    log_prod = log1m @ others.T  # [B, m] = sum_{n != m} log(1 - q_n)
+    omega = torch.exp(beta / (n_mod - 1) * log_prod)
+    return torch.where(use, omega, torch.zeros((), dtype=omega.dtype, device=omega.device))
+
+
+def dwfuse_loss(
+    modality_logits: torch.Tensor,
+    joint_logits: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> dict[str, torch.Tensor]:
+    """``L_DWFuse = sum_m mean_b(omega_m * CE(z_m, y)) + alpha * CE(o, y)`` with omega detached (all M modalities).
+
+    Args:
+        modality_logits: ``[B, M, K]`` per-modality logits on the imputed embeddings.
+        joint_logits: ``o`` ``[B, K]``.
+        labels: long ``[B]``.
+        beta: omega exponent numerator.
+        alpha: weight of the joint-head loss ``L_ra``.
+
+    Returns:
+        ``{"dwfuse": L_DWFuse, "enc": L_enc, "ra": L_ra, "omega": [B, M]}``.
+    """
+    probs = torch.softmax(modality_logits.detach(), dim=-1)
+    p_true = probs.gather(-1, labels.view(-1, 1, 1).expand(-1, probs.shape[1], 1)).squeeze(-1)  # [B, M]
+    omega = dwfuse_omega(p_true, torch.ones_like(p_true, dtype=torch.bool), beta)
+    enc = (omega * per_modality_ce(modality_logits, labels)).mean(dim=0).sum()
+    ra = F.cross_entropy(joint_logits, labels)
+    return {"dwfuse": enc + alpha * ra, "enc": enc, "ra": ra, "omega": omega}
+
+
+def tla_loss(
+    logits: torch.Tensor, labels: torch.Tensor, modality_mask: torch.Tensor, lazy_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean cross-entropy over the samples whose combination equals the lazy one (0 if none or no lazy).
+
+    Args:
+        logits: ``[B, K]`` deployable logits.
+        labels: long ``[B]``.
+        modality_mask: bool ``[B, M]`` (the simulated combination).
+        lazy_mask: bool ``[M]`` of the lazy combination, or ``None``.
+
+    Returns:
+        scalar.
+    """
+    if lazy_mask is None:
+        return logits.new_zeros(())
+    sel = (modality_mask == lazy_mask.view(1, -1)).all(dim=1)
+    if not bool(sel.any()):
+        return logits.new_zeros(())
+    return F.cross_entropy(logits[sel], labels[sel])
+
+
+def simulate_missing(observed: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per sample, a combination drawn uniformly from the non-empty subsets of its observed modalities.
+
+    Args:
+        observed: bool ``[B, M]`` (every row with at least one True).
+        generator: CPU random generator.
+
+    Returns:
+        bool ``[B, M]`` on ``observed``'s device, a subset of ``observed`` row-wise.
+    """
+    n_mod = observed.shape[1]
+    combos = all_combination_masks(tuple(f"m{i}" for i in range(n_mod)))  # [C, M] (names are placeholders)
+    obs = observed.bool().cpu()
+    allowed = ~(combos.unsqueeze(0) & ~obs.unsqueeze(1)).any(dim=-1)  # [B, C]: combo within observed
+    if not bool(allowed.any(dim=1).all()):
+        raise ValueError("simulate_missing: a sample has no observed modality (modality_mask row all False).")
+    pick = torch.multinomial(allowed.float(), 1, generator=generator).squeeze(1)
+    return combos[pick].to(observed.device)
+
+
+def refresh_zero_pooled(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> None:
+    """Store every encoder's pooled output on a zero input in the OmniFuse head (``e_m(0)``).
+
+    Each encoder runs in eval mode without gradient on ``zeros_like(inputs[m][:1])`` (its train/eval mode
+    is restored afterwards).
+
+    Args:
+        model: a ``FusionModel`` (possibly wrapped) whose head is an :class:`OmniFuseHead`.
+        inputs: ``{name: [B, ...]}`` example tensors (only their shape/dtype/device are used).
+    """
+    net = unwrap(model)
+    head = _omnifuse_head(net)
+    pooled = {}
+    for m in head.modalities:
+        enc = net.encoders[m]
+        was_training = enc.training
+        enc.eval()
+        with torch.no_grad():
+            pooled[m] = enc(torch.zeros_like(inputs[m][:1])).pooled[0]
+        enc.train(was_training)
+    head.set_zero_pooled(pooled)
+
+
+@register_fusion("omnifuse")
+class OmniFuseHead(FusionHead):
+    """OmniFuse classification head: zero-input imputation path, CRA imputation, DWFuse.
+
+    Args:
+        modalities: ordered modality names.
+        in_dims: ``{name: pooled dim}``.
+        num_classes: number of classes ``K``.
+        embed_dim: per-modality embedding size ``d`` (``v`` has ``M * d`` entries).
+        code_dim: bottleneck size of each CRA block.
+        num_blocks: CRA blocks K (5).
+        beta: omega exponent numerator (0.5).
+        hidden: hidden size of the per-modality classifiers ``g_m`` (0 = linear).
+        dropout: dropout inside ``g_m``.
+        weighted_over: ``"present"`` (default) or ``"all"``: modalities in the inference weighted average.
+        prediction: which probability the deployable ``logits`` are the log of: ``"combined"`` (default, the
+            average of the joint head and the weighted per-modality average), ``"joint"`` (``softmax(o)``)
+            or ``"weighted"``; all three are always in ``aux`` so the choice can be evaluated.
+
+    Buffers: ``zero_pooled`` ``[sum D_m]`` (``e_m(0)`` of every modality, concatenated),
+    ``zero_pooled_ready`` (bool), ``lazy_combination`` (long, index into
+    ``combinations(modalities)``, -1 = none) and ``combination_distance`` ``[2^M - 1]`` (last TLA mining,
+    NaN for combinations without samples).
+
+    Returns (forward):
+        ``FusionOutput(logits [B, K] = log(combined) by default, embeddings {name: v'_m [B, d]}, aux)`` with ``aux``:
+        ``"modality_logits"`` {name: [B, K]} (``g_m(v'_m)``), ``"joint_logits"`` ``o`` [B, K],
+        ``"joint_probs"`` [B, K], ``"modality_probs"`` [B, M, K], ``"omega"`` [B, M] (inference form,
+        0 for unused modalities), ``"weighted_probs"`` [B, K], ``"combined"`` [B, K], ``"observed"`` ``v``
+        [B, M*d], ``"imputed"`` ``v'`` [B, M*d], ``"cycle"`` ``v''`` [B, M*d], ``"codes"`` [B, K_blocks *
+        code_dim]; plus ``"target"`` (``v`` under ``target_mask``, detached) when ``target_mask`` is given.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        in_dims: Mapping[str, int],
+        num_classes: int,
+        embed_dim: int = 32,
+        code_dim: int = 32,
+        num_blocks: int = 5,
+        beta: float = 0.5,
+        hidden: int = 0,
+        dropout: float = 0.0,
+        weighted_over: str = "present",
+        prediction: str = "combined",
+    ) -> None:
+        super().__init__(modalities)
+        dims = check_in_dims("omnifuse", self.modalities, in_dims)
+        if weighted_over not in ("present", "all"):
+            raise ValueError(f"omnifuse: weighted_over must be 'present' or 'all', got {weighted_over!r}.")
+        if prediction not in ("combined", "joint", "weighted"):
+            raise ValueError(f"omnifuse: prediction must be 'combined', 'joint' or 'weighted', got {prediction!r}.")
+        self.prediction = prediction
+        self.in_dims = dims
+        self.embed_dim = int(embed_dim)
+        self.beta = float(beta)
+        self.weighted_over = weighted_over
+        n_mod = len(self.modalities)
+        joint = n_mod * self.embed_dim
+        self.proj = nn.ModuleDict({m: nn.Linear(dims[m], self.embed_dim) for m in self.modalities})
+        self.forward_cra = CascadeResidualAutoencoder(joint, code_dim, num_blocks)
+        self.backward_cra = CascadeResidualAutoencoder(joint, code_dim, num_blocks)
+        self.classifiers = nn.ModuleDict(
+            {m: mlp(self.embed_dim, int(num_classes), hidden, dropout) for m in self.modalities}
+        )
+        self.joint_classifier = nn.Linear(num_blocks * code_dim, int(num_classes))
+        self.register_buffer("zero_pooled", torch.zeros(sum(dims.values())))
+        self.register_buffer("zero_pooled_ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("lazy_combination", torch.full((), -1, dtype=torch.long))
+        self.register_buffer("combination_distance", torch.full((2**n_mod - 1,), float("nan")))
+
+    # --------------------------------------------------------- zero input
+    def _zero_slices(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.modalities, torch.split(self.zero_pooled, [self.in_dims[m] for m in self.modalities])))
+
+    @torch.no_grad()
+    def set_zero_pooled(self, pooled: Mapping[str, torch.Tensor]) -> None:
+        """Store ``e_m(0)`` (``{name: [D_m]}``) in the buffer.
+
+        Raises:
+            ValueError: a modality is missing or has the wrong size.
+        """
+        parts = []
+        for m in self.modalities:
+            p = pooled[m].detach().reshape(-1) if m in pooled else None
+            if p is None or p.numel() != self.in_dims[m]:
+                got = None if p is None else p.numel()
+                raise ValueError(
+                    f"omnifuse: zero-input pooled of {m!r} must have {self.in_dims[m]} entries, got {got}."
+                )
+            parts.append(p.to(self.zero_pooled))
+        self.zero_pooled.copy_(torch.cat(parts))
+        self.zero_pooled_ready.fill_(True)
+
+    def lazy_mask(self) -> torch.Tensor | None:
+        """Mask ``[M]`` (bool) of the current lazy combination, or ``None``."""
+        idx = int(self.lazy_combination)
+        if idx < 0:
+            return None
+        return all_combination_masks(self.modalities, self.lazy_combination.device)[idx]
+
+    # ------------------------------------------------------------ forward
+    def embed(self, features: Mapping[str, EncoderOutput], modality_mask: torch.Tensor) -> torch.Tensor:
+        """``v`` ``[B, M, d]``: ``proj_m(pooled_m)`` if present, else ``proj_m(zero_pooled_m)``."""
+        zero = self._zero_slices()
+        out = []
+        for i, m in enumerate(self.modalities):
+            p = features[m].pooled
+            x = torch.where(modality_mask[:, i : i + 1], p, zero[m].to(p.dtype).unsqueeze(0))
+            out.append(self.proj[m](x))
+        return torch.stack(out, dim=1)
+
+    def forward(
+        self,
+        features: Mapping[str, EncoderOutput],
+        modality_mask: torch.Tensor,
+        target_mask: torch.Tensor | None = None,
+    ) -> FusionOutput:
+        """Impute with the CRA, classify per modality and jointly, and combine.
+
+        Args:
+            features: ``{name: EncoderOutput}``.
+            modality_mask: bool ``[B, M]``.
+            target_mask: optional bool ``[B, M]`` (training): ``aux["target"]`` is then ``v`` computed under
+                this mask (the observed modalities), detached.
+        """
+        b, n_mod = modality_mask.shape
+        v = self.embed(features, modality_mask)
+        v_flat = v.flatten(1)
+        imputed, codes = self.forward_cra(v_flat)
+        cycle, _ = self.backward_cra(imputed)
+        vi = imputed.view(b, n_mod, self.embed_dim)
+        z = torch.stack([self.classifiers[m](vi[:, i]) for i, m in enumerate(self.modalities)], dim=1)  # [B, M, K]
+        probs = torch.softmax(z, dim=-1)
+        codes_cat = torch.cat(codes, dim=1)
+        o = self.joint_classifier(codes_cat)
+        joint = torch.softmax(o, dim=-1)
+        use = modality_mask if self.weighted_over == "present" else torch.ones_like(modality_mask)
+        omega = dwfuse_omega(probs.amax(dim=-1), use, self.beta)
+        weighted = (omega.unsqueeze(-1) * probs).sum(dim=1) / omega.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        combined = 0.5 * (joint + weighted)
+        aux: dict[str, Any] = {
+            "modality_logits": {m: z[:, i] for i, m in enumerate(self.modalities)},
+            "joint_logits": o,
+            "joint_probs": joint,
+            "modality_probs": probs,
+            "omega": omega,
+            "weighted_probs": weighted,
+            "combined": combined,
+            "observed": v_flat,
+            "imputed": imputed,
+            "cycle": cycle,
+            "codes": codes_cat,
+        }
+        if target_mask is not None:
+            aux["target"] = self.embed(features, target_mask.bool()).flatten(1).detach()
+        emb = {m: vi[:, i] for i, m in enumerate(self.modalities)}
+        chosen = {"combined": combined, "joint": joint, "weighted": weighted}[self.prediction]
+        return FusionOutput(safe_log(chosen), emb, aux)
+
+
+def _omnifuse_head(model: nn.Module) -> OmniFuseHead:
+    head = getattr(unwrap(model), "head", None)
+    if not isinstance(head, OmniFuseHead):
+        raise TypeError(f"OmniFuse needs a FusionModel whose head is an OmniFuseHead, got head {type(head).__name__}.")
+    return head
+
+
+@torch.no_grad()
+def combination_losses(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    modalities: Sequence[str],
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of the deployable prediction for every combination (TLA mining).
+
+    Encoders run once per batch; the head runs once per combination with only that combination present.
+    A sample counts for combination ``c`` only when all of ``c``'s modalities are observed in it. The
+    network is put in eval mode (and restored).
+
+    Args:
+        model: a ``FusionModel`` (possibly wrapped).
+        loader: batches with the modalities, ``modality_mask`` (observed) and ``label``.
+        modalities: the model's modality order.
+        device: move batches there (``None`` = leave).
+
+    Returns:
+        ``(sum of CE [C], number of samples [C])`` in ``combinations(modalities)`` order.
+    """
+    net = unwrap(model)
+    combos = all_combination_masks(modalities)
+    sums = torch.zeros(len(combos), dtype=torch.float64)
+    counts = torch.zeros(len(combos), dtype=torch.long)
+    was_training = net.training
+    net.eval()
+    try:
+        for raw in loader:
+            batch = to_device(raw, device) if device is not None else dict(raw)
+            observed = batch[Keys.MASK].bool()
+            labels = batch[Keys.LABEL].long()
+            feats = net.encode(model_inputs(batch, tuple(modalities)))
+            rows = combos.to(observed.device)
+            for c in range(len(combos)):
+                valid = (observed | ~rows[c]).all(dim=1)
+                if not bool(valid.any()):
+                    continue
+                logits = net.head(feats, rows[c].expand(observed.shape[0], -1)).logits
+                sums[c] += float(F.cross_entropy(logits[valid].float(), labels[valid], reduction="sum"))
+                counts[c] += int(valid.sum())
+    finally:
+        net.train(was_training)
+    return sums, counts
+
+
+def lazy_from_losses(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-combination distance (mean CE; NaN without samples) and the lazy combination (largest; -1 if none)."""
+    dist = torch.where(counts > 0, sums / counts.clamp_min(1).to(sums.dtype), torch.full_like(sums, float("nan")))
+    if not bool((counts > 0).any()):
+        return dist, -1
+    return dist, int(torch.where(counts > 0, dist, torch.full_like(dist, -float("inf"))).argmax())
+
+
+class OmniFuseMethod(Method):
+    """OmniFuse training recipe: ``L = L_fw + lambda_bw * L_bw + lambda_dw * L_DWFuse + lambda_tla * L_TLA``.
+
+    Args:
+        modalities: ordered modality names of the network.
+        lambda_bw: weight of the backward-CRA cycle loss (1).
+        lambda_dw: weight of ``L_DWFuse`` (10).
+        lambda_tla: weight of ``L_TLA`` (0.5; 0 disables the mining handler).
+        alpha: weight of ``L_ra`` inside ``L_DWFuse`` (0.1).
+        simulate: simulate missingness in :meth:`prepare` (uniform over the non-empty subsets of each
+            sample's observed modalities).
+        tla_loader: loader used for TLA mining at the end of every epoch (default: the trainer's loader).
+        zero_refresh_every: refresh ``e_m(0)`` every this many iterations (and at every epoch end).
+        seed: seed of the missingness generator.
+    """
+
+    name = "omnifuse"
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        lambda_bw: float = 1.0,
+        lambda_dw: float = 10.0,
+        lambda_tla: float = 0.5,
+        alpha: float = 0.1,
+        simulate: bool = True,
+        tla_loader: Iterable[Mapping[str, Any]] | None = None,
+        zero_refresh_every: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.modalities = validate_modalities(modalities)
+        self.lambda_bw = float(lambda_bw)
+        self.lambda_dw = float(lambda_dw)
+        self.lambda_tla = float(lambda_tla)
+        self.alpha = float(alpha)
+        self.simulate = bool(simulate)
+        self.tla_loader = tla_loader
+        self.zero_refresh_every = max(1, int(zero_refresh_every))
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.example_inputs: dict[str, torch.Tensor] | None = None
+
+    def prepare(self, batch: dict[str, Any], engine: Any) -> dict[str, Any]:
+        """Keep the observed mask under :data:`OBSERVED_MASK_KEY` and simulate missingness on ``modality_mask``."""
+        if not self.simulate:
+            return batch
+        out = dict(batch)
+        observed = batch[Keys.MASK].bool()
+        out[OBSERVED_MASK_KEY] = observed
+        out[Keys.MASK] = simulate_missing(observed, self.generator)
+        return out
+
+    def loss_step(self, model: nn.Module, batch: Mapping[str, Any], engine: Any) -> dict[str, torch.Tensor]:
+        """All OmniFuse losses on the (simulated-missing) batch."""
+        head = _omnifuse_head(model)
+        mask = batch[Keys.MASK].bool()
+        observed = batch.get(OBSERVED_MASK_KEY, mask).bool()
+        labels = batch[Keys.LABEL].long()
+        inputs = model_inputs(batch, self.modalities)
+        self.example_inputs = {m: inputs[m][:1].detach() for m in self.modalities}
+        iteration = getattr(getattr(engine, "state", None), "iteration", 0) or 0
+        if not bool(head.zero_pooled_ready) or iteration % self.zero_refresh_every == 0:
+            refresh_zero_pooled(model, inputs)
+        out = forward_outputs(model, inputs, mask, target_mask=observed)
+        aux = out.aux
+        b, n_mod = mask.shape
+        sq = ((aux["imputed"] - aux["target"]) ** 2).view(b, n_mod, -1).mean(dim=-1)  # [B, M]
+        obs = observed.to(sq.dtype)
+        l_fw = (sq * obs).sum() / obs.sum().clamp_min(1.0)
+        l_bw = F.mse_loss(aux["cycle"], aux["observed"].detach())
+        z = stack_modality_logits(aux["modality_logits"], self.modalities)
+        dw = dwfuse_loss(z, aux["joint_logits"], labels, head.beta, self.alpha)
+        l_tla = (
+            tla_loss(out.logits, labels, mask, head.lazy_mask()) if self.lambda_tla > 0 else out.logits.new_zeros(())
+        )
+        loss = l_fw + self.lambda_bw * l_bw + self.lambda_dw * dw["dwfuse"] + self.lambda_tla * l_tla
+        return {
+            "loss": loss,
+            "fw_loss": l_fw,
+            "bw_loss": l_bw,
+            "dwfuse_loss": dw["dwfuse"],
+            "enc_loss": dw["enc"],
+            "ra_loss": dw["ra"],
+            "tla_loss": l_tla,
+        }
+
+    def handlers(self) -> list[Any]:
+        """The epoch-end handler (``e_m(0)`` refresh + TLA mining)."""
+        return [OmniFuseEpochHandler(self, self.tla_loader)]
+
+    def mine(
+        self, model: nn.Module, loader: Iterable[Mapping[str, Any]], device: Any = None
+    ) -> tuple[torch.Tensor, int]:
+        """Run TLA mining and store the result in the head's buffers.
+
+        Returns:
+            ``(distance per combination [C], lazy index or -1)``.
+        """
+        head = _omnifuse_head(model)
+        sums, counts = combination_losses(model, loader, self.modalities, device)
+        dist, lazy = lazy_from_losses(sums, counts)
+        head.combination_distance.copy_(dist.to(head.combination_distance))
+        head.lazy_combination.fill_(lazy)
+        if lazy >= 0:
+            logger.info("OmniFuse TLA: lazy combination %s", combination_name(combinations(self.modalities)[lazy]))
+        return dist, lazy
+
+
+class OmniFuseEpochHandler:
+    """Ignite handler at ``EPOCH_COMPLETED``: refresh ``e_m(0)`` in eval mode, then mine the lazy combination.
+
+    Args:
+        method: the :class:`OmniFuseMethod`.
+        loader: mining loader (default ``engine.state.dataloader``, the training loader).
+    """
+
+    def __init__(self, method: OmniFuseMethod, loader: Iterable[Mapping[str, Any]] | None = None) -> None:
+        self.method = method
+        self.loader = loader
+
+    def attach(self, engine: Any) -> None:
+        """Register on ``EPOCH_COMPLETED``."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        """Refresh the zero-input embedding and (if ``lambda_tla > 0``) mine the lazy combination."""
+        net = engine.network
+        if self.method.example_inputs is not None:
+            refresh_zero_pooled(net, self.method.example_inputs)
+        if self.method.lambda_tla <= 0:
+            return
+        loader = self.loader if self.loader is not None else engine.state.dataloader
+        _, lazy = self.method.mine(net, loader, engine.state.device)
+        engine.state.metrics["omnifuse_lazy_combination"] = lazy

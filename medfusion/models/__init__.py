@@ -1,0 +1,1 @@
+"""Networks built from encoders + fusion heads (segmenter, classifier)."""

@@ -1,0 +1,32 @@
+"""Shared test fixtures: deterministic seeds, few threads, paths to the shared real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED = PROJECT_ROOT.parent / "shared"
+REAL_CASE = SHARED / "data" / "real" / "BraTS2021_00006"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def real_case() -> Path:
+    """The real BraTS 2021 case next to the project, or skip with the reason."""
+    if not REAL_CASE.is_dir():
+        pytest.skip(f"real BraTS case not found at {REAL_CASE} (expected ../shared/data/real/ beside the project)")
+    return REAL_CASE

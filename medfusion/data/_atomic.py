@@ -1,0 +1,83 @@
+"""Write a whole output directory or nothing: build it in a temporary sibling, rename when complete.
+
+Used by the synthetic generators and every command that writes a result folder, so a failure
+(bad argument, disk full, Ctrl-C) never leaves a half-written directory behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_output_dir", "atomic_write_bytes", "check_output_dir"]
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse to reuse a non-empty output directory unless ``overwrite``.
+
+    Args:
+        path: the directory that will receive results.
+        overwrite: allow replacing an existing non-empty directory.
+
+    Returns:
+        The path as :class:`~pathlib.Path`.
+
+    Raises:
+        FileExistsError: ``path`` exists, is not empty and ``overwrite`` is False; or it is a file.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"Output path {out} exists and is a file; expected a directory.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"Output directory {out} already holds files; pass --overwrite to replace it.")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Context manager yielding a temporary directory that becomes ``path`` on success.
+
+    Args:
+        path: final directory.
+        overwrite: replace an existing non-empty ``path`` (only after the new one is complete).
+
+    Yields:
+        The temporary directory to write into (same parent as ``path`` so the rename is atomic).
+
+    Raises:
+        FileExistsError: see :func:`check_output_dir`.
+    """
+    out = check_output_dir(path, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file + rename (readers never see a partial file)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

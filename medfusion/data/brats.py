@@ -1,0 +1,286 @@
+"""BraTS dataset discovery for every public layout -> MONAI datalist keyed by modality NAME.
+
+Supported (see ../shared/DATA.md; the layout is detected, never configured):
+
+- BraTS 2018 / 2019: ``{HGG,LGG}/Brats18_<id>/Brats18_<id>_{flair,t1,t1ce,t2,seg}.nii.gz``
+  (``BraTS19_`` in 2019);
+- BraTS 2020: ``BraTS20_Training_001/BraTS20_Training_001_<mod>.nii.gz`` (also ``.nii``; case 355's
+  label is ``W39_1998.09.19_Segm.nii``); validation cases without labels;
+- BraTS 2021: ``BraTS2021_00000/BraTS2021_00000_<mod>.nii.gz``;
+- BraTS 2023 (GLI, MEN, PED, ...): ``BraTS-GLI-00000-000/BraTS-GLI-00000-000-{t1c,t1n,t2f,t2w,seg}.nii.gz``
+  (t2f = flair, t1n = t1, t1c = t1ce, t2w = t2; labels 1/2/3);
+- MSD Task01_BrainTumour: ``dataset.json``, 4D ``imagesTr/BRATS_001.nii.gz`` whose channel order is
+  read BY NAME from ``dataset.json["modality"]``; macOS ``._*`` files are skipped.
+
+Each datalist entry holds ``case_id``, one path (or ``None`` when the file is absent: the case is
+kept with that modality marked missing) per requested modality, ``label`` (path or ``None``),
+``label_convention`` (``brats``, ``brats2023``, ``msd``), ``source``, ``modality_mask`` and
+``sample_index``. MSD entries carry ``image_4d`` and ``image_4d_channels`` instead of per-modality
+paths. :class:`medfusion.data.volume.LoadModalitiesd` reads both forms.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfusion.modality import BRATS_MODALITIES, Keys, validate_modalities
+
+__all__ = ["discover_brats", "brats_case_split", "detect_layout", "MSD_CHANNEL_NAMES"]
+
+logger = logging.getLogger(__name__)
+
+_EXTS = (".nii.gz", ".nii")
+# file-name suffix -> medfusion name, per naming scheme
+_CLASSIC = {"flair": "flair", "t1": "t1", "t1ce": "t1ce", "t2": "t2"}
+_BRATS2023 = {"t2f": "flair", "t1n": "t1", "t1c": "t1ce", "t2w": "t2"}
+# MSD dataset.json channel names -> medfusion names
+MSD_CHANNEL_NAMES: dict[str, str] = {"flair": "flair", "t1w": "t1", "t1gd": "t1ce", "t2w": "t2"}
+_SOURCES = (
+    (re.compile(r"^Brats18_"), "brats2018"),
+    (re.compile(r"^BraTS19_"), "brats2019"),
+    (re.compile(r"^BraTS20_"), "brats2020"),
+    (re.compile(r"^BraTS2021_"), "brats2021"),
+    (re.compile(r"^BraTS-[A-Z]+-"), "brats2023"),
+)
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".")  # skips macOS "._*" resource forks and hidden files
+
+
+def _find(case_dir: Path, stem: str, files: set[str]) -> Path | None:
+    for ext in _EXTS:
+        if stem + ext in files:
+            return case_dir / (stem + ext)
+    return None
+
+
+def _scheme(case_dir: Path, files: set[str]) -> tuple[str, dict[str, str]] | None:
+    """Naming scheme of a case folder: separator and suffix map, or None when it is not a case."""
+    name = case_dir.name
+    for sep, suffixes in (("-", _BRATS2023), ("_", _CLASSIC)):
+        if any(_find(case_dir, f"{name}{sep}{s}", files) for s in (*suffixes, "seg")):
+            return sep, suffixes
+    return None
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    """``"msd"`` when ``root`` (or a child) holds an MSD ``dataset.json``, else ``"brats"``."""
+    return "msd" if _msd_root(Path(root)) is not None else "brats"
+
+
+def _msd_root(root: Path) -> Path | None:
+    if (root / "dataset.json").is_file():
+        return root
+    if root.is_dir():
+        for child in sorted(root.iterdir()):
+            if child.is_dir() and _visible(child) and (child / "dataset.json").is_file():
+                return child
+    return None
+
+
+def _case_dirs(root: Path, max_depth: int = 3) -> list[tuple[Path, str, dict[str, str], set[str]]]:
+    found = []
+    stack = [(root, 0)]
+    while stack:
+        d, depth = stack.pop()
+        try:
+            entries = [e for e in d.iterdir() if _visible(e)]
+        except PermissionError as err:
+            raise PermissionError(f"BraTS discovery: cannot read folder {d}: {err}") from None
+        files = {e.name for e in entries if e.is_file()}
+        scheme = _scheme(d, files)
+        if scheme is not None:
+            found.append((d, scheme[0], scheme[1], files))
+            continue
+        if depth < max_depth:
+            stack.extend((e, depth + 1) for e in entries if e.is_dir())
+    return sorted(found, key=lambda t: t[0].name)
+
+
+def _source(case_id: str) -> str:
+    for pattern, source in _SOURCES:
+        if pattern.match(case_id):
+            return source
+    return "brats"
+
+
+def _seg_file(case_dir: Path, sep: str, files: set[str]) -> Path | None:
+    seg = _find(case_dir, f"{case_dir.name}{sep}seg", files)
+    if seg is not None:
+        return seg
+    # BraTS 2020 case 355 ships its label as "W39_1998.09.19_Segm.nii"
+    quirks = sorted(f for f in files if f.endswith(("_Segm.nii", "_Segm.nii.gz")))
+    return case_dir / quirks[0] if quirks else None
+
+
+def _discover_msd(root: Path, modalities: tuple[str, ...], require_label: bool) -> list[dict[str, Any]]:
+    meta_path = root / "dataset.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"MSD dataset: cannot parse {meta_path}: {err}") from None
+    channel_map = meta.get("modality")
+    if not isinstance(channel_map, Mapping) or not channel_map:
+        raise ValueError(f"MSD dataset: {meta_path} has no 'modality' mapping (expected e.g. {{'0': 'FLAIR', ...}}).")
+    channels: list[str] = []
+    for idx in sorted(channel_map, key=int):
+        raw = str(channel_map[idx]).lower()
+        if raw not in MSD_CHANNEL_NAMES:
+            raise ValueError(
+                f"MSD dataset: {meta_path} modality {idx}={channel_map[idx]!r} "
+                f"is not one of {sorted(MSD_CHANNEL_NAMES)}."
+            )
+        channels.append(MSD_CHANNEL_NAMES[raw])
+    training = meta.get("training")
+    if not isinstance(training, list) or not training:
+        raise ValueError(f"MSD dataset: {meta_path} has no 'training' list of {{'image', 'label'}} entries.")
+    items = []
+    for entry in training:
+        image = root / str(entry.get("image", "")).removeprefix("./")
+        if image.name.startswith("._"):
+            continue
+        if not image.is_file():
+            raise FileNotFoundError(f"MSD dataset: {meta_path} lists {entry.get('image')!r} but {image} is missing.")
+        label = root / str(entry.get("label", "")).removeprefix("./") if entry.get("label") else None
+        if label is not None and not label.is_file():
+            label = None
+        case_id = image.name.split(".")[0]
+        if require_label and label is None:
+            raise FileNotFoundError(f"MSD case {case_id}: no label file (looked for {entry.get('label')!r} in {root}).")
+        present = [m in channels for m in modalities]
+        items.append(
+            {
+                Keys.CASE_ID: case_id,
+                "image_4d": str(image),
+                "image_4d_channels": list(channels),
+                Keys.LABEL: str(label) if label else None,
+                Keys.LABEL_CONVENTION: "msd",
+                "source": "msd_task01",
+                Keys.MASK: present,
+            }
+        )
+    return items
+
+
+def discover_brats(
+    root: str | os.PathLike,
+    modalities: Sequence[str] = BRATS_MODALITIES,
+    require_label: bool = False,
+    allow_missing_modalities: bool = True,
+) -> list[dict[str, Any]]:
+    """Find every BraTS case under ``root`` whatever the release's layout.
+
+    Args:
+        root: dataset folder (the release folder or any parent up to 3 levels above the case folders).
+        modalities: names to collect, in the model's order (subset of flair, t1, t1ce, t2).
+        require_label: every case must have a label file (training and evaluation).
+        allow_missing_modalities: keep cases that lack some modality files (marked missing in
+            ``modality_mask``); ``False`` makes a missing file an error.
+
+    Returns:
+        Datalist sorted by case id (see the module docstring for the entry keys).
+
+    Raises:
+        FileNotFoundError: ``root`` missing, no cases found, a required label or modality file absent
+            (the message names the case and the file patterns looked for).
+        ValueError: unknown modality names; a case with none of the requested modalities.
+    """
+    mods = validate_modalities(modalities, BRATS_MODALITIES)
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise FileNotFoundError(f"BraTS dataset folder {base} does not exist or is not a folder.")
+    msd = _msd_root(base)
+    if msd is not None:
+        items = _discover_msd(msd, mods, require_label)
+    else:
+        items = []
+        for case_dir, sep, suffixes, files in _case_dirs(base):
+            case_id = case_dir.name
+            source = _source(case_id)
+            by_name = {v: k for k, v in suffixes.items()}
+            entry: dict[str, Any] = {Keys.CASE_ID: case_id}
+            present = []
+            for m in mods:
+                stem = f"{case_id}{sep}{by_name[m]}"
+                path = _find(case_dir, stem, files)
+                if path is None:
+                    looked = ", ".join(stem + e for e in _EXTS)
+                    if not allow_missing_modalities:
+                        raise FileNotFoundError(f"{source} case {case_id}: no {m} file (looked for {looked}).")
+                    logger.warning("%s case %s: no %s file (looked for %s); missing.", source, case_id, m, looked)
+                entry[m] = str(path) if path else None
+                present.append(path is not None)
+            seg = _seg_file(case_dir, sep, files)
+            if require_label and seg is None:
+                looked = ", ".join(f"{case_id}{sep}seg{e}" for e in _EXTS)
+                raise FileNotFoundError(f"{source} case {case_id}: no label file (looked for {looked} in {case_dir}).")
+            entry[Keys.LABEL] = str(seg) if seg else None
+            entry[Keys.LABEL_CONVENTION] = "brats2023" if sep == "-" else "brats"
+            entry["source"] = source
+            entry[Keys.MASK] = present
+            items.append(entry)
+    if not items:
+        raise FileNotFoundError(
+            f"No BraTS cases under {base}: expected case folders such as BraTS2021_00000/BraTS2021_00000_flair.nii.gz, "
+            "BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz, {HGG,LGG}/Brats18_*/..., or an MSD dataset.json."
+        )
+    for i, entry in enumerate(items):
+        if not any(entry[Keys.MASK]):
+            raise ValueError(f"case {entry[Keys.CASE_ID]}: none of the modalities {list(mods)} was found.")
+        entry[Keys.INDEX] = i
+    return items
+
+
+def brats_case_split(
+    datalist: Sequence[Mapping[str, Any]], fractions: Mapping[str, float], seed: int = 0
+) -> dict[str, list[dict[str, Any]]]:
+    """Split cases at random into named parts; the rest is ``"train"``.
+
+    Each named part gets ``round(fraction * n)`` cases but at least one when the cohort allows it
+    (at least one case always stays in ``train``). Deterministic for a seed; ``sample_index`` is
+    renumbered inside each part (QMF/OmniFuse keep per-sample state by it).
+
+    Args:
+        datalist: entries from :func:`discover_brats`.
+        fractions: e.g. ``{"meta_val": 0.1, "val": 0.1, "test": 0.2}``.
+        seed: permutation seed.
+
+    Returns:
+        ``{"train": [...], "meta_val": [...], ...}``.
+
+    Raises:
+        ValueError: fractions outside [0, 1), summing to >= 1, a part named ``train``, or too few cases.
+    """
+    if "train" in fractions:
+        raise ValueError("brats_case_split: 'train' is the remainder; do not give it a fraction.")
+    if any(not 0 <= f < 1 for f in fractions.values()) or sum(fractions.values()) >= 1:
+        raise ValueError(f"brats_case_split: fractions must be in [0, 1) and sum below 1, got {dict(fractions)}.")
+    n = len(datalist)
+    wanted = {k: f for k, f in fractions.items() if f > 0}
+    if n < len(wanted) + 1:
+        raise ValueError(f"brats_case_split: {n} cases cannot fill the parts {['train', *wanted]} (one case each).")
+    order = np.random.default_rng(seed).permutation(n)
+    sizes = {k: max(1, round(f * n)) for k, f in wanted.items()}
+    while sum(sizes.values()) > n - 1:  # keep one training case
+        biggest = max(sizes, key=lambda k: sizes[k])
+        sizes[biggest] -= 1
+    out: dict[str, list[dict[str, Any]]] = {}
+    start = 0
+    for k in fractions:
+        size = sizes.get(k, 0)
+        out[k] = [dict(datalist[i]) for i in order[start : start + size]]
+        start += size
+    out["train"] = [dict(datalist[i]) for i in order[start:]]
+    for part in out.values():
+        for j, entry in enumerate(part):
+            entry[Keys.INDEX] = j
+    return out

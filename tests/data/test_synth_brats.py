@@ -1,0 +1,313 @@
+"""Tests of the BraTS phantom generator: layout, dtypes, labels, determinism, documented contrast, atomicity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medfusion.data import synth_brats as sb
+from medfusion.data.labels import get_convention
+from medfusion.data.synth_brats import (
+    CONTRAST,
+    expected_region_ranking,
+    load_contrast_table,
+    make_phantom,
+    region_contrast,
+    write_brats_cohort,
+)
+
+MODS = ("flair", "t1", "t1ce", "t2")
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    out = tmp_path_factory.mktemp("synth") / "phantoms"
+    return out, write_brats_cohort(out, cases=3, size=SIZE, seed=5)
+
+
+@pytest.fixture(scope="module")
+def phantoms() -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    return [make_phantom(SIZE, np.random.default_rng([1, i])) for i in range(8)]
+
+
+def _load(case_dir: Path, key: str) -> nib.Nifti1Image:
+    return nib.load(str(case_dir / f"{case_dir.name}_{key}.nii.gz"))
+
+
+def _near_brain(seg: np.ndarray, img: np.ndarray, margin: float = 4.0) -> np.ndarray:
+    """Normal-brain voxels within ``margin`` voxels beyond the tumour's radius around its centroid."""
+    idx = np.argwhere(seg > 0)
+    centre = idx.mean(axis=0)
+    radius = np.sqrt(((idx - centre) ** 2).sum(axis=1)).max()
+    grid = np.indices(seg.shape)
+    dist = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(axis=0))
+    return (seg == 0) & (img > 0) & (dist < radius + margin)
+
+
+def _ratio(img: np.ndarray, seg: np.ndarray, labels: list[int]) -> float:
+    return float(img[np.isin(seg, labels)].mean() / img[_near_brain(seg, img)].mean())
+
+
+def _touch_count(seg: np.ndarray, label: int, others: list[int]) -> int:
+    """Voxels of ``label`` with a 6-neighbour in ``others`` (the phantom has a zero border, so roll is safe)."""
+    inside = seg == label
+    return sum(
+        int((inside & np.isin(np.roll(seg, shift, axis=axis), others)).sum()) for axis in range(3) for shift in (1, -1)
+    )
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+def test_layout_and_file_names(cohort: tuple[Path, list[Path]]) -> None:
+    out, cases = cohort
+    names = ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"]
+    assert cases == [out / n for n in names]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "README.txt", "brats_contrast.json"])
+    for case in cases:
+        expected = sorted(f"{case.name}_{k}.nii.gz" for k in (*MODS, "seg"))
+        assert sorted(p.name for p in case.iterdir()) == expected
+    readme = (out / "README.txt").read_text()
+    assert "--cases 3 --size 32 --seed 5" in readme
+
+
+def test_nifti_shapes_dtypes_affine(cohort: tuple[Path, list[Path]]) -> None:
+    _, cases = cohort
+    for case in cases:
+        for key in (*MODS, "seg"):
+            img = _load(case, key)
+            assert img.shape == (SIZE, SIZE, SIZE)
+            assert img.header.get_data_dtype() == (np.uint8 if key == "seg" else np.float32)
+            np.testing.assert_array_equal(img.affine, np.eye(4))
+            assert img.header.get_zooms() == (1.0, 1.0, 1.0)
+        assert np.asarray(_load(case, "seg").dataobj).dtype == np.uint8
+        assert np.asarray(_load(case, "t1ce").dataobj).dtype == np.float32
+
+
+def test_labels_all_present_and_inside_brain(cohort: tuple[Path, list[Path]]) -> None:
+    _, cases = cohort
+    assert set(sb.LABELS.values()) == set(get_convention("brats").values)
+    for case in cases:
+        seg = np.asarray(_load(case, "seg").dataobj)
+        values, counts = np.unique(seg, return_counts=True)
+        assert values.tolist() == [0, 1, 2, 4]
+        assert counts.min() >= 5  # several voxels of every label at size 32
+        t1ce = np.asarray(_load(case, "t1ce").dataobj)
+        assert np.all(t1ce[seg > 0] > 0)  # tumour only inside the (non-zero) brain
+        assert t1ce.min() >= 0
+        brain_fraction = float((t1ce > 0).mean())
+        assert 0.15 < brain_fraction < 0.35  # ellipsoid of semi-axes ~0.42/0.36/0.40 S: 4/3*pi*0.06 ~ 0.25
+        for mod in MODS:  # exact-zero (skull-stripped) background, same brain in every modality
+            img = np.asarray(_load(case, mod).dataobj)
+            assert img[0, 0, 0] == 0 and img[-1, -1, -1] == 0
+            assert np.array_equal(img > 0, t1ce > 0)
+
+
+def test_geometry_ed_encloses_et_shell_around_ncr(phantoms: list) -> None:
+    for _, seg in phantoms:
+        assert _touch_count(seg, 1, [0, 2]) == 0  # NCR touches only ET (or itself)
+        assert _touch_count(seg, 4, [0]) == 0  # ET is wrapped in edema
+
+
+@pytest.mark.parametrize("size", [16, 48])
+def test_other_sizes(size: int) -> None:
+    images, seg = make_phantom(size, np.random.default_rng(0))
+    assert set(images) == set(MODS)
+    assert all(v.shape == (size,) * 3 and v.dtype == np.float32 for v in images.values())
+    assert seg.shape == (size,) * 3 and seg.dtype == np.uint8
+    assert set(np.unique(seg).tolist()) == {0, 1, 2, 4}
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+
+
+def test_make_phantom_deterministic() -> None:
+    a_img, a_seg = make_phantom(SIZE, np.random.default_rng([3, 0]))
+    b_img, b_seg = make_phantom(SIZE, np.random.default_rng([3, 0]))
+    c_img, c_seg = make_phantom(SIZE, np.random.default_rng([4, 0]))
+    np.testing.assert_array_equal(a_seg, b_seg)
+    for mod in MODS:
+        np.testing.assert_array_equal(a_img[mod], b_img[mod])
+        assert not np.array_equal(a_img[mod], c_img[mod])
+    assert not np.array_equal(a_seg, c_seg)
+
+
+def test_cohort_deterministic_and_case_independent_of_count(tmp_path: Path, cohort: tuple[Path, list[Path]]) -> None:
+    _, cases = cohort
+    again = write_brats_cohort(tmp_path / "again", cases=1, size=SIZE, seed=5)
+    other = write_brats_cohort(tmp_path / "other", cases=1, size=SIZE, seed=6)
+    for key in (*MODS, "seg"):
+        ref = np.asarray(_load(cases[0], key).dataobj)
+        np.testing.assert_array_equal(np.asarray(_load(again[0], key).dataobj), ref)
+        assert not np.array_equal(np.asarray(_load(other[0], key).dataobj), ref)
+    # case i == make_phantom(rng=default_rng([seed, i]))
+    images, seg = make_phantom(SIZE, np.random.default_rng([5, 2]))
+    np.testing.assert_array_equal(np.asarray(_load(cases[2], "seg").dataobj), seg)
+    np.testing.assert_array_equal(np.asarray(_load(cases[2], "flair").dataobj), images["flair"])
+
+
+# ------------------------------------------------------------------------------------------------ contrast
+
+
+def test_t1ce_et_contrast_matches_table(phantoms: list) -> None:
+    # table: t1ce ET 2.0 vs brain 1.0 -> ratio 2.0 (the per-case scale cancels in a ratio; the bias field does not
+    # quite: per-case sd ~0.12 (measured on 100 cases), hence 20 % per case and 7.5 % on the mean of 8 cases)
+    ratios = [_ratio(img["t1ce"], seg, [4]) for img, seg in phantoms]
+    assert min(ratios) > 1.6 and max(ratios) < 2.4
+    assert abs(np.mean(ratios) - 2.0) < 0.15
+    # NCR dark in t1ce (0.55)
+    ncr = [_ratio(img["t1ce"], seg, [1]) for img, seg in phantoms]
+    assert max(ncr) < 0.75 and abs(np.mean(ncr) - 0.55) < 0.05
+
+
+def test_flair_wt_contrast_matches_table(phantoms: list) -> None:
+    for img, seg in phantoms:
+        n = {lab: int((seg == lab).sum()) for lab in (1, 2, 4)}
+        # volume-weighted table mean of WT in flair: (1.5 n1 + 1.8 n2 + 1.65 n4) / (n1 + n2 + n4) ~ 1.78
+        expected = (1.5 * n[1] + 1.8 * n[2] + 1.65 * n[4]) / sum(n.values())
+        ratio = _ratio(img["flair"], seg, [1, 2, 4])
+        assert abs(ratio - expected) < 0.2 * expected
+        assert ratio > 1.5
+        # t2 bright on WT too, but less than flair on the same case (1.5 vs 1.8 on ED)
+        assert 1.2 < _ratio(img["t2"], seg, [1, 2, 4]) < ratio
+
+
+def test_t1_weaker_than_t1ce_for_et(phantoms: list) -> None:
+    for img, seg in phantoms:
+        t1 = abs(_ratio(img["t1"], seg, [4]) - 1.0)  # table: |0.97 - 1| = 0.03
+        t1ce = abs(_ratio(img["t1ce"], seg, [4]) - 1.0)  # table: |2.0 - 1| = 1.0
+        assert t1 < 0.2 < 0.6 < t1ce
+
+
+def test_noise_sd_and_per_case_scale(phantoms: list) -> None:
+    medians = []
+    for img, seg in phantoms:
+        t1 = img["t1"]
+        brain = (seg == 0) & (t1 > 0)
+        pair = brain[1:] & brain[:-1]
+        # neighbouring voxels share the smooth texture/bias, so their difference is ~ noise * sqrt(2)
+        noise_rel = np.diff(t1, axis=0)[pair].std() / np.sqrt(2) / np.median(t1[brain])
+        assert 0.08 < noise_rel < 0.12  # table noise_sd 0.1
+        medians.append(float(np.median(t1[brain])))
+    assert max(medians) / min(medians) > 1.5  # per-case scale U(0.5, 2)
+
+
+def test_table_argument_drives_intensities() -> None:
+    table = json.loads(json.dumps(CONTRAST))
+    table["t1ce"]["ET"] = 1.0
+    img, seg = make_phantom(SIZE, np.random.default_rng([1, 0]), table=table)
+    assert abs(_ratio(img["t1ce"], seg, [4]) - 1.0) < 0.15
+
+
+# ------------------------------------------------------------------------------------------------ table API
+
+
+def test_region_contrast_and_ranking_hand_computed() -> None:
+    wt = region_contrast("WT")  # |ED - brain| / 0.1
+    assert wt == pytest.approx({"flair": 8.0, "t1": 0.6, "t1ce": 1.2, "t2": 5.0})
+    tc = region_contrast("TC")  # |ET - ED| / 0.1
+    assert tc == pytest.approx({"flair": 1.5, "t1": 0.3, "t1ce": 11.2, "t2": 2.5})
+    et = region_contrast("ET")  # min(|ET - ED|, |ET - NCR|) / 0.1
+    assert et == pytest.approx({"flair": 1.5, "t1": 0.3, "t1ce": 11.2, "t2": 2.5})
+    assert expected_region_ranking("ET") == ["t1ce", "t2", "flair", "t1"]
+    assert expected_region_ranking("TC") == ["t1ce", "t2", "flair", "t1"]
+    assert expected_region_ranking("WT") == ["flair", "t2", "t1ce", "t1"]
+    assert expected_region_ranking("ET")[0] == "t1ce" and expected_region_ranking("WT")[0] == "flair"
+    for region in ("TC", "WT", "ET"):
+        assert expected_region_ranking(region)[-1] == "t1"
+
+
+def test_ranking_follows_a_custom_table() -> None:
+    table = load_contrast_table()
+    table["t1"].update(ET=3.0)  # ET|ED = 2.06, ET|NCR = 2.2 -> t1 becomes the best ET modality
+    table["t1"]["noise_sd"] = 0.5  # 2.06 / 0.5 = 4.12 < t1ce 11.2: noise matters
+    assert expected_region_ranking("ET", table)[:2] == ["t1ce", "t1"]
+    table["t1"]["noise_sd"] = 0.1
+    assert expected_region_ranking("ET", table)[0] == "t1"
+    with pytest.raises(ValueError, match="region"):
+        expected_region_ranking("XX")
+
+
+def test_load_contrast_table(cohort: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    out, _ = cohort
+    default = load_contrast_table()
+    assert default == CONTRAST
+    default["t1ce"]["ET"] = 0.0
+    assert CONTRAST["t1ce"]["ET"] == 2.0  # a copy
+    assert load_contrast_table(out) == CONTRAST
+    assert load_contrast_table(out / "brats_contrast.json") == CONTRAST
+    doc = json.loads((out / "brats_contrast.json").read_text())
+    assert doc["expected_ranking"] == {r: expected_region_ranking(r) for r in ("TC", "WT", "ET")}
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(CONTRAST))
+    assert load_contrast_table(bare) == CONTRAST
+    broken = json.loads(json.dumps(CONTRAST))
+    del broken["t2"]["ED"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"table": broken}))
+    with pytest.raises(ValueError, match=r"'t2' lacks keys \['ED'\]"):
+        load_contrast_table(bad)
+    with pytest.raises(FileNotFoundError, match="brats_contrast.json"):
+        load_contrast_table(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------------------ arguments, atomicity
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"cases": 0}, "cases"), ({"cases": 1, "size": 15}, "size"), ({"cases": 1, "seed": -1}, "seed")],
+)
+def test_invalid_arguments_write_nothing(tmp_path: Path, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        write_brats_cohort(tmp_path / "out", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_phantom_argument_errors() -> None:
+    with pytest.raises(ValueError, match="size"):
+        make_phantom(8, np.random.default_rng(0))
+    with pytest.raises(TypeError, match="Generator"):
+        make_phantom(SIZE, 0)  # type: ignore[arg-type]
+
+
+def test_overwrite_refusal_and_replacement(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_brats_cohort(out, cases=1, size=16)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    write_brats_cohort(out, cases=1, size=16, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["BraTS2021_00000", "README.txt", "brats_contrast.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old copies left
+
+
+def test_failure_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real_save = nib.save
+
+    def flaky_save(img: nib.Nifti1Image, path: str) -> None:
+        calls.append(path)
+        if len(calls) == 7:  # second case, second file
+            raise OSError("disk full (simulated)")
+        real_save(img, path)
+
+    monkeypatch.setattr(sb.nib, "save", flaky_save)
+    with pytest.raises(OSError, match="simulated"):
+        write_brats_cohort(tmp_path / "out", cases=2, size=16)
+    assert len(calls) == 7
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_writes_cohort(tmp_path: Path) -> None:
+    from medfusion.cli import main
+
+    assert main(["synth", "brats", str(tmp_path / "cli"), "--cases", "2", "--size", "16", "--seed", "3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir())[:2] == ["BraTS2021_00000", "BraTS2021_00001"]
+    assert main(["synth", "brats", str(tmp_path / "cli"), "--cases", "1", "--size", "16"]) == 2  # refuses

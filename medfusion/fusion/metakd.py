@@ -179,6 +179,14 @@ class MetaKDHead(FusionHead):
         return FusionOutput(logits, emb, {"modality_features": f})
 
 
+class ClassLabelCrossEntropy(nn.CrossEntropyLoss):
+    """Cross-entropy that accepts the data layer's float class labels ``[B]`` or ``[B, 1]``."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``[B, K]``, ``labels`` class indices ``[B]`` / ``[B, 1]`` (any numeric dtype)."""
+        return super().forward(logits, labels.reshape(-1).long())
+
+
 def default_task_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Dice + BCE on sigmoid outputs (segmentation) or cross-entropy (classification)."""
     if task == "segmentation":
@@ -186,7 +194,7 @@ def default_task_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch
 
         return DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
     if task == "classification":
-        return nn.CrossEntropyLoss()
+        return ClassLabelCrossEntropy()
     raise ValueError(f"task must be 'segmentation' or 'classification', got {task!r}.")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import resource
 import sys
@@ -27,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from monai.data import DataLoader  # list_data_collate flattens RandCropByPosNegLabeld sample lists
+
 from medfusion.data.brats import brats_case_split, discover_brats
 from medfusion.data.synth_brats import expected_region_ranking, load_contrast_table, write_brats_cohort
 from medfusion.data.volume import brats_transforms
-from torch.utils.data import DataLoader
-
 from medfusion.engines.method import to_device
 from medfusion.engines.trainer import build_trainer
 from medfusion.evaluation.report import plot_heatmap, summarize
@@ -295,7 +296,9 @@ def main(argv=None):
         "speedup": t_naive / t_cached,
         "max_abs_dice_difference": agree,
     }
+    results["eval_timing"]["load_average_1m"] = os.getloadavg()[0]
     results["step_overhead"] = bench_step_overhead(split, args)
+    results["step_overhead"]["load_average_1m"] = os.getloadavg()[0]
     if not args.skip_full_size and args.real.is_dir():
         results["full_size"] = bench_full_size(args.real, args)
 
@@ -351,7 +354,8 @@ def main(argv=None):
         "## Speed (B4)",
         "",
         f"- 15-combination evaluation of {len(split['test'])} test cases: cached {t_cached:.1f} s vs naive "
-        f"{t_naive:.1f} s -> {t_naive / t_cached:.2f}x; max |Dice difference| {agree:.2e}.",
+        f"{t_naive:.1f} s -> {t_naive / t_cached:.2f}x; max |Dice difference| {agree:.2e} "
+        f"(1-min load average {results['eval_timing']['load_average_1m']:.1f} on {os.cpu_count()} cores).",
         f"- Train step, medfusion SupervisedTrainer iteration vs plain PyTorch loop (same network, batch): "
         f"{results['step_overhead']['engine_step_s_median']:.3f} s vs "
         f"{results['step_overhead']['plain_step_s_median']:.3f} s -> "

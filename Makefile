@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)
-	$(BIN)/python -m medfusion.demo --out $(DEMO_DIR)
+	$(BIN)/python -m medfusion.demo --out $(DEMO_DIR) --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff check medfusion tests benchmarks tutorials

@@ -31,10 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=12, help="training epochs of the bundle")
     p.add_argument("--samples", type=int, default=120, help="clinical cohort size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.time()
     out: Path = args.out
+    from medfusion.data._atomic import check_output_dir
+
+    try:
+        check_output_dir(out, overwrite=args.overwrite)
+    except FileExistsError as err:
+        _say(str(err))
+        return 2
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -49,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     info = write_clinical_cohort(clinical_dir, samples=args.samples, seed=args.seed)
     _say(f"wrote a MIMIC-style clinical cohort of {args.samples} stays to {clinical_dir}")
     if info:
-        _say(str(info))
+        _say(f"clinical cohort: {info.get('present')} files per modality, label prevalence {info.get('prevalence')}")
 
     from medfusion.evaluation.bundle import evaluate_bundle, train_bundle
 

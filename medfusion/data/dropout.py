@@ -273,6 +273,10 @@ class BatchModalityDropout:
         _zero_absent(out, keys, self.modalities, new_t)
         return out
 
+    def reseed(self, seed: int) -> None:
+        """Restart the generator from ``seed``."""
+        self.rng = np.random.default_rng(seed)
+
     def state_dict(self) -> dict[str, Any]:
         """Generator state (for checkpoints and exact resume)."""
         return {"rng": self.rng.bit_generator.state}

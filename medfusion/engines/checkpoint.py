@@ -1,14 +1,25 @@
-"""Loading checkpoints written by MONAI's ``CheckpointSaver``."""
+"""Checkpoints: atomic saving, loading, and resuming training from the newest one."""
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["load_checkpoint"]
+__all__ = [
+    "load_checkpoint",
+    "AtomicCheckpointSaver",
+    "find_last_checkpoint",
+    "resume_handlers",
+    "attach_checkpointing",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def load_checkpoint(path: str | Path, objects: Mapping[str, Any], strict: bool = True) -> dict[str, Any]:
@@ -48,3 +59,93 @@ def load_checkpoint(path: str | Path, objects: Mapping[str, Any], strict: bool =
         else:
             obj.load_state_dict(ckpt[name])
     return ckpt
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI ``CheckpointSaver`` whose files are written atomically (temp file + rename).
+
+    MONAI 1.6 turns ignite's atomic saving off because old ignite versions left the file readable
+    by its owner only; ignite >= 0.4.11 restores group/other read permission after the rename, so
+    the atomic mode is safe again and a crash mid-save can no longer leave a truncated checkpoint.
+    All arguments are those of :class:`monai.handlers.CheckpointSaver`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:
+                ckpt.save_handler._atomic = True  # the DiskSaver flag MONAI sets to False
+
+
+def find_last_checkpoint(ckpt_dir: str | Path, prefix: str = "last") -> Path | None:
+    """The newest interval checkpoint ``<prefix>_checkpoint_epoch=N.pt`` (largest N) in ``ckpt_dir``."""
+    best: tuple[int, Path] | None = None
+    for path in Path(ckpt_dir).glob(f"{prefix}_checkpoint_*=*.pt"):
+        match = re.search(r"=(\d+)\.pt$", path.name)
+        if match and (best is None or int(match.group(1)) > best[0]):
+            best = (int(match.group(1)), path)
+    return best[1] if best else None
+
+
+def resume_handlers(resume: bool, ckpt_dir: str | Path, load_dict: Mapping[str, Any]) -> list[Any]:
+    """Handlers that resume training from the newest checkpoint of ``ckpt_dir`` when ``resume`` is true.
+
+    Args:
+        resume: ``False`` returns ``[]``.
+        ckpt_dir: where the trainer's ``CheckpointSaver`` writes ``last_checkpoint_epoch=N.pt``.
+        load_dict: what to restore, e.g. ``{"model": net, "optimizer": opt, "trainer": trainer, ...}``
+            (the same dict the saver writes, so every piece of method state comes back).
+
+    Raises:
+        FileNotFoundError: ``resume`` is set but no checkpoint exists (the message names the folder).
+    """
+    if not resume:
+        return []
+    path = find_last_checkpoint(ckpt_dir)
+    if path is None:
+        raise FileNotFoundError(
+            f"resume requested but {ckpt_dir} holds no last_checkpoint_epoch=N.pt; train without --resume first."
+        )
+    logger.info("resuming from %s", path)
+    return [CheckpointLoader(load_path=str(path), load_dict=dict(load_dict), strict=True)]
+
+
+def attach_checkpointing(
+    trainer: Any,
+    ckpt_dir: str | Path,
+    objects: Mapping[str, Any],
+    resume: bool = False,
+    save_interval: int = 1,
+    n_saved: int = 1,
+) -> Any:
+    """Attach the "last" checkpoint (atomic, every ``save_interval`` epochs) and, if ``resume``, the loader.
+
+    The checkpoint holds ``objects`` (model, optimizer, scheduler, ``"method"``: the recipe's own
+    state) plus the trainer's epoch/iteration, so a resumed run continues where the file left off.
+    Done in Python rather than in the bundle's handler list because the trainer cannot reference
+    itself in a MONAI config. Only rank 0 writes (ignite's ``DiskSaver`` default); every rank loads.
+
+    Args:
+        trainer: the ``SupervisedTrainer``.
+        ckpt_dir: checkpoint folder.
+        objects: ``{name: object with state_dict}``.
+        resume: load the newest ``last_checkpoint_epoch=N.pt`` of ``ckpt_dir`` before training.
+        save_interval: epochs between checkpoints.
+        n_saved: how many to keep.
+
+    Returns:
+        ``trainer`` (so a config can chain ``.run()``).
+    """
+    save = {**objects, "trainer": trainer}
+    for handler in resume_handlers(resume, ckpt_dir, save):
+        handler.attach(trainer)
+    AtomicCheckpointSaver(
+        save_dir=str(ckpt_dir),
+        save_dict=save,
+        save_interval=save_interval,
+        n_saved=n_saved,
+        file_prefix="last",
+        save_final=False,
+        epoch_level=True,
+    ).attach(trainer)
+    return trainer

@@ -119,6 +119,20 @@ class Method:
         """Ignite handlers this method needs attached to the trainer (objects with ``attach``)."""
         return []
 
+    def state_dict(self) -> dict[str, Any]:
+        """State that lives in the recipe rather than the network (checkpointed as ``"method"``)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def reseed(self, seed: int) -> None:
+        """Reset every random generator the recipe owns (called at each epoch start for exact resume).
+
+        The default has nothing to reset; recipes with modality dropout or their own data iterators
+        override it.
+        """
+
 
 class TrainStep:
     """Generic ``iteration_update`` for ``monai.engines.SupervisedTrainer``.

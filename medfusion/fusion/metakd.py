@@ -258,6 +258,8 @@ class MetaKDMethod(Method):
         self.meta_interval = int(meta_interval)
         self.meta_lr = meta_lr
         self.meta_weight_decay = meta_weight_decay
+        self.meta_optimizer = torch.optim.Adam([self.state.w], lr=meta_lr, weight_decay=meta_weight_decay)
+        self._meta_handler: MetaStepHandler | None = None
         self.output_dir = Path(output_dir) if output_dir is not None else None
 
     # -------------------------------------------------------------- training
@@ -282,8 +284,33 @@ class MetaKDMethod(Method):
     def handlers(self) -> list[Any]:
         """The meta step (only when KD is on and a meta-validation loader is given)."""
         if self.alpha > 0 and self.meta_loader is not None:
-            return [MetaStepHandler(self)]
+            self._meta_handler = MetaStepHandler(self)
+            return [self._meta_handler]
         return []
+
+    # ---------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """IWV, its meta optimizer and the dropout generator (checkpointed as ``"method"``)."""
+        return {
+            "iwv": self.state.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "dropout": self.dropout.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a bare ImportanceWeights state dict is accepted too)."""
+        if "iwv" not in state:  # checkpoints that saved ``method.state`` directly
+            self.state.load_state_dict(state)
+            return
+        self.state.load_state_dict(state["iwv"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.dropout.load_state_dict(state["dropout"])
+
+    def reseed(self, seed: int) -> None:
+        """New dropout generator and a fresh meta-validation iterator for this epoch."""
+        self.dropout.reseed(seed)
+        if self._meta_handler is not None:
+            self._meta_handler.reset()
 
     # ----------------------------------------------------------- meta step
     def meta_step(self, model: nn.Module, batch: Mapping[str, Any]) -> float:
@@ -297,8 +324,6 @@ class MetaKDMethod(Method):
             the meta-validation task loss.
         """
         w = self.state.w
-        if not hasattr(self, "_meta_opt"):
-            self._meta_opt = torch.optim.Adam([w], lr=self.meta_lr, weight_decay=self.meta_weight_decay)
         mask = batch[Keys.MASK].bool()
         out = unwrap(model).forward_outputs(
             model_inputs(batch, self.modalities), mask, modality_weights=self.state.weights()
@@ -309,9 +334,9 @@ class MetaKDMethod(Method):
             # every rank steps w identically (w is outside DistributedDataParallel)
             torch.distributed.all_reduce(grad)
             grad = grad / torch.distributed.get_world_size()
-        self._meta_opt.zero_grad(set_to_none=True)
+        self.meta_optimizer.zero_grad(set_to_none=True)
         w.grad = grad
-        self._meta_opt.step()
+        self.meta_optimizer.step()
         w.grad = None
         self.state.meta_steps += 1
         return float(loss.detach())
@@ -325,6 +350,16 @@ class MetaKDMethod(Method):
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             path = self.output_dir / "iwv_trajectory.csv"
+            if path.exists():
+                with path.open(newline="") as fh:
+                    old = list(csv.DictReader(fh))
+                if old and int(old[-1]["meta_step"]) >= row["meta_step"]:
+                    # a resumed run replays steps after its checkpoint: drop the stale rows first
+                    keep = [r for r in old if int(r["meta_step"]) < row["meta_step"]]
+                    with path.open("w", newline="") as fh:
+                        writer = csv.DictWriter(fh, fieldnames=list(row))
+                        writer.writeheader()
+                        writer.writerows(keep)
             new = not path.exists()
             with path.open("a", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=list(row))
@@ -364,6 +399,10 @@ class MetaStepHandler:
     def attach(self, engine: Any) -> None:
         """Register on ``ITERATION_COMPLETED(every=meta_interval)``."""
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.method.meta_interval), self)
+
+    def reset(self) -> None:
+        """Start the meta-validation loader afresh (each epoch, so resumed runs replay exactly)."""
+        self._iter = None
 
     def _next_batch(self) -> Mapping[str, Any]:
         if self._iter is None:

@@ -525,6 +525,10 @@ class OmniFuseMethod(Method):
         out[Keys.MASK] = simulate_missing(observed, self.generator)
         return out
 
+
+    def reseed(self, seed: int) -> None:
+        """Restart the missingness generator from ``seed``."""
+        self.generator.manual_seed(int(seed))
     def loss_step(self, model: nn.Module, batch: Mapping[str, Any], engine: Any) -> dict[str, torch.Tensor]:
         """All OmniFuse losses on the (simulated-missing) batch."""
         head = _omnifuse_head(model)

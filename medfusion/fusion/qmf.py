@@ -333,6 +333,13 @@ class QMFMethod(Method):
         """Apply the optional modality dropout."""
         return self.dropout(batch) if self.dropout is not None else batch
 
+    def reseed(self, seed: int) -> None:
+        """Restart the modality-dropout generator (when it is a :class:`BatchModalityDropout`)."""
+        from medfusion.data.dropout import BatchModalityDropout
+
+        if isinstance(self.dropout, BatchModalityDropout):
+            self.dropout.reseed(seed)
+
     def loss_step(self, model: nn.Module, batch: Mapping[str, Any], engine: Any) -> dict[str, torch.Tensor]:
         """Fused + per-modality CE + ranking regulariser; updates the head's history."""
         head = _qmf_head(model)

@@ -1,4 +1,4 @@
-"""The ``medfusion`` command: ``synth``, ``evaluate`` (more sub-commands arrive with later issues).
+"""The ``medfusion`` command: ``synth``, ``check-data``, ``evaluate`` (more sub-commands arrive with later issues).
 
 Every sub-command imports its implementation lazily so ``medfusion --help`` stays fast.
 """
@@ -57,6 +57,21 @@ def _cmd_synth_clinical(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    from medfusion.data.check import check_path
+
+    report = check_path(
+        args.path,
+        layout=args.layout,
+        modalities=args.modalities,
+        require_label=not args.no_labels,
+        check_labels=not args.no_labels,
+        num_workers=args.workers,
+    )
+    print(report.to_text())
+    return 0 if report.ok else 1
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from medfusion.evaluation.bundle import evaluate_bundle
 
@@ -101,6 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--noise", default=None, help="noise level per modality, e.g. cxr=0.5")
     sc.add_argument("--overwrite", action="store_true")
     sc.set_defaults(func=_cmd_synth_clinical)
+
+    cd = sub.add_parser(
+        "check-data",
+        help="check a dataset (files readable, shapes, labels, EHR values, reports) before training",
+        description="Check every case of a dataset and print a per-case report. Exit code 0: no errors "
+        "(warnings allowed); 1: problems found; 2: usage error (bad option, path does not exist).",
+    )
+    cd.add_argument("path", type=Path, help="BraTS/MSD folder, MIMIC-style folder (holding ehr/) or CSV manifest")
+    cd.add_argument(
+        "--layout",
+        choices=("auto", "brats", "mimic", "manifest"),
+        default="auto",
+        help="auto: a .csv is a manifest, a folder with ehr/ is MIMIC-style, anything else BraTS",
+    )
+    cd.add_argument("--modalities", nargs="+", default=None, help="modality names (default: the layout's all)")
+    cd.add_argument("--no-labels", action="store_true", help="do not require or check label files")
+    cd.add_argument("--workers", type=int, default=None, help="reader threads (default: min(4, CPUs))")
+    cd.set_defaults(func=_cmd_check_data)
 
     ev = sub.add_parser("evaluate", help="evaluate a trained bundle on every modality combination")
     ev.add_argument("--bundle", type=Path, required=True, help="bundle folder (configs/ holds the network)")

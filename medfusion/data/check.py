@@ -1,0 +1,802 @@
+"""Check a dataset before training: every file readable, shapes/grids consistent, labels and values valid.
+
+``medfusion check-data PATH`` and :func:`validate_before_training` (called in a bundle's ``initialize``
+list) use the checkers here so bad data fails with one readable report BEFORE a long training run
+starts, instead of in a DataLoader worker hours later.
+
+Per case (BraTS / MSD, MIMIC-style, CSV manifest):
+
+- every referenced file exists and is readable; NIfTI volumes are read completely (a truncated
+  ``.nii.gz`` only fails when its data is decompressed) and must hold finite values;
+- volumes of one BraTS case share shape and grid (affine: spacing, orientation, origin); the message
+  names the files;
+- labels hold only the values of the case's convention (:data:`medfusion.data.labels.CONVENTIONS`);
+  the message names the file and the bad values;
+- EHR time series parse with :func:`medfusion.data.ehr.discretize_ehr` (numeric, finite, known
+  categories, increasing hours);
+- CXR images decode (JPG/PNG via PIL, DICOM via pydicom; a DICOM without pixel data is an error);
+- reports decode as UTF-8; an empty report is a warning (it is treated as a missing modality);
+- at least one modality is present per sample; an absent modality file is a warning (the case is
+  used with that modality marked missing).
+
+Errors make :attr:`CheckReport.ok` False; warnings do not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medfusion.modality import BRATS_MODALITIES, CLINICAL_MODALITIES, Keys, validate_modalities
+
+__all__ = [
+    "CaseCheck",
+    "CheckReport",
+    "check_brats",
+    "check_clinical",
+    "check_manifest",
+    "check_datalist",
+    "check_path",
+    "detect_check_layout",
+    "validate_before_training",
+    "CHECK_LAYOUTS",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECK_LAYOUTS = ("auto", "brats", "mimic", "manifest")
+_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+_RESERVED = {
+    str(Keys.CASE_ID),
+    str(Keys.LABEL),
+    str(Keys.LABEL_CONVENTION),
+    str(Keys.MASK),
+    str(Keys.INDEX),
+    "source",
+    "image_4d",
+    "image_4d_channels",
+}
+
+
+@dataclass
+class CaseCheck:
+    """Result for one case (sample).
+
+    Attributes:
+        case_id: the case id (MIMIC: ``<split>/<stay>``).
+        errors: problems that make the case unusable.
+        warnings: problems the pipeline tolerates (e.g. a missing modality, an empty report).
+    """
+
+    case_id: str
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """``"error"``, ``"warning"`` or ``"ok"``."""
+        return "error" if self.errors else ("warning" if self.warnings else "ok")
+
+    @property
+    def problems(self) -> list[str]:
+        """Errors then warnings, each prefixed with its severity."""
+        return [f"error: {e}" for e in self.errors] + [f"warning: {w}" for w in self.warnings]
+
+
+@dataclass
+class CheckReport:
+    """Per-case result of a dataset check.
+
+    Attributes:
+        layout: ``"brats"``, ``"msd"``, ``"mimic"``, ``"manifest"`` or ``"datalist"``.
+        root: the checked path (or ``"<datalist>"``).
+        cases: one :class:`CaseCheck` per case, in discovery order.
+        dataset_errors: problems not tied to one case (discovery failed, no cases found, ...).
+    """
+
+    layout: str
+    root: str
+    cases: list[CaseCheck] = field(default_factory=list)
+    dataset_errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when there is no error (warnings are allowed)."""
+        return not self.dataset_errors and not any(c.errors for c in self.cases)
+
+    @property
+    def n_errors(self) -> int:
+        """Number of error messages (dataset-level + per case)."""
+        return len(self.dataset_errors) + sum(len(c.errors) for c in self.cases)
+
+    @property
+    def n_warnings(self) -> int:
+        """Number of warning messages."""
+        return sum(len(c.warnings) for c in self.cases)
+
+    def failing(self) -> list[CaseCheck]:
+        """Cases with at least one error."""
+        return [c for c in self.cases if c.errors]
+
+    def summary(self) -> str:
+        """One line: layout, root, counts of ok / warning / error cases."""
+        counts = {s: sum(c.status == s for c in self.cases) for s in ("ok", "warning", "error")}
+        extra = f", {len(self.dataset_errors)} dataset error(s)" if self.dataset_errors else ""
+        return (
+            f"{self.layout} dataset {self.root}: {len(self.cases)} case(s): {counts['ok']} ok, "
+            f"{counts['warning']} with warnings, {counts['error']} with errors{extra}"
+        )
+
+    def to_text(self, show_ok: bool = True) -> str:
+        """Human-readable report: one line per problem (or per clean case), then the summary.
+
+        Args:
+            show_ok: also list the clean cases.
+        """
+        lines = [f"DATASET ERROR  {e}" for e in self.dataset_errors]
+        for c in self.cases:
+            if not c.errors and not c.warnings:
+                if show_ok:
+                    lines.append(f"ok       {c.case_id}")
+                continue
+            lines += [f"ERROR    {c.case_id}: {e}" for e in c.errors]
+            lines += [f"WARNING  {c.case_id}: {w}" for w in c.warnings]
+        lines.append(("OK: " if self.ok else "FAILED: ") + self.summary())
+        return "\n".join(lines)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy table: ``case_id``, ``status``, ``problems`` (``"; "``-joined), ``n_errors``, ``n_warnings``."""
+        rows = [
+            {"case_id": "<dataset>", "status": "error", "problems": e, "n_errors": 1, "n_warnings": 0}
+            for e in self.dataset_errors
+        ]
+        rows += [
+            {
+                "case_id": c.case_id,
+                "status": c.status,
+                "problems": "; ".join(c.problems),
+                "n_errors": len(c.errors),
+                "n_warnings": len(c.warnings),
+            }
+            for c in self.cases
+        ]
+        return pd.DataFrame(rows, columns=["case_id", "status", "problems", "n_errors", "n_warnings"])
+
+
+# ------------------------------------------------------------------------------------------- readers
+def _err(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return f"{type(err).__name__}: {text}" if type(err).__name__ not in text else text
+
+
+def _suffix(path: str) -> str:
+    low = path.lower()
+    return ".nii.gz" if low.endswith(".nii.gz") else Path(low).suffix
+
+
+@dataclass
+class _Volume:
+    path: str
+    shape: tuple[int, ...]
+    affine: np.ndarray | None
+    data: np.ndarray | None = None
+
+
+def _read_nifti(path: str, what: str, keep: bool = False) -> _Volume:
+    """Read a NIfTI header AND data (a truncated gzip only fails on decompression); raise ValueError naming it."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+    except Exception as err:  # nibabel raises ImageFileError, EOFError, OSError, ... for broken headers
+        raise ValueError(f"{what} file {path} is not a readable NIfTI ({_err(err)}).") from None
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # truncated .nii.gz: EOFError / zlib.error / OSError on decompression
+        raise ValueError(
+            f"{what} file {path}: header OK but the data cannot be read ({_err(err)}); truncated?"
+        ) from None
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        n_bad = int((~np.isfinite(data)).sum())
+        raise ValueError(f"{what} file {path} holds {n_bad} NaN/inf voxel(s); expected finite intensities.")
+    return _Volume(path, tuple(int(s) for s in data.shape), np.asarray(img.affine), data if keep else None)
+
+
+def _read_other_volume(path: str, what: str) -> _Volume:
+    from monai.transforms import LoadImage
+
+    try:
+        arr = LoadImage(image_only=True)(path)
+    except Exception as err:  # ITK/pydicom readers raise many types
+        raise ValueError(f"{what} {path} cannot be read as a volume ({_err(err)}).") from None
+    if not np.isfinite(np.asarray(arr, dtype=np.float64)).all():
+        raise ValueError(f"{what} {path} holds NaN/inf values; expected finite intensities.")
+    return _Volume(path, tuple(int(s) for s in arr.shape), None)
+
+
+def _check_dicom(path: str, what: str) -> None:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as err:  # InvalidDicomError, EOFError, ...
+        raise ValueError(f"{what} file {path} is not a readable DICOM ({_err(err)}).") from None
+    if "PixelData" not in ds:
+        kind = getattr(ds, "Modality", None) or getattr(ds, "SOPClassUID", "?")
+        raise ValueError(f"{what} file {path} is a DICOM without pixel data (Modality/SOP class {kind}); not an image.")
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # missing decoder, inconsistent Rows/Columns/BitsAllocated, ...
+        raise ValueError(f"{what} file {path}: DICOM pixel data cannot be decoded ({_err(err)}).") from None
+    if arr.ndim < 2 or min(arr.shape[:2]) < 1:
+        raise ValueError(f"{what} file {path}: DICOM pixel data has shape {arr.shape}; expected a 2D image.")
+
+
+def _check_image(path: str, what: str) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            size = im.size
+    except Exception as err:  # UnidentifiedImageError, OSError (truncated), ...
+        raise ValueError(f"{what} file {path} cannot be decoded as an image ({_err(err)}).") from None
+    if min(size) < 1:
+        raise ValueError(f"{what} file {path} has size {size}; expected a non-empty image.")
+
+
+def _check_ehr(path: str, what: str) -> None:
+    from medfusion.data.ehr import discretize_ehr, read_ehr_csv
+
+    discretize_ehr(read_ehr_csv(path), source=path)
+
+
+def _check_report(value: str, what: str) -> str | None:
+    """Return a warning when the report is empty; raise on undecodable files."""
+    from medfusion.data.text import load_report
+
+    if load_report(value, extract=False) is None:
+        src = value if _is_path_like(value) else "<inline text>"
+        return f"{what} {src} is empty; treated as missing."
+    return None
+
+
+def _is_path_like(value: str) -> bool:
+    return "\n" not in value and len(value) < 4096 and (Path(value).exists() or _suffix(value) != "")
+
+
+def _kind_of(modality: str, value: Any) -> str:
+    """Kind of one datalist value: volume, dicom, image, ehr, text, tabular or dicom_series."""
+    if isinstance(value, (list, tuple)):
+        return "tabular"
+    s = str(value)
+    if modality == "ehr" or s.lower().endswith(".csv"):
+        return "ehr"
+    suffix = _suffix(s)
+    if suffix in _VOLUME_SUFFIXES:
+        return "volume"
+    if suffix in _DICOM_SUFFIXES:
+        return "dicom"
+    if suffix in _IMAGE_SUFFIXES:
+        return "image"
+    if "\n" not in s and len(s) < 4096 and Path(s).is_dir():
+        return "dicom_series"
+    return "text"
+
+
+# ------------------------------------------------------------------------------------------ per case
+def _check_entry(
+    entry: Mapping[str, Any],
+    modalities: Sequence[str],
+    require_label: bool,
+    check_labels: bool,
+    same_grid: bool,
+) -> CaseCheck:
+    case = str(entry.get(Keys.CASE_ID, entry.get(Keys.INDEX, "?")))
+    res = CaseCheck(case)
+    vols: dict[str, _Volume] = {}
+    present: list[str] = []
+    given_mask = entry.get(Keys.MASK)
+    if "image_4d" in entry:  # MSD 4D file, channels named by dataset.json
+        path = str(entry["image_4d"])
+        channels = [str(c) for c in entry.get("image_4d_channels", [])]
+        try:
+            vol = _read_nifti(path, "4D image")
+            n = vol.shape[3] if len(vol.shape) == 4 else 1
+            if n != len(channels):
+                res.errors.append(f"4D image {path} has {n} channel(s); dataset.json names {len(channels)} {channels}.")
+            vols["image"] = _Volume(path, vol.shape[:3], vol.affine)
+            present += [m for m in modalities if m in channels]
+        except ValueError as err:
+            res.errors.append(str(err))
+        for m in modalities:
+            if m not in channels:
+                res.warnings.append(f"no {m} channel in {path}; treated as missing.")
+    for i, m in enumerate(modalities):
+        if "image_4d" in entry:
+            break
+        if m not in entry:
+            res.errors.append(f"datalist entry has no key {m!r} (a missing modality must be given as None).")
+            continue
+        value = entry[m]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            res.warnings.append(f"no {m} file; treated as missing.")
+            continue
+        if given_mask is not None and i < len(given_mask) and not bool(given_mask[i]):
+            continue
+        kind = _kind_of(m, value)
+        if kind not in ("tabular", "text") and not Path(str(value)).exists():
+            res.errors.append(f"{m} file {value} does not exist.")
+            continue
+        try:
+            if kind == "volume":
+                vols[m] = (
+                    _read_nifti(str(value), m)
+                    if _suffix(str(value)) in (".nii", ".nii.gz")
+                    else (_read_other_volume(str(value), m))
+                )
+            elif kind == "dicom_series":
+                vols[m] = _read_other_volume(str(value), f"{m} DICOM series")
+            elif kind == "dicom":
+                _check_dicom(str(value), m)
+            elif kind == "image":
+                _check_image(str(value), m)
+            elif kind == "ehr":
+                _check_ehr(str(value), m)
+            elif kind == "tabular":
+                arr = np.asarray(value, dtype=np.float64)
+                if arr.ndim != 1 or not np.isfinite(arr).all():
+                    raise ValueError(f"{m} values {list(value)} must be a flat list of finite numbers.")
+            else:
+                warning = _check_report(str(value), m)
+                if warning:
+                    res.warnings.append(warning)
+                    continue
+            present.append(m)
+        except (ValueError, FileNotFoundError, OSError, TypeError) as err:
+            res.errors.append(str(err))
+    if not present and not res.errors:
+        res.errors.append(f"none of the modalities {list(modalities)} is present; at least one is needed.")
+    if same_grid and len(vols) > 1:
+        _compare_grids(vols, res)
+    label = entry.get(Keys.LABEL)
+    conv_name = entry.get(Keys.LABEL_CONVENTION)
+    if conv_name is not None and (label is None or isinstance(label, str)):
+        if label is None:
+            if require_label:
+                res.errors.append("no label file, but training/evaluation needs one.")
+        elif not Path(label).is_file():
+            res.errors.append(f"label file {label} does not exist.")
+        else:
+            _check_label(str(label), str(conv_name), vols, res, check_labels)
+    return res
+
+
+def _reference(vols: Mapping[str, _Volume]) -> str:
+    """Name of a volume with the most common shape (so the odd one out is the one named)."""
+    shapes = [v.shape for v in vols.values()]
+    common = max(shapes, key=shapes.count)
+    return next(m for m, v in vols.items() if v.shape == common)
+
+
+def _compare_grids(vols: Mapping[str, _Volume], res: CaseCheck) -> None:
+    if len({v.shape for v in vols.values()}) > 1:
+        detail = "; ".join(f"{m} {v.path} {v.shape}" for m, v in vols.items())
+        res.errors.append(f"volumes differ in shape ({detail}); all modalities of a case must be co-registered.")
+        return
+    names = list(vols)
+    ref = vols[names[0]]
+    for m in names[1:]:
+        v = vols[m]
+        if ref.affine is not None and v.affine is not None and not np.allclose(ref.affine, v.affine, atol=1e-3):
+            sp_ref = tuple(round(float(x), 4) for x in np.linalg.norm(ref.affine[:3, :3], axis=0))
+            sp_v = tuple(round(float(x), 4) for x in np.linalg.norm(v.affine[:3, :3], axis=0))
+            res.errors.append(
+                f"grid mismatch: {names[0]} {ref.path} (spacing {sp_ref}, origin {ref.affine[:3, 3].round(3).tolist()})"
+                f" vs {m} {v.path} (spacing {sp_v}, origin {v.affine[:3, 3].round(3).tolist()}); "
+                "affines must match (resample to one grid)."
+            )
+
+
+def _check_label(path: str, conv_name: str, vols: Mapping[str, _Volume], res: CaseCheck, check_values: bool) -> None:
+    from medfusion.data.labels import CONVENTIONS  # lazy: imports MONAI
+
+    if conv_name not in CONVENTIONS:
+        res.errors.append(
+            f"label {path}: unknown label convention {conv_name!r}; expected one of {sorted(CONVENTIONS)}."
+        )
+        return
+    try:
+        lab = _read_nifti(path, "label", keep=True)
+    except ValueError as err:
+        res.errors.append(str(err))
+        return
+    ref = vols[_reference(vols)] if vols else None
+    if ref is not None and lab.shape[:3] != ref.shape[:3]:
+        res.errors.append(f"label {path} has shape {lab.shape}, image {ref.path} has {ref.shape}.")
+    elif ref is not None and ref.affine is not None and not np.allclose(ref.affine, lab.affine, atol=1e-3):
+        res.errors.append(f"label {path} and image {ref.path} have different affines (grids); resample to one grid.")
+    if not check_values:
+        return
+    data = lab.data
+    assert data is not None
+    allowed = CONVENTIONS[conv_name].values
+    if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
+        res.errors.append(f"label {path} holds non-integer values; convention {conv_name!r} expects {list(allowed)}.")
+        return
+    found = np.unique(data).astype(np.int64).tolist()
+    bad = sorted(set(found) - set(allowed))
+    if bad:
+        res.errors.append(
+            f"label {path} holds value(s) {bad} (found {found}); convention {conv_name!r} expects {list(allowed)}."
+        )
+
+
+def check_datalist(
+    datalist: Sequence[Mapping[str, Any]],
+    modalities: Sequence[str] | None = None,
+    require_label: bool = True,
+    check_labels: bool = True,
+    same_grid: bool = True,
+    layout: str = "datalist",
+    root: str = "<datalist>",
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> CheckReport:
+    """Check every entry of a MONAI datalist (from any medfusion discovery function).
+
+    Args:
+        datalist: entries with ``case_id``, one key per modality (path, inline text, list of floats or
+            ``None``), optionally ``label`` + ``label_convention`` (BraTS) and ``modality_mask``.
+        modalities: modality keys to check; ``None`` = every non-reserved key of the first entry.
+        require_label: an entry with a ``label_convention`` but no label file is an error.
+        check_labels: read label maps and check their values against the convention.
+        same_grid: volumes of one entry must share shape and affine (BraTS); False for manifests
+            whose volumes are resampled independently.
+        layout: layout name shown in the report.
+        root: path shown in the report.
+        num_workers: threads (``None``: ``min(4, cpu_count)``; 0 or 1: plain loop).
+        progress: show a tqdm progress bar (only on a terminal).
+
+    Returns:
+        The :class:`CheckReport`.
+    """
+    from tqdm.auto import tqdm
+
+    if modalities is None:
+        first = datalist[0] if datalist else {}
+        modalities = [str(k) for k in first if str(k) not in _RESERVED]
+    mods = validate_modalities(modalities) if modalities else ()
+    report = CheckReport(layout, root)
+
+    def one(entry: Mapping[str, Any]) -> CaseCheck:
+        return _check_entry(entry, mods, require_label, check_labels, same_grid)
+
+    workers = min(4, os.cpu_count() or 1) if num_workers is None else int(num_workers)
+    bar = tqdm(total=len(datalist), desc=f"check {layout}", unit="case", disable=not progress or None, leave=False)
+    try:
+        if workers > 1 and len(datalist) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for res in pool.map(one, datalist):
+                    report.cases.append(res)
+                    bar.update()
+        else:
+            for entry in datalist:
+                report.cases.append(one(entry))
+                bar.update()
+    finally:
+        bar.close()
+    return report
+
+
+# --------------------------------------------------------------------------------------------- layouts
+def check_brats(
+    dataset_dir: str | os.PathLike,
+    modalities: Sequence[str] = BRATS_MODALITIES,
+    require_label: bool = True,
+    check_labels: bool = True,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> CheckReport:
+    """Check a BraTS (2018-2023) or MSD Task01 dataset folder.
+
+    Each case folder is discovered separately, so a case with no modality file is reported as that
+    case's error instead of aborting the whole check.
+
+    Args:
+        dataset_dir: folder as accepted by :func:`medfusion.data.brats.discover_brats`.
+        modalities: names to check (subset of flair, t1, t1ce, t2).
+        require_label: a case without a label file is an error.
+        check_labels: read each label map and check its values against the case's convention.
+        num_workers: threads (see :func:`check_datalist`).
+        progress: show a progress bar on a terminal.
+
+    Returns:
+        The :class:`CheckReport` (``layout`` ``"brats"`` or ``"msd"``).
+
+    Raises:
+        ValueError: unknown modality names (a usage error, not a data problem).
+        FileNotFoundError: ``dataset_dir`` does not exist.
+    """
+    from medfusion.data import brats
+
+    mods = validate_modalities(modalities, BRATS_MODALITIES)
+    root = Path(dataset_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"BraTS dataset folder {root} does not exist or is not a folder.")
+    layout = brats.detect_layout(root)
+    entries: list[dict[str, Any]] = []
+    early: list[CaseCheck] = []
+    dataset_errors: list[str] = []
+    if layout == "msd":
+        try:
+            entries = brats.discover_brats(root, mods, require_label=False)
+        except (ValueError, FileNotFoundError, PermissionError) as err:
+            dataset_errors.append(str(err))
+    else:
+        try:
+            case_dirs = brats._case_dirs(root)
+        except PermissionError as err:
+            case_dirs = []
+            dataset_errors.append(str(err))
+        if not case_dirs and not dataset_errors:
+            dataset_errors.append(
+                f"no BraTS cases under {root}: expected case folders such as "
+                "BraTS2021_00000/BraTS2021_00000_flair.nii.gz or an MSD dataset.json."
+            )
+        prev = logging.getLogger(brats.__name__).level
+        logging.getLogger(brats.__name__).setLevel(logging.ERROR)  # missing files are reported as warnings below
+        try:
+            for case_dir, *_ in case_dirs:
+                try:
+                    entries += brats.discover_brats(case_dir, mods, require_label=False)
+                except (ValueError, FileNotFoundError, PermissionError) as err:
+                    early.append(CaseCheck(case_dir.name, errors=[str(err)]))
+        finally:
+            logging.getLogger(brats.__name__).setLevel(prev)
+    report = check_datalist(
+        entries, mods, require_label, check_labels, True, layout, str(root), num_workers=num_workers, progress=progress
+    )
+    report.dataset_errors = dataset_errors
+    report.cases = sorted(report.cases + early, key=lambda c: c.case_id)
+    return report
+
+
+def _mimic_roots(
+    path: Path, cxr_root: str | os.PathLike | None, reports_root: str | os.PathLike | None
+) -> tuple[Path, Path | None, Path | None]:
+    if (path / "ehr").is_dir():  # dataset folder as written by ``medfusion synth clinical``
+        cxr = Path(cxr_root) if cxr_root is not None else (path / "cxr" if (path / "cxr").is_dir() else None)
+        rep = (
+            Path(reports_root)
+            if reports_root is not None
+            else (path / "reports" if (path / "reports").is_dir() else cxr)
+        )
+        return path / "ehr", cxr, rep
+    return path, Path(cxr_root) if cxr_root else None, Path(reports_root) if reports_root else None
+
+
+def check_clinical(
+    ehr_root: str | os.PathLike,
+    cxr_root: str | os.PathLike | None = None,
+    reports_root: str | os.PathLike | None = None,
+    modalities: Sequence[str] = CLINICAL_MODALITIES,
+    task: str = "in-hospital-mortality",
+    splits: Sequence[str] = ("train", "val", "test"),
+    num_workers: int | None = None,
+    progress: bool = True,
+    **discover_kwargs: Any,
+) -> CheckReport:
+    """Check a MIMIC-style tree (EHR time series, CXR images, reports) split by split.
+
+    Args:
+        ehr_root: mimic3-benchmarks root, or a dataset folder holding ``ehr/``, ``cxr/``, ``reports/``
+            (as ``medfusion synth clinical`` writes).
+        cxr_root: MIMIC-CXR root (default: ``<dataset>/cxr`` when ``ehr_root`` is a dataset folder).
+        reports_root: reports root (default: ``<dataset>/reports``, else ``cxr_root``).
+        modalities: subset of ``("ehr", "cxr", "report")``; cxr/report are skipped when there is no CXR root.
+        task: mimic3-benchmarks task folder.
+        splits: splits to check (a split whose listfile is absent is a dataset error).
+        num_workers: threads (see :func:`check_datalist`).
+        progress: show a progress bar on a terminal.
+        **discover_kwargs: passed to :func:`medfusion.data.mimic.discover_mimic` (``window_hours``, ``views``).
+
+    Returns:
+        The :class:`CheckReport` (``layout`` ``"mimic"``; case ids ``<split>/<stay>``).
+
+    Raises:
+        ValueError: unknown modality names.
+        FileNotFoundError: ``ehr_root`` does not exist.
+    """
+    from medfusion.data.mimic import discover_mimic
+
+    mods = validate_modalities(modalities, CLINICAL_MODALITIES)
+    path = Path(ehr_root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"MIMIC-style folder {path} does not exist or is not a folder.")
+    ehr, cxr, rep = _mimic_roots(path, cxr_root, reports_root)
+    if cxr is None:
+        mods = tuple(m for m in mods if m == "ehr") or mods
+    report = CheckReport("mimic", str(path))
+    for split in splits:
+        try:
+            items = discover_mimic(ehr, cxr, rep, task=task, split=split, modalities=mods, **discover_kwargs)
+        except (ValueError, FileNotFoundError) as err:
+            report.dataset_errors.append(f"split {split}: {err}")
+            continue
+        for it in items:
+            it[Keys.CASE_ID] = f"{split}/{it[Keys.CASE_ID]}"
+        part = check_datalist(items, mods, False, False, False, "mimic", str(path), num_workers, progress)
+        report.cases += part.cases
+    return report
+
+
+def check_manifest(
+    csv: str | os.PathLike,
+    modalities: Mapping[str, str | Sequence[str]] | Sequence[str] | None = None,
+    id_column: str = "case_id",
+    label_columns: Sequence[str] = ("label",),
+    label_values: Sequence[float] | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> CheckReport:
+    """Check a CSV manifest and every file it refers to.
+
+    Args:
+        csv: the manifest.
+        modalities: as :func:`medfusion.data.manifest.discover_manifest` (``{name: column}``), or a list
+            of column names (each a modality named after its column), or ``None`` (every column except
+            id and labels).
+        id_column: id column.
+        label_columns: label columns (values must be finite numbers).
+        label_values: allowed label values.
+        num_workers: threads (see :func:`check_datalist`).
+        progress: show a progress bar on a terminal.
+
+    Returns:
+        The :class:`CheckReport` (``layout`` ``"manifest"``). A manifest that cannot be parsed (unknown
+        column, missing referenced file, non-numeric label, ...) gives one dataset error naming the row.
+
+    Raises:
+        FileNotFoundError: the manifest does not exist.
+    """
+    from medfusion.data.manifest import discover_manifest
+
+    path = Path(csv).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Manifest {path} does not exist.")
+    if modalities is not None and not isinstance(modalities, Mapping):
+        modalities = {str(m): str(m) for m in modalities}
+    report = CheckReport("manifest", str(path))
+    try:
+        items = discover_manifest(path, modalities, id_column, label_columns, label_values)
+    except (ValueError, FileNotFoundError) as err:
+        report.dataset_errors.append(str(err))
+        return report
+    mods = (
+        list(modalities) if modalities is not None else [k for k in (items[0] if items else {}) if k not in _RESERVED]
+    )
+    part = check_datalist(items, mods, False, False, False, "manifest", str(path), num_workers, progress)
+    report.cases = part.cases
+    return report
+
+
+def detect_check_layout(path: str | os.PathLike) -> str:
+    """Layout of a dataset path for :func:`check_path`.
+
+    Returns:
+        ``"manifest"`` for a ``.csv`` file, ``"mimic"`` for a folder holding ``ehr/`` (or a mimic3-benchmarks
+        root holding ``root/all_stays.csv``), else ``"brats"``.
+    """
+    p = Path(path)
+    if p.suffix.lower() == ".csv":
+        return "manifest"
+    if (p / "ehr").is_dir() or (p / "root" / "all_stays.csv").is_file():
+        return "mimic"
+    return "brats"
+
+
+def check_path(
+    path: str | os.PathLike,
+    layout: str = "auto",
+    modalities: Sequence[str] | None = None,
+    require_label: bool = True,
+    check_labels: bool = True,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> CheckReport:
+    """Check a dataset given by path, choosing the checker from ``layout``.
+
+    Args:
+        path: BraTS/MSD folder, MIMIC-style dataset folder or CSV manifest.
+        layout: one of :data:`CHECK_LAYOUTS` (``"auto"``: see :func:`detect_check_layout`).
+        modalities: modality names (default per layout: BraTS four, MIMIC ``ehr, cxr, report``, manifest:
+            every non-id, non-label column).
+        require_label: BraTS: every case needs a label.
+        check_labels: BraTS: check label values (``False``: skip reading labels' values).
+        num_workers: threads.
+        progress: progress bar on a terminal.
+
+    Raises:
+        ValueError: unknown layout or modality names.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    if layout not in CHECK_LAYOUTS:
+        raise ValueError(f"layout must be one of {list(CHECK_LAYOUTS)}, got {layout!r}.")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"dataset path {path} does not exist.")
+    kind = detect_check_layout(path) if layout == "auto" else layout
+    if kind == "manifest":
+        return check_manifest(
+            path, modalities, label_columns=("label",) if require_label else (), num_workers=num_workers,
+            progress=progress,
+        )  # fmt: skip
+    if kind == "mimic":
+        return check_clinical(
+            path, modalities=modalities or CLINICAL_MODALITIES, num_workers=num_workers, progress=progress
+        )
+    return check_brats(
+        path, modalities or BRATS_MODALITIES, require_label and check_labels, check_labels, num_workers, progress
+    )
+
+
+def validate_before_training(
+    datalist_or_dir: str | os.PathLike | Sequence[Mapping[str, Any]],
+    layout: str = "auto",
+    modalities: Sequence[str] | None = None,
+    require_label: bool = True,
+    check_labels: bool = True,
+    max_problems: int = 10,
+    num_workers: int | None = None,
+) -> CheckReport:
+    """Check a dataset and raise ONE error summarising the failing cases (for a bundle's ``initialize``).
+
+    Args:
+        datalist_or_dir: a dataset path (see :func:`check_path`) or a datalist (see :func:`check_datalist`).
+        layout: layout of a path (ignored for a datalist).
+        modalities: modality names.
+        require_label: every (BraTS) case needs a label.
+        check_labels: check label values.
+        max_problems: how many problems the error message quotes.
+        num_workers: threads.
+
+    Returns:
+        The report when there are no errors (warnings are logged).
+
+    Raises:
+        ValueError: the data has errors; the message gives the counts and the first ``max_problems``
+            problems, each naming the case and the file/field.
+    """
+    if isinstance(datalist_or_dir, (str, os.PathLike)):
+        report = check_path(datalist_or_dir, layout, modalities, require_label, check_labels, num_workers, False)
+    else:
+        report = check_datalist(
+            list(datalist_or_dir), modalities, require_label, check_labels, num_workers=num_workers, progress=False
+        )
+    for c in report.cases:
+        for w in c.warnings:
+            logger.warning("check-data: case %s: %s", c.case_id, w)
+    if report.ok:
+        logger.info("check-data: %s", report.summary())
+        return report
+    problems = [f"dataset: {e}" for e in report.dataset_errors]
+    problems += [f"case {c.case_id}: {e}" for c in report.failing() for e in c.errors]
+    shown = problems[: max(1, int(max_problems))]
+    more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    raise ValueError(
+        f"data check failed: {len(problems)} problem(s) in {len(report.failing())} case(s) "
+        f"({report.summary()}):\n  "
+        + "\n  ".join(shown)
+        + more
+        + "\nRun `medfusion check-data PATH` for the full report."
+    )

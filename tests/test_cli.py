@@ -1,0 +1,99 @@
+"""The ``medfusion`` command: help, synth layouts read back by the discoverers, check-data exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medfusion.cli import build_parser, main
+from medfusion.data.brats import discover_brats
+from medfusion.data.mimic import discover_mimic
+
+
+@pytest.fixture(scope="module")
+def brats_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "brats"
+    assert main(["synth", "brats", str(out), "--cases", "2", "--size", "16", "--seed", "4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def clinical_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "clinical"
+    assert main(["synth", "clinical", str(out), "--samples", "10", "--missing", "cxr=0.2"]) == 0
+    return out
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for cmd in ("synth", "check-data", "evaluate"):
+        assert cmd in text
+    help_check = build_parser().parse_args(["check-data", "x"])
+    assert help_check.layout == "auto" and help_check.modalities is None and not help_check.no_labels
+
+
+def test_synth_brats_is_read_back(brats_dir):
+    items = discover_brats(brats_dir, require_label=True)
+    assert [i["case_id"] for i in items] == ["BraTS2021_00000", "BraTS2021_00001"]
+    assert all(i["modality_mask"] == [True] * 4 and i["label_convention"] == "brats" for i in items)
+    assert nib.load(items[0]["t1ce"]).shape == (16, 16, 16)
+
+
+def test_synth_clinical_is_read_back(clinical_dir):
+    import pandas as pd
+
+    truth = pd.read_csv(clinical_dir / "labels.csv").set_index("stay")
+    items = []
+    for split in ("train", "val", "test"):
+        part = discover_mimic(clinical_dir / "ehr", clinical_dir / "cxr", clinical_dir / "reports", split=split)
+        assert all(truth.loc[i["case_id"], "split"] == split for i in part)
+        items += part
+    assert len(items) == 10 and all(i["ehr"] is not None for i in items)  # no EHR missingness requested
+    assert int(truth["present_cxr"].sum()) == 8  # --missing cxr=0.2 removed 2 of 10 image files
+    for i in items:
+        if not truth.loc[i["case_id"], "present_cxr"]:
+            assert i["cxr"] is None
+        if i["cxr"] is not None:
+            assert Path(i["cxr"]).is_file() and truth.loc[i["case_id"], "cxr_pairable"] == 1
+
+
+def test_check_data_clean_is_exit_0(brats_dir, clinical_dir, capsys):
+    assert main(["check-data", str(brats_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "ok       BraTS2021_00001" in out and out.strip().splitlines()[-1].startswith("OK: brats")
+    assert main(["check-data", str(clinical_dir)]) == 0  # auto: a folder holding ehr/ is MIMIC-style
+    out = capsys.readouterr().out
+    assert "OK: mimic" in out and "no cxr file; treated as missing." in out  # warnings allowed
+    assert main(["check-data", str(clinical_dir / "manifest" / "manifest.csv")]) == 0  # auto: .csv
+    assert "OK: manifest" in capsys.readouterr().out
+
+
+def test_check_data_problems_are_exit_1(brats_dir, tmp_path, capsys):
+    import shutil
+
+    ds = Path(shutil.copytree(brats_dir, tmp_path / "ds"))
+    seg = ds / "BraTS2021_00001" / "BraTS2021_00001_seg.nii.gz"
+    img = nib.load(str(seg))
+    nib.save(nib.Nifti1Image(np.full(img.shape, 9, np.uint8), img.affine), str(seg))
+    assert main(["check-data", str(ds), "--layout", "brats"]) == 1
+    out = capsys.readouterr().out
+    assert f"ERROR    BraTS2021_00001: label {seg} holds value(s) [9]" in out
+    assert out.strip().splitlines()[-1].startswith("FAILED: brats")
+    assert main(["check-data", str(ds), "--no-labels"]) == 0  # label values not checked
+    assert main(["check-data", str(ds), "--modalities", "flair", "t2"]) == 1
+
+
+def test_check_data_usage_errors_are_exit_2(tmp_path, capsys):
+    assert main(["check-data", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["check-data", str(tmp_path), "--layout", "nifti"])
+    assert exc.value.code == 2
+    assert main(["check-data", str(tmp_path), "--modalities", "ct"]) == 2
+    assert "'ct'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``medfusion`` command: ``synth``, ``check-data``, ``evaluate`` (more sub-commands arrive with later issues).
+"""The ``medfusion`` command: ``synth``, ``check-data``, ``evaluate``, ``export-encoder``.
 
 Every sub-command imports its implementation lazily so ``medfusion --help`` stays fast.
 """
@@ -90,6 +90,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_encoder(args: argparse.Namespace) -> int:
+    from medfusion.export import cmd_export_encoder
+
+    return cmd_export_encoder(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -146,6 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no_hd95", action="store_true", help="skip HD95 (faster)")
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: automatic)")
     ev.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "export-encoder",
+        help="export one modality's trained encoder (TorchScript file, or a transformers directory for BERT)",
+    )
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder (configs/ holds network_def)")
+    p.add_argument("--modality", required=True, help="modality name, e.g. t1ce")
+    p.add_argument("--out", type=Path, required=True, help="output .ts/.pt file (a directory for BERT encoders)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: <bundle>/models/model.pt")
+    p.add_argument("--config", default=None, help="config file in configs/ (default: inference.json)")
+    p.add_argument(
+        "--override",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides the model was trained with, e.g. 'network_def#channels=[8,16,32,64]'",
+    )
+    p.add_argument("--example_size", type=int, default=None, help="tracing input size (default 16)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_export_encoder)
     return parser
 
 

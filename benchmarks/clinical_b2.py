@@ -1,0 +1,695 @@
+"""B2: clinical phantom (EHR + CXR + report), noise (QMF protocol) and missingness (OmniFuse protocol).
+
+Data: ``write_clinical_cohort`` (MIMIC-style layout, known signal shares ehr 0.40 / cxr 0.35 / report 0.25),
+read with ``discover_mimic`` (AP and PA views, 48 h window, only stays with all three modalities so that the
+noise protocol and the per-combination evaluation start from complete samples), transformed ONCE with
+``clinical_transforms(mode="eval")`` through a MONAI ``CacheDataset`` (EHR standardised with a normaliser fitted
+on the training files) and stacked into tensors that every arm and seed reuses (cached on disk too). No
+training augmentation (documented simplification for speed).
+
+Noise protocol (QMF): every arm is trained on clean data; at test time, with probability 0.5 per sample and
+modality, noise of strength eps in {0, 5, 10} (``medfusion.data.noise.add_modality_noise``, a batch-level
+function: image Gaussian std 10*eps grey levels, report tokens -> [MASK] with probability 0.1*eps, EHR Gaussian
+std ``--ehr_std_per_eps``*eps on the standardised continuous columns). ``--noise_draws`` noise draws per
+(seed, eps); the same draws are used for every arm of a seed (paired comparison).
+  * mean  = mean over seeds of the per-seed mean over draws; SE = std over seeds / sqrt(#seeds);
+  * worst = minimum over all (seed, draw) evaluations (the QMF paper's "worst-case" reading), plus the
+    mean +- SE over seeds of the per-seed minimum over draws.
+  * Pearson r between QMF's per-sample fusion weight w_m and the per-sample CE of modality m's own logits
+    (per modality and pooled over modalities; per seed, then mean +- SE); the same for OmniFuse's omega_m;
+    late fusion's weights are constant (1/M) -> r undefined (n/a); MetaKD's IWV is global -> n/a.
+
+Missingness protocol (OmniFuse): per-modality missing rate r in --missing_rates: each (sample, modality) is
+dropped independently with probability r by a seeded numpy generator at load time (mask + zeroed input, train
+AND test); when all three are dropped one uniformly chosen modality is restored (so the effective rate is
+slightly below r, reported). Rate 0 reuses the noise protocol's clean-trained models (identical setup).
+Reported: AUROC on the test set masked at the same rate, and AUROC per modality combination on the
+full-modality test set (each sample evaluated under all 7 combinations) with the mean over combinations.
+
+Usage (results land in benchmarks/results/clinical_b2.{json,md} and figures beside them):
+
+    OMP_NUM_THREADS=1 python benchmarks/clinical_b2.py --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/clinical_b2.py --quick        # smoke run (tiny, seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from medfusion.data.clinical import clinical_transforms
+from medfusion.data.ehr import fit_ehr_normalizer
+from medfusion.data.mimic import discover_mimic
+from medfusion.data.noise import add_modality_noise
+from medfusion.data.synth_clinical import write_clinical_cohort
+from medfusion.engines.trainer import build_trainer
+from medfusion.evaluation.classification import classification_metrics, predict_combinations
+from medfusion.fusion.recipes import create_method
+from medfusion.modality import Keys, all_combination_masks, combination_name, combinations
+from medfusion.models.classifier import Classifier
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODS = ("ehr", "cxr", "report")
+KINDS = {"ehr": "ehr", "cxr": "image", "report": "text"}
+NOISE_ARMS = ["ehr_only", "cxr_only", "report_only", "concat", "late", "mean_features", "qmf", "omnifuse", "metakd"]
+MISSING_ARMS = ["concat", "omnifuse", "qmf", "metakd"]
+LOADS: list[dict[str, Any]] = []
+
+
+def record_load(phase: str) -> None:
+    la = os.getloadavg()
+    LOADS.append({"phase": phase, "time": time.time(), "load_1m": la[0], "load_5m": la[1], "load_15m": la[2]})
+
+
+# ----------------------------------------------------------------------------------------------- data
+def load_data(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Generate (once) the cohort, load every split ONCE through CacheDataset and stack it into tensors."""
+    from monai.data import CacheDataset
+
+    cohort = args.data / f"cohort{args.samples}"
+    info_path = args.data / f"cohort{args.samples}.json"
+    if not info_path.exists():
+        info = write_clinical_cohort(
+            cohort, samples=args.samples, seed=args.cohort_seed, image_size=64, manifest_cohort=False, overwrite=True
+        )
+        info_path.write_text(json.dumps(info, default=str))
+    info = json.loads(info_path.read_text())
+    key = f"s{args.image_size}_l{args.max_length}_t{args.ehr_timestep}"
+    cache = args.data / f"tensors{args.samples}_{key}.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=False), info
+    lists = {
+        s: discover_mimic(
+            cohort / "ehr",
+            cohort / "cxr",
+            cohort / "reports",
+            split=s,
+            views=("AP", "PA"),
+            require=MODS,
+        )
+        for s in ("train", "val", "test")
+    }
+    normalizer = fit_ehr_normalizer([d["ehr"] for d in lists["train"]], timestep=args.ehr_timestep)
+    tf = clinical_transforms(
+        KINDS,
+        mode="eval",
+        image_size=args.image_size,
+        ehr_timestep=args.ehr_timestep,
+        ehr_normalizer=normalizer,
+        max_length=args.max_length,
+    )
+    data = {}
+    for s, dl in lists.items():
+        ds = CacheDataset(dl, tf, cache_rate=1.0, num_workers=0, progress=False)
+        items = [ds[i] for i in range(len(ds))]
+        data[s] = {
+            **{m: torch.stack([torch.as_tensor(it[m]) for it in items]) for m in MODS},
+            Keys.MASK: torch.stack([torch.as_tensor(it[Keys.MASK]) for it in items]).bool(),
+            Keys.LABEL: torch.tensor([float(np.asarray(it[Keys.LABEL]).reshape(-1)[0]) for it in items]),
+            Keys.INDEX: torch.arange(len(items)),
+            Keys.CASE_ID: [str(it[Keys.CASE_ID]) for it in items],
+        }
+    torch.save(data, cache)
+    return data, info
+
+
+class TensorBatches:
+    """Re-iterable batches of a stacked split (what ``build_trainer`` / the evaluators iterate).
+
+    Args:
+        data: stacked split (one tensor per modality, mask, label, index).
+        mods: the network's modalities (mask columns are selected accordingly).
+        batch_size: batch size.
+        shuffle: reshuffle every pass with a seeded generator.
+        seed: shuffle seed.
+        mask: optional bool [N, 3] presence override (missingness protocol); absent inputs are zeroed.
+    """
+
+    def __init__(self, data, mods, batch_size, shuffle=False, seed=0, mask=None):
+        self.mods = tuple(mods)
+        cols = [MODS.index(m) for m in self.mods]
+        full = data[Keys.MASK] if mask is None else torch.as_tensor(mask).bool()
+        self.tensors = {}
+        for m in self.mods:
+            keep = full[:, MODS.index(m)].to(data[m].dtype).reshape(-1, *([1] * (data[m].ndim - 1)))
+            self.tensors[m] = data[m] * keep
+        self.tensors[Keys.MASK] = full[:, cols]
+        self.tensors[Keys.LABEL] = data[Keys.LABEL]
+        self.tensors[Keys.INDEX] = data[Keys.INDEX]
+        self.n = int(data[Keys.LABEL].shape[0])
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.gen = torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        return (self.n + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.gen) if self.shuffle else torch.arange(self.n)
+        for i in range(0, self.n, self.batch_size):
+            idx = order[i : i + self.batch_size]
+            yield {k: v[idx] for k, v in self.tensors.items()}
+
+
+# ----------------------------------------------------------------------------------------------- models
+def encoder_specs(args: argparse.Namespace, t_steps: int) -> dict[str, dict[str, Any]]:
+    return {
+        "ehr": {"name": "mlp", "in_features": t_steps * 76, "hidden": [64], "out_dim": 32, "dropout": 0.2},
+        "cxr": {"name": "resnet10", "spatial_dims": 2, "widen_factor": args.cnn_width},
+        "report": {"name": "bert_tiny"},
+    }
+
+
+def train_arm(arm, data, args, seed, mask=None, val_mask=None):
+    """Train one arm; returns (network, modalities, seconds, method)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    t_steps = data["train"]["ehr"].shape[1]
+    specs = encoder_specs(args, t_steps)
+    if arm.endswith("_only"):
+        mods, head, method_name = (arm[: -len("_only")],), "concat", "concat"
+    else:
+        mods, head, method_name = MODS, arm, arm
+    head_kwargs: dict[str, Any] = {}
+    n_train = int(data["train"][Keys.LABEL].shape[0])
+    if head == "qmf":
+        head_kwargs["num_samples"] = n_train
+    net = Classifier({m: specs[m] for m in mods}, head=head, num_classes=2, head_kwargs=head_kwargs)
+    loader = TensorBatches(data["train"], mods, args.batch_size, shuffle=True, seed=seed, mask=mask)
+    kw: dict[str, Any] = {}
+    if method_name == "omnifuse":
+        kw = {"seed": seed}
+    elif method_name == "metakd":
+        kw = {
+            "alpha": args.metakd_alpha,
+            "meta_loader": TensorBatches(data["val"], MODS, args.batch_size, shuffle=True, seed=seed + 1),
+            "meta_interval": args.meta_interval,
+            "seed": seed,
+        }
+    elif method_name == "qmf":
+        kw = {"lam": args.qmf_lambda}
+    method = create_method(method_name, mods, kw)
+    trainer = build_trainer(
+        net, method, loader, max_epochs=args.epochs, lr=args.lr, device="cpu", log_every=10**9, epoch_length=len(loader)
+    )
+    logging.getLogger("medfusion.train").setLevel(logging.WARNING)
+    t0 = time.time()
+    trainer.run()
+    return net.eval(), mods, time.time() - t0, method
+
+
+@torch.no_grad()
+def predict(net, batches: TensorBatches) -> dict[str, np.ndarray]:
+    """Per-sample probability of class 1, label, and (when the head has them) fusion weights and modality CE."""
+    probs, labels, weights, omega, ce = [], [], [], [], []
+    for b in batches:
+        mask = b[Keys.MASK]
+        out = net.forward_outputs({m: b[m] for m in batches.mods}, mask)
+        probs.append(torch.softmax(out.logits.float(), 1)[:, 1])
+        y = b[Keys.LABEL].long()
+        labels.append(y)
+        if "weights" in out.aux:
+            weights.append(out.aux["weights"].float())
+        if "omega" in out.aux:
+            omega.append(out.aux["omega"].float())
+        if "modality_logits" in out.aux:
+            ml = out.aux["modality_logits"]
+            ce.append(torch.stack([F.cross_entropy(ml[m].float(), y, reduction="none") for m in batches.mods], 1))
+    res = {"prob": torch.cat(probs).numpy(), "label": torch.cat(labels).numpy()}
+    if weights:
+        res["weights"] = torch.cat(weights).numpy()
+    if omega:
+        res["omega"] = torch.cat(omega).numpy()
+    if ce:
+        res["ce"] = torch.cat(ce).numpy()
+    return res
+
+
+def metrics(prob: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    m = classification_metrics(np.stack([1 - prob, prob], 1), label.astype(int))
+    return {"accuracy": m["accuracy"], "auroc": m["auroc"]}
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3 or np.std(a) < 1e-12 or np.std(b) < 1e-12:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def mean_se(values) -> tuple[float, float]:
+    a = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
+    if len(a) == 0:
+        return float("nan"), float("nan")
+    return float(a.mean()), (float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan"))
+
+
+def drop_mask(n: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """bool [n, 3]: each modality dropped w.p. ``rate``; a sample losing all gets one random modality back."""
+    keep = rng.random((n, len(MODS))) >= rate
+    empty = ~keep.any(1)
+    keep[np.flatnonzero(empty), rng.integers(0, len(MODS), int(empty.sum()))] = True
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------- protocols
+def noise_protocol(data, args, models_by_seed, results):
+    rows, corr_rows, weight_rows = [], [], []
+    test = data["test"]
+    for seed, models in models_by_seed.items():
+        for ei, eps in enumerate(args.eps):
+            draws = 1 if eps == 0 else args.noise_draws
+            for d in range(draws):
+                gen = torch.Generator().manual_seed(10_000 + 100 * seed + 10 * ei + d)
+                noisy, noisy_mask = add_modality_noise(
+                    test, KINDS, float(eps), p=0.5, generator=gen, modalities=MODS, ehr_std_per_eps=args.ehr_std_per_eps
+                )
+                for arm, (net, mods) in models.items():
+                    pr = predict(net, TensorBatches(noisy, mods, 256))
+                    rows.append({"seed": seed, "eps": eps, "draw": d, "arm": arm, **metrics(pr["prob"], pr["label"])})
+                    for key, name in (("weights", "qmf_weight"), ("omega", "omnifuse_omega")):
+                        if key not in pr or "ce" not in pr:
+                            continue
+                        w, ce = pr[key], pr["ce"]
+                        r_mod = {m: pearson(w[:, j], ce[:, j]) for j, m in enumerate(MODS)}
+                        corr_rows.append(
+                            {
+                                "seed": seed,
+                                "eps": eps,
+                                "draw": d,
+                                "arm": arm,
+                                "quantity": name,
+                                **{f"r_{m}": v for m, v in r_mod.items()},
+                                "r_pooled": pearson(w.reshape(-1), ce.reshape(-1)),
+                            }
+                        )
+                        nm = noisy_mask.numpy()
+                        for j, m in enumerate(MODS):
+                            weight_rows.append(
+                                {
+                                    "seed": seed,
+                                    "eps": eps,
+                                    "draw": d,
+                                    "arm": arm,
+                                    "quantity": name,
+                                    "modality": m,
+                                    "mean_weight_clean": float(w[~nm[:, j], j].mean()) if (~nm[:, j]).any() else np.nan,
+                                    "mean_weight_noisy": float(w[nm[:, j], j].mean()) if nm[:, j].any() else np.nan,
+                                }
+                            )
+    df = pd.DataFrame(rows)
+    summary = []
+    for (arm, eps), part in df.groupby(["arm", "eps"], sort=False):
+        per_seed = part.groupby("seed")
+        row: dict[str, Any] = {"arm": arm, "eps": eps, "evaluations": len(part)}
+        for met in ("accuracy", "auroc"):
+            row[f"{met}_mean"], row[f"{met}_se"] = mean_se(per_seed[met].mean().to_numpy())
+            row[f"{met}_worst"] = float(part[met].min())
+            row[f"{met}_seedworst_mean"], row[f"{met}_seedworst_se"] = mean_se(per_seed[met].min().to_numpy())
+        summary.append(row)
+    summary_df = pd.DataFrame(summary)
+    corr_df = pd.DataFrame(corr_rows)
+    corr_summary = []
+    if not corr_df.empty:
+        for (arm, q, eps), part in corr_df.groupby(["arm", "quantity", "eps"], sort=False):
+            per_seed = part.groupby("seed")[[c for c in part.columns if c.startswith("r_")]].mean()
+            row = {"arm": arm, "quantity": q, "eps": eps}
+            for c in per_seed.columns:
+                row[f"{c}_mean"], row[f"{c}_se"] = mean_se(per_seed[c].to_numpy())
+            corr_summary.append(row)
+    weight_df = pd.DataFrame(weight_rows)
+    weight_summary = (
+        weight_df.groupby(["arm", "quantity", "eps", "modality"])[["mean_weight_clean", "mean_weight_noisy"]]
+        .mean()
+        .reset_index()
+        if not weight_df.empty
+        else pd.DataFrame()
+    )
+    results["noise"] = {
+        "raw": df.to_dict(orient="records"),
+        "summary": summary_df.to_dict(orient="records"),
+        "correlation": corr_summary,
+        "weights_clean_vs_noisy": weight_summary.to_dict(orient="records"),
+    }
+    return summary_df, pd.DataFrame(corr_summary), weight_summary
+
+
+def missing_protocol(data, args, clean_models_by_seed, results):
+    rows, combo_rows, eff = [], [], []
+    test = data["test"]
+    combos = combinations(MODS)
+    combo_names = [combination_name(c) for c in combos]
+    masks_all = all_combination_masks(MODS)
+    n_tr, n_te = int(data["train"][Keys.LABEL].shape[0]), int(test[Keys.LABEL].shape[0])
+    for rate in args.missing_rates:
+        for seed in args.seeds:
+            rng = np.random.default_rng([seed, int(round(rate * 100)), 7])
+            tr_mask, te_mask = drop_mask(n_tr, rate, rng), drop_mask(n_te, rate, rng)
+            eff.append(
+                {
+                    "rate": rate,
+                    "seed": seed,
+                    "train_missing_fraction": float(1 - tr_mask.mean()),
+                    "test_missing_fraction": float(1 - te_mask.mean()),
+                    "train_complete_fraction": float(tr_mask.all(1).mean()),
+                }
+            )
+            for arm in MISSING_ARMS:
+                if rate == 0:
+                    net = clean_models_by_seed[seed][arm][0]
+                    sec = float("nan")
+                else:
+                    net, _, sec, _ = train_arm(arm, data, args, seed, mask=tr_mask)
+                pr = predict(net, TensorBatches(test, MODS, 256, mask=te_mask))
+                rows.append(
+                    {"rate": rate, "seed": seed, "arm": arm, "train_s": sec, **metrics(pr["prob"], pr["label"])}
+                )
+                preds = predict_combinations(
+                    net, TensorBatches(test, MODS, 256), MODS, masks_all, torch.device("cpu"), progress=False
+                )
+                for name in combo_names:
+                    part = preds[preds["combination"] == name]
+                    m = metrics(part["prob_1"].to_numpy(), part["label"].to_numpy().astype(int))
+                    combo_rows.append({"rate": rate, "seed": seed, "arm": arm, "combination": name, **m})
+                print(f"missing {rate:.1f} seed {seed} {arm}: auroc {rows[-1]['auroc']:.3f} ({sec:.0f}s)", flush=True)
+            record_load(f"missing rate {rate} seed {seed}")
+    df, cdf = pd.DataFrame(rows), pd.DataFrame(combo_rows)
+    summary = []
+    for (arm, rate), part in df.groupby(["arm", "rate"], sort=False):
+        row: dict[str, Any] = {"arm": arm, "rate": rate}
+        row["auroc_masked_test_mean"], row["auroc_masked_test_se"] = mean_se(part["auroc"])
+        row["accuracy_masked_test_mean"], row["accuracy_masked_test_se"] = mean_se(part["accuracy"])
+        cpart = cdf[(cdf["arm"] == arm) & (cdf["rate"] == rate)]
+        per_seed_mean = cpart.groupby("seed")["auroc"].mean()
+        row["auroc_combo_mean_mean"], row["auroc_combo_mean_se"] = mean_se(per_seed_mean.to_numpy())
+        for name in combo_names:
+            row[f"auroc_{name}_mean"], row[f"auroc_{name}_se"] = mean_se(
+                cpart[cpart["combination"] == name]["auroc"].to_numpy()
+            )
+        summary.append(row)
+    sdf = pd.DataFrame(summary)
+    results["missing"] = {
+        "raw": df.to_dict(orient="records"),
+        "per_combination_raw": cdf.to_dict(orient="records"),
+        "summary": sdf.to_dict(orient="records"),
+        "effective_missingness": eff,
+        "omnifuse_without_imputation": (
+            "medfusion/fusion/omnifuse.py has no switch that disables the CRA imputation "
+            "(OmniFuseHead always imputes v' = CRA(v); OmniFuseMethod always adds L_fw/L_bw)."
+        ),
+    }
+    return sdf, combo_names, pd.DataFrame(eff)
+
+
+# ----------------------------------------------------------------------------------------------- report
+def fmt(m: float, s: float, scale: float = 100.0) -> str:
+    if not np.isfinite(m):
+        return "n/a"
+    return f"{scale * m:.1f}" + ("" if not np.isfinite(s) else f" ± {scale * s:.1f}")
+
+
+def plot_missing(sdf: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = [
+        ("auroc_masked_test", "test masked at the same rate"),
+        ("auroc_combo_mean", "full test set, mean over 7 combinations"),
+        ("auroc_ehr+cxr+report", "full test set, all three modalities"),
+    ]
+    for ax, (col, title) in zip(axes, panels):
+        for arm, part in sdf.groupby("arm", sort=False):
+            part = part.sort_values("rate")
+            ax.errorbar(
+                100 * part["rate"], part[f"{col}_mean"], yerr=part[f"{col}_se"], marker="o", capsize=3, label=arm
+            )
+        ax.set_xlabel("missing rate per modality (%)")
+        ax.set_ylabel("AUROC")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("B2 missingness: AUROC vs train+test missing rate (mean ± SE over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_noise(summary: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, met in zip(axes, ("accuracy", "auroc")):
+        for arm, part in summary.groupby("arm", sort=False):
+            part = part.sort_values("eps")
+            style = "--" if arm.endswith("_only") else "-"
+            ax.errorbar(
+                part["eps"], part[f"{met}_mean"], yerr=part[f"{met}_se"], ls=style, marker="o", capsize=3, label=arm
+            )
+        ax.set_xlabel("noise strength epsilon (50% of samples per modality)")
+        ax.set_ylabel(met)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle("B2 noise (QMF protocol): mean ± SE over seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--samples", type=int, default=900, help="cohort size (70/10/20 split by the generator)")
+    p.add_argument("--cohort_seed", type=int, default=1234)
+    p.add_argument("--image_size", type=int, default=48)
+    p.add_argument("--max_length", type=int, default=96)
+    p.add_argument("--ehr_timestep", type=float, default=2.0)
+    p.add_argument("--cnn_width", type=float, default=0.25, help="ResNet10 widen_factor")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--qmf_lambda", type=float, default=0.1)
+    p.add_argument("--metakd_alpha", type=float, default=0.1)
+    p.add_argument("--meta_interval", type=int, default=10)
+    p.add_argument("--eps", type=float, nargs="+", default=[0.0, 5.0, 10.0])
+    p.add_argument("--noise_draws", type=int, default=3)
+    p.add_argument("--ehr_std_per_eps", type=float, default=0.2)
+    p.add_argument("--missing_rates", type=float, nargs="+", default=[0.0, 0.3, 0.6, 0.9])
+    p.add_argument("--skip_missing", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 200 samples, 2 epochs")
+    p.add_argument("--data", type=Path, default=Path("/tmp/medfusion_bench_clinical"))
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.samples, args.epochs, args.noise_draws = [0], 200, 2, 1
+        args.missing_rates = [0.0, 0.6]
+        args.out = args.out / "quick"
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.data.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    record_load("start")
+
+    data, info = load_data(args)
+    sizes = {s: int(d[Keys.LABEL].shape[0]) for s, d in data.items()}
+    prevalence = {s: float(d[Keys.LABEL].mean()) for s, d in data.items()}
+    print(f"data loaded in {time.time() - t_start:.0f}s: {sizes}, prevalence {prevalence}", flush=True)
+    record_load("data loaded")
+    import monai
+
+    results: dict[str, Any] = {
+        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "monai": monai.__version__,
+            "numpy": np.__version__,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "cohort": {k: v for k, v in info.items() if k not in ("out",)},
+        "split_sizes_complete_cases": sizes,
+        "prevalence": prevalence,
+    }
+
+    # ---- noise protocol: train every arm on clean data
+    models_by_seed: dict[int, dict[str, tuple[Any, tuple[str, ...]]]] = {}
+    train_time: dict[str, list[float]] = {a: [] for a in NOISE_ARMS}
+    extras: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        models_by_seed[seed] = {}
+        for arm in NOISE_ARMS:
+            net, mods, sec, method = train_arm(arm, data, args, seed)
+            models_by_seed[seed][arm] = (net, mods)
+            train_time[arm].append(sec)
+            pr = predict(net, TensorBatches(data["test"], mods, 256))
+            m = metrics(pr["prob"], pr["label"])
+            row = {"seed": seed, "arm": arm, "train_s": sec, **m}
+            if arm == "metakd":
+                row["iwv"] = method.state.as_dict()
+            if arm == "omnifuse":
+                head = net.head
+                row["lazy_combination"] = (
+                    combination_name(combinations(MODS)[int(head.lazy_combination)])
+                    if int(head.lazy_combination) >= 0
+                    else None
+                )
+            extras.append(row)
+            print(
+                f"seed {seed} {arm}: train {sec:.0f}s, clean test acc {m['accuracy']:.3f} auroc {m['auroc']:.3f}",
+                flush=True,
+            )
+        record_load(f"noise arms trained seed {seed}")
+    results["clean_training"] = extras
+    results["train_seconds"] = {a: mean_se(v) for a, v in train_time.items()}
+    nsum, csum, wsum = noise_protocol(data, args, models_by_seed, results)
+    record_load("noise evaluated")
+    plot_noise(nsum, args.out / "clinical_b2_noise.png")
+
+    # ---- missingness protocol
+    msum = None
+    if not args.skip_missing:
+        msum, combo_names, eff = missing_protocol(data, args, models_by_seed, results)
+        plot_missing(msum, args.out / "clinical_b2_missing.png")
+    results["total_seconds"] = time.time() - t_start
+    record_load("end")
+    results["load_average"] = LOADS
+
+    # ---- markdown
+    L = [
+        "# B2: clinical phantom — noise (QMF protocol) and missingness (OmniFuse protocol)",
+        "",
+        f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} {results['command']}`",
+        "",
+        f"Cohort: `write_clinical_cohort(samples={args.samples}, seed={args.cohort_seed})` (signal shares "
+        f"ehr 0.40 / cxr 0.35 / report 0.25; oracle AUROC {info.get('oracle_auroc')}); complete cases "
+        f"(EHR + AP/PA CXR in the 48 h window + report) per split {sizes}, prevalence "
+        f"{ {k: round(v, 3) for k, v in prevalence.items()} }. Seeds {args.seeds} (training seeds; the noise "
+        f"draws are seeded by (seed, eps, draw) and shared by all arms of a seed). Encoders: EHR MLP on "
+        f"[{data['train']['ehr'].shape[1]}, 76] (2 h bins, standardised), CXR ResNet10-2D (widen "
+        f"{args.cnn_width}) at {args.image_size}², report bert_tiny (random init, {args.max_length} tokens). "
+        f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}, no augmentation; QMF lambda "
+        f"{args.qmf_lambda}; MetaKD alpha {args.metakd_alpha}, meta step every {args.meta_interval} iterations on "
+        f"the val split, uniform modality dropout (its recipe); OmniFuse library defaults (its own simulated "
+        f"missingness, TLA mining every epoch). Versions: {results['versions']}. Total time "
+        f"{results['total_seconds'] / 60:.1f} min; load average (1 min) "
+        + ", ".join(f"{x['phase']}: {x['load_1m']:.2f}" for x in LOADS)
+        + ".",
+        "",
+        "## Noise (QMF protocol): trained clean, tested with noise of strength eps on 50% of samples per modality",
+        "",
+        f"Noise: image Gaussian std 10·eps grey levels (clipped), report tokens -> [MASK] w.p. 0.1·eps, EHR "
+        f"Gaussian std {args.ehr_std_per_eps}·eps on the standardised continuous columns. {args.noise_draws} draws "
+        "per (seed, eps>0). Mean ± SE over seeds (of the per-seed mean over draws); **worst** = minimum over all "
+        "(seed, draw) evaluations; 'seed-worst' = mean ± SE over seeds of the per-seed minimum over draws. In %.",
+        "",
+        "| arm | "
+        + " | ".join(f"acc eps={e:g}" for e in args.eps)
+        + " | "
+        + " | ".join(f"AUROC eps={e:g}" for e in args.eps)
+        + " | worst acc eps="
+        + f"{max(args.eps):g} | worst AUROC eps={max(args.eps):g} | seed-worst AUROC eps={max(args.eps):g} |",
+        "|---|" + "---|" * (2 * len(args.eps) + 3),
+    ]
+    emax = max(args.eps)
+    for arm in NOISE_ARMS:
+        part = nsum[nsum["arm"] == arm].set_index("eps")
+        cells = [fmt(part.loc[e, "accuracy_mean"], part.loc[e, "accuracy_se"]) for e in args.eps]
+        cells += [fmt(part.loc[e, "auroc_mean"], part.loc[e, "auroc_se"]) for e in args.eps]
+        cells += [
+            fmt(part.loc[emax, "accuracy_worst"], float("nan")),
+            fmt(part.loc[emax, "auroc_worst"], float("nan")),
+            fmt(part.loc[emax, "auroc_seedworst_mean"], part.loc[emax, "auroc_seedworst_se"]),
+        ]
+        L.append(f"| {arm} | " + " | ".join(cells) + " |")
+    fusion_arms = [a for a in NOISE_ARMS if not a.endswith("_only")]
+    best_at = {
+        e: nsum[(nsum["eps"] == e) & nsum["arm"].isin(fusion_arms)].sort_values("auroc_mean").iloc[-1]["arm"]
+        for e in args.eps
+    }
+    L += ["", f"Best fusion arm by mean AUROC per eps: {best_at}.", ""]
+    L += [
+        "### Fusion weight vs per-sample modality loss (Pearson r; negative = lower weight where the modality's own "
+        "CE is higher, i.e. the weight tracks quality)",
+        "",
+        "| arm | quantity | eps | r ehr | r cxr | r report | r pooled |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for _, r in csum.iterrows():
+        cells = [fmt(r[f"r_{m}_mean"], r[f"r_{m}_se"], 1.0) for m in (*MODS, "pooled")]
+        L.append(f"| {r['arm']} | {r['quantity']} | {r['eps']:g} | " + " | ".join(cells) + " |")
+    L += [
+        "| late | constant 1/M | all | n/a | n/a | n/a | n/a |",
+        "| metakd | global IWV (not per sample) | all | n/a | n/a | n/a | n/a |",
+        "",
+        "Mean fusion weight on noisy vs clean (sample, modality) pairs (averaged over seeds and draws):",
+        "",
+        "| arm | quantity | eps | modality | clean | noisy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for _, r in wsum.iterrows():
+        if r["eps"] == 0:
+            continue
+        L.append(
+            f"| {r['arm']} | {r['quantity']} | {r['eps']:g} | {r['modality']} | {r['mean_weight_clean']:.3f} | "
+            f"{r['mean_weight_noisy']:.3f} |"
+        )
+    iwv = [e["iwv"] for e in extras if "iwv" in e]
+    lazy = [e.get("lazy_combination") for e in extras if e["arm"] == "omnifuse"]
+    L += ["", f"MetaKD learned IWV per seed: {iwv}. OmniFuse final lazy combination per seed: {lazy}.", ""]
+    if msum is not None:
+        L += [
+            "## Missingness (OmniFuse protocol): train and test with each modality missing at rate r",
+            "",
+            "Missingness drawn at load time (seeded numpy generator per (seed, rate), input zeroed, mask False; at "
+            "least one modality kept). Effective missing fraction (mean over seeds): "
+            + ", ".join(
+                f"r={r:g}: train {g['train_missing_fraction'].mean():.3f}, "
+                f"complete samples {g['train_complete_fraction'].mean():.3f}"
+                for r, g in eff.groupby("rate")
+            )
+            + ". Rate 0 reuses the clean-trained models of the noise protocol. AUROC in %, mean ± SE over seeds.",
+            "",
+            "**OmniFuse without imputation: not run** — " + results["missing"]["omnifuse_without_imputation"],
+            "",
+            "| arm | rate | AUROC masked test | AUROC mean of 7 combos (full test) | " + " | ".join(combo_names) + " |",
+            "|---|---|---|---|" + "---|" * len(combo_names),
+        ]
+        for _, r in msum.sort_values(["arm", "rate"]).iterrows():
+            cells = [
+                fmt(r["auroc_masked_test_mean"], r["auroc_masked_test_se"]),
+                fmt(r["auroc_combo_mean_mean"], r["auroc_combo_mean_se"]),
+            ]
+            cells += [fmt(r[f"auroc_{n}_mean"], r[f"auroc_{n}_se"]) for n in combo_names]
+            L.append(f"| {r['arm']} | {100 * r['rate']:.0f}% | " + " | ".join(cells) + " |")
+        L += ["", "Figure: `clinical_b2_missing.png`; noise figure: `clinical_b2_noise.png`.", ""]
+    md = "\n".join(L) + "\n"
+    (args.out / "clinical_b2.md").write_text(md)
+    (args.out / "clinical_b2.json").write_text(json.dumps(results, indent=1, default=str))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

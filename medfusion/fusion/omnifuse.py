@@ -268,6 +268,9 @@ class OmniFuseHead(FusionHead):
         prediction: which probability the deployable ``logits`` are the log of: ``"combined"`` (default, the
             average of the joint head and the weighted per-modality average), ``"joint"`` (``softmax(o)``)
             or ``"weighted"``; all three are always in ``aux`` so the choice can be evaluated.
+        impute: ``False`` is the "without imputation" ablation: no CRA, an absent modality keeps its
+            zero-input embedding ``proj_m(e_m(0))``, the joint classifier reads the concatenated ``v``
+            and ``L_fw``/``L_bw`` are 0 (``"imputed"``/``"cycle"``/``"codes"`` in ``aux`` are ``v``).
 
     Buffers: ``zero_pooled`` ``[sum D_m]`` (``e_m(0)`` of every modality, concatenated),
     ``zero_pooled_ready`` (bool), ``lazy_combination`` (long, index into
@@ -296,6 +299,7 @@ class OmniFuseHead(FusionHead):
         dropout: float = 0.0,
         weighted_over: str = "present",
         prediction: str = "combined",
+        impute: bool = True,
     ) -> None:
         super().__init__(modalities)
         dims = check_in_dims("omnifuse", self.modalities, in_dims)
@@ -311,12 +315,14 @@ class OmniFuseHead(FusionHead):
         n_mod = len(self.modalities)
         joint = n_mod * self.embed_dim
         self.proj = nn.ModuleDict({m: nn.Linear(dims[m], self.embed_dim) for m in self.modalities})
-        self.forward_cra = CascadeResidualAutoencoder(joint, code_dim, num_blocks)
-        self.backward_cra = CascadeResidualAutoencoder(joint, code_dim, num_blocks)
+        self.impute = bool(impute)
+        if self.impute:
+            self.forward_cra = CascadeResidualAutoencoder(joint, code_dim, num_blocks)
+            self.backward_cra = CascadeResidualAutoencoder(joint, code_dim, num_blocks)
         self.classifiers = nn.ModuleDict(
             {m: mlp(self.embed_dim, int(num_classes), hidden, dropout) for m in self.modalities}
         )
-        self.joint_classifier = nn.Linear(num_blocks * code_dim, int(num_classes))
+        self.joint_classifier = nn.Linear(num_blocks * code_dim if self.impute else joint, int(num_classes))
         self.register_buffer("zero_pooled", torch.zeros(sum(dims.values())))
         self.register_buffer("zero_pooled_ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("lazy_combination", torch.full((), -1, dtype=torch.long))
@@ -380,12 +386,15 @@ class OmniFuseHead(FusionHead):
         b, n_mod = modality_mask.shape
         v = self.embed(features, modality_mask)
         v_flat = v.flatten(1)
-        imputed, codes = self.forward_cra(v_flat)
-        cycle, _ = self.backward_cra(imputed)
+        if self.impute:
+            imputed, codes = self.forward_cra(v_flat)
+            cycle, _ = self.backward_cra(imputed)
+            codes_cat = torch.cat(codes, dim=1)
+        else:
+            imputed = cycle = codes_cat = v_flat
         vi = imputed.view(b, n_mod, self.embed_dim)
         z = torch.stack([self.classifiers[m](vi[:, i]) for i, m in enumerate(self.modalities)], dim=1)  # [B, M, K]
         probs = torch.softmax(z, dim=-1)
-        codes_cat = torch.cat(codes, dim=1)
         o = self.joint_classifier(codes_cat)
         joint = torch.softmax(o, dim=-1)
         use = modality_mask if self.weighted_over == "present" else torch.ones_like(modality_mask)
@@ -529,6 +538,7 @@ class OmniFuseMethod(Method):
     def reseed(self, seed: int) -> None:
         """Restart the missingness generator from ``seed``."""
         self.generator.manual_seed(int(seed))
+
     def loss_step(self, model: nn.Module, batch: Mapping[str, Any], engine: Any) -> dict[str, torch.Tensor]:
         """All OmniFuse losses on the (simulated-missing) batch."""
         head = _omnifuse_head(model)
@@ -543,10 +553,13 @@ class OmniFuseMethod(Method):
         out = forward_outputs(model, inputs, mask, target_mask=observed)
         aux = out.aux
         b, n_mod = mask.shape
-        sq = ((aux["imputed"] - aux["target"]) ** 2).view(b, n_mod, -1).mean(dim=-1)  # [B, M]
-        obs = observed.to(sq.dtype)
-        l_fw = (sq * obs).sum() / obs.sum().clamp_min(1.0)
-        l_bw = F.mse_loss(aux["cycle"], aux["observed"].detach())
+        if head.impute:
+            sq = ((aux["imputed"] - aux["target"]) ** 2).view(b, n_mod, -1).mean(dim=-1)  # [B, M]
+            obs = observed.to(sq.dtype)
+            l_fw = (sq * obs).sum() / obs.sum().clamp_min(1.0)
+            l_bw = F.mse_loss(aux["cycle"], aux["observed"].detach())
+        else:  # the "without imputation" ablation has no autoencoders to train
+            l_fw = l_bw = out.logits.new_zeros(())
         z = stack_modality_logits(aux["modality_logits"], self.modalities)
         dw = dwfuse_loss(z, aux["joint_logits"], labels, head.beta, self.alpha)
         l_tla = (

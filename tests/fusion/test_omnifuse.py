@@ -285,3 +285,24 @@ def test_prediction_choice(prediction):
     assert torch.allclose(out.logits.exp(), out.aux[f"{prediction}_probs"], atol=1e-6)
     with pytest.raises(ValueError, match="prediction must be"):
         tiny_model(prediction="mean")
+
+
+def test_without_imputation_ablation_skips_cra_and_its_losses():
+    import torch
+
+    from medfusion.encoders.base import EncoderOutput
+    from medfusion.fusion.omnifuse import OmniFuseHead
+
+    torch.manual_seed(0)
+    mods = ["a", "b"]
+    head = OmniFuseHead(mods, {"a": 4, "b": 3}, num_classes=2, embed_dim=5, impute=False)
+    assert not hasattr(head, "forward_cra")
+    feats = {"a": EncoderOutput(torch.randn(3, 4)), "b": EncoderOutput(torch.randn(3, 3))}
+    mask = torch.tensor([[True, True], [True, False], [False, True]])
+    out = head(feats, mask)
+    v = head.embed(feats, mask).flatten(1)
+    torch.testing.assert_close(out.aux["imputed"], v)
+    torch.testing.assert_close(out.aux["joint_logits"], head.joint_classifier(v))
+    # an absent modality's embedding is the zero-input one, whatever its content
+    feats2 = {"a": feats["a"], "b": EncoderOutput(feats["b"].pooled + 7.0)}
+    torch.testing.assert_close(head(feats2, mask).logits[1], out.logits[1])

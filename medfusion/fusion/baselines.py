@@ -305,6 +305,19 @@ class SupervisedMethod(Method):
         """Apply the optional modality dropout."""
         return self.dropout(batch) if self.dropout is not None else batch
 
+    def state_dict(self) -> dict[str, Any]:
+        """The modality-dropout generator state (checkpointed as ``"method"``)."""
+        from medfusion.data.dropout import BatchModalityDropout
+
+        return {"dropout": self.dropout.state_dict()} if isinstance(self.dropout, BatchModalityDropout) else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        from medfusion.data.dropout import BatchModalityDropout
+
+        if "dropout" in state and isinstance(self.dropout, BatchModalityDropout):
+            self.dropout.load_state_dict(state["dropout"])
+
     def reseed(self, seed: int) -> None:
         """Restart the modality-dropout generator (when it is a :class:`BatchModalityDropout`)."""
         from medfusion.data.dropout import BatchModalityDropout

@@ -535,6 +535,14 @@ class OmniFuseMethod(Method):
         return out
 
 
+    def state_dict(self) -> dict[str, Any]:
+        """The missingness generator state (the lazy combination etc. are head buffers)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.generator.set_state(state["generator"])
+
     def reseed(self, seed: int) -> None:
         """Restart the missingness generator from ``seed``."""
         self.generator.manual_seed(int(seed))

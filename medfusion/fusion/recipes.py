@@ -9,8 +9,6 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import nn
-
 from medfusion.engines.method import Method
 
 __all__ = [
@@ -20,7 +18,7 @@ __all__ = [
     "head_name",
     "default_head_kwargs",
     "build_method",
-    "method_state_objects",
+
 ]
 
 METHOD_HEADS: dict[str, str] = {
@@ -150,20 +148,3 @@ def build_method(
     return create_method(name, modalities, kw)
 
 
-def method_state_objects(method: Method) -> dict[str, Any]:
-    """Method state kept OUTSIDE the network, by checkpoint key (for ``CheckpointSaver`` / loading).
-
-    * MetaKD: ``{"metakd": ImportanceWeights}`` (IWV and meta-step count).
-    * Recipes with a :class:`~medfusion.data.dropout.BatchModalityDropout` (``dropout`` or MetaKD's
-      internal one): ``{"<name>_dropout": ...}`` (generator state, for exact resume).
-    * QMF's loss history and OmniFuse's zero-input embedding / lazy combination are head buffers, saved
-      with the network.
-    """
-    out: dict[str, Any] = {}
-    state = getattr(method, "state", None)
-    if isinstance(state, nn.Module):
-        out[method.name] = state
-    dropout = getattr(method, "dropout", None)
-    if dropout is not None and hasattr(dropout, "state_dict") and hasattr(dropout, "load_state_dict"):
-        out[f"{method.name}_dropout"] = dropout
-    return out

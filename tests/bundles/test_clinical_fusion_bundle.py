@@ -18,7 +18,7 @@ from monai.bundle import verify_metadata
 
 from medfusion.data.splits import random_split
 from medfusion.evaluation.bundle import bundle_workflow
-from medfusion.fusion.recipes import build_method, default_head_kwargs, list_methods, method_state_objects
+from medfusion.fusion.recipes import build_method, default_head_kwargs, list_methods
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "clinical_fusion"
@@ -97,12 +97,12 @@ def test_recipe_context_routing():
     ctx = {"meta_loader": [1], "tla_loader": None, "output_dir": "/tmp/x", "seed": 1, "modality_dropout": "uniform"}
     metakd = build_method("metakd", mods, {"meta_interval": 5}, ctx)
     assert metakd.meta_loader == [1] and metakd.meta_interval == 5 and metakd.dropout.mode == "uniform"
-    assert set(method_state_objects(metakd)) == {"metakd", "metakd_dropout"}
+    assert set(metakd.state_dict()) == {"iwv", "meta_optimizer", "dropout"}
     qmf = build_method("qmf", mods, None, ctx)
     assert qmf.dropout is not None and qmf.dropout.mode == "uniform"
     assert build_method("concat", mods, None, {**ctx, "modality_dropout": "none"}).dropout is None
     omni = build_method("omnifuse", mods, None, ctx)
-    assert omni.tla_loader is None and method_state_objects(omni) == {}
+    assert omni.tla_loader is None and set(omni.state_dict()) == {"generator"}
     with pytest.raises(KeyError, match="known methods"):
         build_method("nope", mods)
 
@@ -145,7 +145,7 @@ def test_every_method_trains_and_evaluates_all_7_combinations(cohort, tmp_path, 
     assert summary.loc["ehr", "n"] == 12 and (summary["n"] >= 5).all()  # 12 test stays; CXR/report pairable for 10
     ckpt = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     if method == "metakd":
-        assert {"model", "metakd"} <= set(ckpt)
+        assert {"model", "method"} <= set(ckpt) and int(ckpt["method"]["iwv"]["meta_steps"]) == 5
         traj = pd.read_csv(tmp_path / "runs" / "iwv_trajectory.csv")
         assert traj["meta_step"].tolist() == list(range(1, len(traj) + 1)) and len(traj) == 5  # 38 train / 8
     if method == "omnifuse":

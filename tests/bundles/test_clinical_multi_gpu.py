@@ -1,0 +1,102 @@
+"""clinical_fusion's multi_gpu_train.json under torchrun (2 processes, gloo) matches a single-process run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medfusion.evaluation.bundle import train_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLE = ROOT / "bundles" / "clinical_fusion"
+
+# Everything random that legitimately differs between 1 and 2 processes is off (augmentation, modality
+# dropout, shuffling), and the encoders have no BatchNorm (per-rank batch statistics would differ by
+# design): rank r with batch 1 sees sample 2i + r, the single process sees (2i, 2i + 1) with batch 2.
+COMMON = {
+    "modalities": ["ehr", "cxr"],
+    "encoders#ehr": {"name": "mlp", "in_features": 1824, "hidden": [16], "out_dim": 16},
+    "encoders#cxr": {"name": "mlp", "in_features": 1024, "hidden": [16], "out_dim": 16},
+    "image_size": 32,
+    "method_name": "concat",
+    "meta_fraction": 0.15,  # 40 stays -> 24 training stays (even)
+    "modality_dropout": "none",
+    "max_epochs": 2,
+    "num_workers": 0,
+    "train#preprocessing": "$medfusion.evaluation.clinical_bundle.clinical_preprocessing(@modalities, "
+    "@modality_kinds, 'eval', @tabular_features, **@transform_kwargs)",
+    "train#dataloader#shuffle": False,
+    "check_data": False,
+    "device": "$torch.device('cpu')",
+}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from medfusion.data.synth_clinical import write_clinical_cohort
+
+    out = tmp_path_factory.mktemp("clinical_ddp") / "cohort"
+    write_clinical_cohort(out, samples=40, seed=2, manifest_cohort=False)
+    return out
+
+
+def test_torchrun_two_processes_matches_single_process(cohort, tmp_path):
+    single = tmp_path / "single"
+    wf = train_bundle(
+        BUNDLE,
+        {
+            **COMMON,
+            "dataset_dir": str(cohort),
+            "batch_size": 2,
+            "ckpt_dir": str(single / "models"),
+            "output_dir": str(single / "runs"),
+        },
+    )
+    n_train = len(wf.parser.get_parsed_content("split")["train"])
+    assert n_train == 24  # even, so no DistributedSampler padding
+    ddp = tmp_path / "ddp"
+    overrides = {
+        **COMMON,
+        "batch_size": 1,
+        "ckpt_dir": str(ddp / "models"),
+        "output_dir": str(ddp / "runs"),
+        "train#sampler#shuffle": False,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/train.json','configs/multi_gpu_train.json']",
+        "--bundle_root",
+        str(BUNDLE),
+        "--meta_file",
+        str(BUNDLE / "configs" / "metadata.json"),
+        "--logging_file",
+        str(BUNDLE / "configs" / "logging.conf"),
+        "--dataset_dir",
+        str(cohort),
+    ]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]  # fire parses Python literals
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    a = torch.load(single / "models" / "last_checkpoint_epoch=2.pt", weights_only=False)
+    b = torch.load(ddp / "models" / "last_checkpoint_epoch=2.pt", weights_only=False)
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == n_train  # 2 epochs x n/2 steps
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=f"weight {k}")
+    assert len(list((ddp / "models").glob("last_checkpoint_epoch=*.pt"))) == 1  # rank 0 writes

@@ -1,6 +1,6 @@
 """Meta Fusion: a cohort of students with adaptive mutual learning (../shared/METHODS.md section 4).
 
-Pieces (each maps to a test with hand-computed values, see ``docs/methods_meta_fusion.md``):
+Pieces (each maps to a test with hand-computed values, see ``docs/methods.md``):
 
 * latent extractors per modality, written as strings: ``null`` (modality dropped), ``identity``,
   ``pca:<k>`` (fitted on the training split, stored as buffers), ``slice:<k>`` (first ``k`` columns of a
@@ -239,7 +239,7 @@ def select_teachers_kmeans(
     """Teachers = the 1-D K-means cluster of validation losses with the lowest mean.
 
     ``k`` maximises the silhouette score over ``2..min(k_max, n - 1, #distinct losses)`` (ties: the
-    smallest ``k``). Fallbacks (documented in docs/methods_meta_fusion.md): non-finite losses (a student
+    smallest ``k``). Fallbacks (documented in docs/methods.md): non-finite losses (a student
     with no validation sample) are never teachers; fewer than 3 finite losses -> the single best student;
     all finite losses equal -> every finite student is a teacher.
 

@@ -1,4 +1,4 @@
-"""Meta Fusion on hand-computed values (docs/methods_meta_fusion.md maps each test to its equation)."""
+"""Meta Fusion on hand-computed values (docs/methods.md maps each test to its equation)."""
 
 from __future__ import annotations
 

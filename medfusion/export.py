@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medfusion.data._atomic import publish_mode
 from medfusion.encoders.base import Encoder
 from medfusion.encoders.text import BertEncoder
 from medfusion.fusion.base import FusionModel
@@ -409,6 +410,7 @@ def _export_torchscript(
     os.close(fd)
     try:
         torch.jit.save(traced, tmp, _extra_files={INFO_FILE: json.dumps(info, indent=2)})
+        publish_mode(tmp)
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

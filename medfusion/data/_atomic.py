@@ -13,7 +13,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_output_dir", "atomic_write_bytes", "check_output_dir"]
+__all__ = ["atomic_output_dir", "atomic_write_bytes", "check_output_dir", "publish_mode"]
+
+
+def publish_mode(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file/folder made by ``mkstemp``/``mkdtemp`` (mode 600/700) the usual umask-based mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -56,6 +63,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        publish_mode(tmp, directory=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -76,6 +84,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        publish_mode(tmp)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -87,11 +87,11 @@ def find_last_checkpoint(ckpt_dir: str | Path, prefix: str = "last") -> Path | N
     return best[1] if best else None
 
 
-def resume_handlers(resume: bool, ckpt_dir: str | Path, load_dict: Mapping[str, Any]) -> list[Any]:
+def resume_handlers(resume: bool | str, ckpt_dir: str | Path, load_dict: Mapping[str, Any]) -> list[Any]:
     """Handlers that resume training from the newest checkpoint of ``ckpt_dir`` when ``resume`` is true.
 
     Args:
-        resume: ``False`` returns ``[]``.
+        resume: ``False`` returns ``[]`` (the strings ``"true"``/``"false"`` from the MONAI CLI are accepted).
         ckpt_dir: where the trainer's ``CheckpointSaver`` writes ``last_checkpoint_epoch=N.pt``.
         load_dict: what to restore, e.g. ``{"model": net, "optimizer": opt, "trainer": trainer, ...}``
             (the same dict the saver writes, so every piece of method state comes back).
@@ -99,6 +99,10 @@ def resume_handlers(resume: bool, ckpt_dir: str | Path, load_dict: Mapping[str, 
     Raises:
         FileNotFoundError: ``resume`` is set but no checkpoint exists (the message names the folder).
     """
+    if isinstance(resume, str):  # "--resume true" on the MONAI CLI arrives as a string
+        if resume.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"resume must be true or false, got {resume!r}.")
+        resume = resume.strip().lower() in ("true", "1", "yes")
     if not resume:
         return []
     path = find_last_checkpoint(ckpt_dir)

@@ -94,3 +94,6 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no last_checkpoint_epoch"):
         resume_handlers(True, tmp_path, {})
     assert resume_handlers(False, tmp_path, {}) == []
+    assert resume_handlers("false", tmp_path, {}) == []  # as the MONAI CLI passes "--resume false"
+    with pytest.raises(ValueError, match="resume must be true or false"):
+        resume_handlers("maybe", tmp_path, {})

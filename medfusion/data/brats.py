@@ -29,8 +29,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from medfusion.modality import BRATS_MODALITIES, Keys, validate_modalities
 
 __all__ = ["discover_brats", "brats_case_split", "detect_layout", "MSD_CHANNEL_NAMES"]
@@ -260,27 +258,6 @@ def brats_case_split(
     Raises:
         ValueError: fractions outside [0, 1), summing to >= 1, a part named ``train``, or too few cases.
     """
-    if "train" in fractions:
-        raise ValueError("brats_case_split: 'train' is the remainder; do not give it a fraction.")
-    if any(not 0 <= f < 1 for f in fractions.values()) or sum(fractions.values()) >= 1:
-        raise ValueError(f"brats_case_split: fractions must be in [0, 1) and sum below 1, got {dict(fractions)}.")
-    n = len(datalist)
-    wanted = {k: f for k, f in fractions.items() if f > 0}
-    if n < len(wanted) + 1:
-        raise ValueError(f"brats_case_split: {n} cases cannot fill the parts {['train', *wanted]} (one case each).")
-    order = np.random.default_rng(seed).permutation(n)
-    sizes = {k: max(1, round(f * n)) for k, f in wanted.items()}
-    while sum(sizes.values()) > n - 1:  # keep one training case
-        biggest = max(sizes, key=lambda k: sizes[k])
-        sizes[biggest] -= 1
-    out: dict[str, list[dict[str, Any]]] = {}
-    start = 0
-    for k in fractions:
-        size = sizes.get(k, 0)
-        out[k] = [dict(datalist[i]) for i in order[start : start + size]]
-        start += size
-    out["train"] = [dict(datalist[i]) for i in order[start:]]
-    for part in out.values():
-        for j, entry in enumerate(part):
-            entry[Keys.INDEX] = j
-    return out
+    from medfusion.data.splits import random_split
+
+    return random_split(datalist, fractions, seed)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from medfusion.data._atomic import atomic_output_dir
+from medfusion.data.ehr import EHR_CHANNELS
 
 __all__ = [
     "EHR_VARIABLES",
@@ -50,26 +51,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EHR_VARIABLES: tuple[str, ...] = (
-    "Capillary refill rate",
-    "Diastolic blood pressure",
-    "Fraction inspired oxygen",
-    "Glascow coma scale eye opening",
-    "Glascow coma scale motor response",
-    "Glascow coma scale total",
-    "Glascow coma scale verbal response",
-    "Glucose",
-    "Heart Rate",
-    "Height",
-    "Mean blood pressure",
-    "Oxygen saturation",
-    "Respiratory rate",
-    "Systolic blood pressure",
-    "Temperature",
-    "Weight",
-    "pH",
-)
-"""The 17 mimic3-benchmarks variables in header order ("Glascow" is the real spelling)."""
+EHR_VARIABLES: tuple[str, ...] = EHR_CHANNELS
+"""The 17 mimic3-benchmarks variables in header order (one list, shared with the discretiser)."""
 
 CATEGORICAL_VARIABLES: tuple[str, ...] = (
     "Capillary refill rate",

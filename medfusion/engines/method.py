@@ -15,7 +15,7 @@ method state lives in the model's parameters/buffers so ``CheckpointSaver`` save
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -132,6 +132,42 @@ class Method:
         The default has nothing to reset; recipes with modality dropout or their own data iterators
         override it.
         """
+
+
+class DropoutMethod(Method):
+    """Base of recipes whose only own state is an optional batch-level modality dropout ``self.dropout``.
+
+    ``self.dropout`` is any callable on the batch dict; when it is a
+    :class:`~medfusion.data.dropout.BatchModalityDropout` its generator is checkpointed and re-seeded.
+    """
+
+    dropout: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+    def prepare(self, batch: dict[str, Any], engine: Any) -> dict[str, Any]:
+        """Apply the optional modality dropout."""
+        return self.dropout(batch) if self.dropout is not None else batch
+
+    def _generator(self) -> Any:
+        from medfusion.data.dropout import BatchModalityDropout
+
+        return self.dropout if isinstance(self.dropout, BatchModalityDropout) else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The modality-dropout generator state (checkpointed as ``"method"``)."""
+        gen = self._generator()
+        return {"dropout": gen.state_dict()} if gen is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        gen = self._generator()
+        if gen is not None and "dropout" in state:
+            gen.load_state_dict(state["dropout"])
+
+    def reseed(self, seed: int) -> None:
+        """Restart the modality-dropout generator."""
+        gen = self._generator()
+        if gen is not None:
+            gen.reseed(seed)
 
 
 class TrainStep:

@@ -7,6 +7,7 @@ execute the very same configs.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pandas as pd
 from monai.bundle import ConfigWorkflow
 
-__all__ = ["bundle_workflow", "train_bundle", "evaluate_bundle", "read_summary"]
+__all__ = ["bundle_workflow", "train_bundle", "evaluate_bundle", "read_summary", "torchrun_command"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,3 +127,36 @@ def evaluate_bundle(
 def read_summary(output_dir: str | Path) -> pd.DataFrame:
     """``summary.csv`` of an evaluation folder as a DataFrame indexed by combination."""
     return pd.read_csv(Path(output_dir) / "summary.csv", index_col=0)
+
+
+def torchrun_command(
+    bundle_dir: str | Path,
+    configs: Sequence[str],
+    overrides: Mapping[str, Any] | None = None,
+    nproc_per_node: int = 2,
+) -> list[str]:
+    """The ``torchrun ... -m monai.bundle run`` command line for one machine (run it with ``cwd=bundle_dir``).
+
+    Args:
+        bundle_dir: the bundle folder.
+        configs: config files merged in order, e.g. ``["train.json", "multi_gpu_train.json"]``.
+        overrides: ``{id: value}``; strings are passed as they are (``"$..."`` expressions included), other
+            values as Python literals, which is what the MONAI CLI (python-fire) parses.
+        nproc_per_node: processes (GPUs) on this machine.
+
+    Returns:
+        The argument list for ``subprocess.run``.
+    """
+    root = Path(bundle_dir)
+    files = "[" + ",".join(f"'configs/{c}'" for c in configs) + "]"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+        f"--nproc_per_node={int(nproc_per_node)}", "-m", "monai.bundle", "run",
+        "--config_file", files,
+        "--bundle_root", str(root),
+        "--meta_file", str(root / "configs" / "metadata.json"),
+        "--logging_file", str(root / "configs" / "logging.conf"),
+    ]  # fmt: skip
+    for key, value in (overrides or {}).items():
+        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
+    return cmd

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfusion.encoders.base import EncoderOutput
-from medfusion.engines.method import Method, forward_outputs, model_inputs
+from medfusion.engines.method import DropoutMethod, forward_outputs, model_inputs
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
 from medfusion.modality import Keys, validate_modalities
 
@@ -271,7 +271,7 @@ class LateFusionHead(FusionHead):
         return FusionOutput(safe_log(fused), emb, aux)
 
 
-class SupervisedMethod(Method):
+class SupervisedMethod(DropoutMethod):
     """Generic supervised recipe: ``L = CE(logits, y) [+ modality_loss_weight * sum_m CE(z_m, y)]``.
 
     The per-modality term (masked mean over samples where ``m`` is present, summed over modalities)
@@ -300,30 +300,6 @@ class SupervisedMethod(Method):
         self.modalities = validate_modalities(modalities)
         self.modality_loss_weight = float(modality_loss_weight)
         self.dropout = dropout
-
-    def prepare(self, batch: dict[str, Any], engine: Any) -> dict[str, Any]:
-        """Apply the optional modality dropout."""
-        return self.dropout(batch) if self.dropout is not None else batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """The modality-dropout generator state (checkpointed as ``"method"``)."""
-        from medfusion.data.dropout import BatchModalityDropout
-
-        return {"dropout": self.dropout.state_dict()} if isinstance(self.dropout, BatchModalityDropout) else {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        from medfusion.data.dropout import BatchModalityDropout
-
-        if "dropout" in state and isinstance(self.dropout, BatchModalityDropout):
-            self.dropout.load_state_dict(state["dropout"])
-
-    def reseed(self, seed: int) -> None:
-        """Restart the modality-dropout generator (when it is a :class:`BatchModalityDropout`)."""
-        from medfusion.data.dropout import BatchModalityDropout
-
-        if isinstance(self.dropout, BatchModalityDropout):
-            self.dropout.reseed(seed)
 
     def loss_step(self, model: nn.Module, batch: Mapping[str, Any], engine: Any) -> dict[str, torch.Tensor]:
         """Cross-entropy on the fused logits (+ per-modality cross-entropy)."""

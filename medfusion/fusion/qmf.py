@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfusion.encoders.base import EncoderOutput
-from medfusion.engines.method import Method, forward_outputs, model_inputs, unwrap
+from medfusion.engines.method import DropoutMethod, forward_outputs, model_inputs, unwrap
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
 from medfusion.fusion.baselines import (
     check_in_dims,
@@ -299,7 +299,7 @@ def _qmf_head(model: nn.Module) -> QMFHead:
     return head
 
 
-class QMFMethod(Method):
+class QMFMethod(DropoutMethod):
     """QMF training recipe: ``L = CE(z, y) + sum_m CE(z_m, y) + lam * L_reg``.
 
     Per iteration: forward, fused CE, per-modality CE (masked mean over samples where the modality is
@@ -328,30 +328,6 @@ class QMFMethod(Method):
         self.lam = float(lam)
         self.update = bool(update_history)
         self.dropout = dropout
-
-    def prepare(self, batch: dict[str, Any], engine: Any) -> dict[str, Any]:
-        """Apply the optional modality dropout."""
-        return self.dropout(batch) if self.dropout is not None else batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """The modality-dropout generator state (checkpointed as ``"method"``)."""
-        from medfusion.data.dropout import BatchModalityDropout
-
-        return {"dropout": self.dropout.state_dict()} if isinstance(self.dropout, BatchModalityDropout) else {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        from medfusion.data.dropout import BatchModalityDropout
-
-        if "dropout" in state and isinstance(self.dropout, BatchModalityDropout):
-            self.dropout.load_state_dict(state["dropout"])
-
-    def reseed(self, seed: int) -> None:
-        """Restart the modality-dropout generator (when it is a :class:`BatchModalityDropout`)."""
-        from medfusion.data.dropout import BatchModalityDropout
-
-        if isinstance(self.dropout, BatchModalityDropout):
-            self.dropout.reseed(seed)
 
     def loss_step(self, model: nn.Module, batch: Mapping[str, Any], engine: Any) -> dict[str, torch.Tensor]:
         """Fused + per-modality CE + ranking regulariser; updates the head's history."""

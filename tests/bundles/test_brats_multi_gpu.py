@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from medfusion.evaluation.bundle import train_bundle
+from medfusion.evaluation.bundle import torchrun_command, train_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "brats_metakd"
@@ -65,29 +64,7 @@ def test_torchrun_two_processes_matches_single_process(cohort, tmp_path):
         "output_dir": str(ddp / "runs"),
         "train#sampler#shuffle": False,
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "['configs/train.json','configs/multi_gpu_train.json']",
-        "--bundle_root",
-        str(BUNDLE),
-        "--meta_file",
-        str(BUNDLE / "configs" / "metadata.json"),
-        "--logging_file",
-        str(BUNDLE / "configs" / "logging.conf"),
-        "--dataset_dir",
-        str(cohort),
-    ]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]  # fire parses Python literals
+    cmd = torchrun_command(BUNDLE, ["train.json", "multi_gpu_train.json"], {**overrides, "dataset_dir": str(cohort)})
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

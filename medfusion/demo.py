@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("demo_output"))
     p.add_argument("--cases", type=int, default=16, help="BraTS phantom cases")
     p.add_argument("--size", type=int, default=32, help="phantom volume size")
-    p.add_argument("--epochs", type=int, default=12, help="training epochs of the bundle")
+    p.add_argument("--epochs", type=int, default=40, help="training epochs of the bundle")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (higher than the bundle's default: short run)")
     p.add_argument("--samples", type=int, default=120, help="clinical cohort size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         "num_workers": 0,
         "cache_rate": 1.0,
         "method#meta_interval": 5,
+        "learning_rate": args.lr,
+        "val_interval": 5,
         "seed": args.seed,
     }
     _say(f"training bundle {bundle.name} for {args.epochs} epochs (MetaKD, uniform modality dropout)")

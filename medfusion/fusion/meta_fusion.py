@@ -367,7 +367,11 @@ def _combine(
     Returns:
         ``[N, K]`` or ``[N]``.
     """
-    w = torch.where(available, weights[:, None].to(preds.dtype), torch.zeros((), dtype=preds.dtype))  # [S, N]
+    weights, fallback_order = weights.to(preds.device), fallback_order.to(preds.device)
+    available = available.to(preds.device)
+    w = torch.where(
+        available, weights[:, None].to(preds.dtype), torch.zeros((), dtype=preds.dtype, device=preds.device)
+    )
     uncovered = w.sum(dim=0) <= 0
     if bool(uncovered.any()):
         rank = torch.empty_like(fallback_order)
@@ -1148,7 +1152,7 @@ class MetaFusion(nn.Module):
             w, order = torch.zeros(len(self.cohort)), self._fallback_order(self.screen_val_loss)
         else:
             w, order = self._rule_weights(rule)
-        one = torch.eye(len(self.cohort))[:, None, :].expand(-1, mask.shape[0], -1)  # [S, N, S]
+        one = torch.eye(len(self.cohort), device=mask.device)[:, None, :].expand(-1, mask.shape[0], -1)  # [S, N, S]
         return _combine(one, avail, w, order) > 0
 
     def forward(

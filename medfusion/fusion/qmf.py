@@ -164,6 +164,13 @@ def qmf_rank_regulariser(
 
 
 @register_fusion("qmf")
+def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` (same shape on every rank) from all ranks along dim 0."""
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 class QMFHead(FusionHead):
     """QMF decision-level fusion head with energy-based, per-sample modality weights.
 
@@ -267,6 +274,10 @@ class QMFHead(FusionHead):
         add = torch.where(
             m, losses.detach().to(self.history), torch.zeros((), dtype=self.history.dtype, device=m.device)
         )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank applies every rank's updates, so the history is identical everywhere (DDP would
+            # otherwise broadcast rank 0's buffers each forward and drop the other ranks' samples)
+            idx, add, m = (_all_gather_cat(t) for t in (idx, add, m))
         self.history.index_put_((idx,), add, accumulate=True)
         self.history_count.index_put_((idx,), m.long(), accumulate=True)
 

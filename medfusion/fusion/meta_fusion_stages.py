@@ -1,0 +1,578 @@
+"""Meta Fusion in a :class:`~medfusion.fusion.base.FusionModel`: a fusion head over a fitted cohort + its stages.
+
+Meta Fusion (:mod:`medfusion.fusion.meta_fusion`) trains in stages, not in one loop, so it is wired as
+plain functions a bundle calls one after the other (no trainer fork):
+
+(a) supervised encoders: the normal MONAI trainer with a simple head (``concat``);
+(b) :func:`extract_features`: pooled encoder features of a split (eval mode, no grad) as
+    :class:`~medfusion.fusion.meta_fusion.MetaFusionData` (mask from ``modality_mask``, y from ``label``);
+    :func:`tabular_data` builds the same from a table (pure-tabular cohorts, regression);
+(c) :func:`fit_meta_fusion`: cohort from per-modality extractor grids, PCA fitted on train, screening,
+    teachers, mutual learning, ensemble selection -> a fitted :class:`MetaFusionHead`;
+(d) :func:`attach_head` + :func:`save_meta_fusion`: the network's head becomes the fitted head, the
+    weights (all Meta Fusion state is in buffers/parameters) go to ``model.pt`` and the head's
+    constructor arguments to ``meta_fusion_config.json``, from which :func:`meta_fusion_classifier`
+    rebuilds the network before ``load_state_dict``;
+(e) evaluation over every modality combination is the usual
+    :func:`~medfusion.evaluation.classification.evaluate_classification` (the head restricts the
+    committee to the students whose modalities are present).
+
+:class:`MetaFusionStages` runs (b)-(d) from a bundle's ``"run"`` list. Importing this module registers
+the ``"meta_fusion"`` fusion head.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medfusion.encoders.base import EncoderOutput
+from medfusion.engines.method import to_device, unwrap
+from medfusion.engines.utils import resolve_device
+from medfusion.fusion.base import FusionHead, FusionModel, FusionOutput, register_fusion
+from medfusion.fusion.meta_fusion import RULES, STAGES, MetaFusion, MetaFusionData, build_cohort
+from medfusion.modality import Keys, check_mask, validate_modalities
+
+__all__ = [
+    "CONFIG_NAME",
+    "SUMMARY_NAME",
+    "default_grids",
+    "MetaFusionHead",
+    "extract_features",
+    "tabular_data",
+    "fit_meta_fusion",
+    "attach_head",
+    "save_meta_fusion",
+    "load_head_kwargs",
+    "meta_fusion_classifier",
+    "MetaFusionStages",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "meta_fusion_config.json"
+"""File (in the checkpoint folder) holding the head's constructor arguments."""
+SUMMARY_NAME = "meta_fusion_summary.json"
+"""File (in the output folder) holding :meth:`MetaFusion.summary` (teachers, rho, committee, ...)."""
+
+_WEIGHTED_MEAN_RULES = ("ensemble", "best_single", "best_single_screen", "average", "weighted_average")
+
+
+def default_grids(modalities: Sequence[str], in_dims: Mapping[str, int], n_components: int = 8) -> dict[str, list[str]]:
+    """Default extractor grid per modality: ``["null", "identity", "pca:<min(n_components, F)>"]``.
+
+    Args:
+        modalities: ordered modality names.
+        in_dims: ``{modality: F}`` feature sizes.
+        n_components: PCA size (capped at the modality's feature size).
+
+    Returns:
+        ``{modality: [extractor spec, ...]}`` for :func:`~medfusion.fusion.meta_fusion.build_cohort`.
+    """
+    mods = validate_modalities(modalities)
+    return {m: ["null", "identity", f"pca:{max(1, min(int(n_components), int(in_dims[m])))}"] for m in mods}
+
+
+def _pooled(value: torch.Tensor | EncoderOutput) -> torch.Tensor:
+    return value.pooled if isinstance(value, EncoderOutput) else value
+
+
+# ------------------------------------------------------------------------------------------------ head
+@register_fusion("meta_fusion")
+class MetaFusionHead(FusionHead):
+    """Fusion head wrapping a :class:`~medfusion.fusion.meta_fusion.MetaFusion` over pooled encoder features.
+
+    Built either for fitting (``grids`` or ``cohort`` + Meta Fusion hyper-parameters) or, from a checkpoint,
+    with ``config`` = :meth:`MetaFusion.get_config` (what :meth:`head_kwargs` returns), so the cohort
+    architecture exists before ``load_state_dict``.
+
+    Args:
+        modalities: ordered modality names.
+        in_dims: ``{modality: pooled feature size}``.
+        num_classes: number of classes (classification).
+        grids: ``{modality: [extractor spec, ...]}``; default :func:`default_grids`.
+        cohort: explicit students (``[{modality: spec}, ...]``), instead of ``grids``.
+        config: a :meth:`MetaFusion.get_config` dict (rebuild from a checkpoint); excludes the other options.
+        rule: aggregation rule of ``forward`` (one of :data:`~medfusion.fusion.meta_fusion.RULES`; default
+            the Meta Fusion ``default_rule``, ``"ensemble"``).
+        **meta_kwargs: further :class:`MetaFusion` arguments (``task``, ``epochs``, ``rho_grid``, ``hidden``, ...).
+
+    Raises:
+        ValueError: ``config`` combined with other options, a ``config`` that does not match ``modalities`` /
+            ``in_dims`` / ``num_classes``, ``grids`` and ``cohort`` both given, or an unknown rule.
+
+    ``forward`` returns ``FusionOutput(logits, embeddings, aux)``: ``logits`` = log-probabilities ``[B, K]``
+    of the rule (regression: ``[B, 1]``), ``embeddings`` = pooled features with absent modalities zeroed,
+    ``aux`` = ``{"students_used": long [B] (students behind each prediction; weighted-mean rules, else the
+    available ones), "student_logits": [S, B, K] or [S, B]}``.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        in_dims: Mapping[str, int],
+        num_classes: int = 2,
+        grids: Mapping[str, Sequence[str]] | None = None,
+        cohort: Sequence[Mapping[str, str]] | None = None,
+        config: Mapping[str, Any] | None = None,
+        rule: str | None = None,
+        **meta_kwargs: Any,
+    ) -> None:
+        super().__init__(modalities)
+        dims = {m: int(in_dims[m]) for m in self.modalities if m in in_dims}
+        if len(dims) != len(self.modalities):
+            missing = [m for m in self.modalities if m not in in_dims]
+            raise ValueError(f"MetaFusionHead in_dims: no feature size for modalities {missing}.")
+        if config is not None:
+            extra = [k for k, v in (("grids", grids), ("cohort", cohort)) if v is not None] + sorted(meta_kwargs)
+            if extra:
+                raise ValueError(f"MetaFusionHead: 'config' rebuilds a fitted head; do not also give {extra}.")
+            cfg = dict(config)
+            if list(cfg.get("modalities", [])) != list(self.modalities):
+                raise ValueError(
+                    f"MetaFusionHead config: modalities {cfg.get('modalities')} differ from the network's "
+                    f"{list(self.modalities)}."
+                )
+            saved_dims = {m: int(v) for m, v in dict(cfg.get("in_dims", {})).items()}
+            if saved_dims != dims:
+                raise ValueError(
+                    f"MetaFusionHead config: in_dims {saved_dims} differ from the encoders' pooled sizes {dims} "
+                    "(use the encoder settings of training)."
+                )
+            if cfg.get("task", "classification") == "classification" and int(cfg.get("num_classes", 2)) != num_classes:
+                raise ValueError(
+                    f"MetaFusionHead config: num_classes {cfg.get('num_classes')} differs from {num_classes}."
+                )
+            self.meta = MetaFusion(**cfg)
+        else:
+            if grids is not None and cohort is not None:
+                raise ValueError("MetaFusionHead: give either 'grids' or 'cohort', not both.")
+            students = (
+                list(cohort)
+                if cohort is not None
+                else build_cohort(
+                    {m: list(grids[m]) for m in grids} if grids is not None else default_grids(self.modalities, dims)
+                )
+            )
+            if grids is not None and list(grids) != list(self.modalities):
+                raise ValueError(
+                    f"MetaFusionHead grids: keys {list(grids)} must be the modalities in order {list(self.modalities)}."
+                )
+            self.meta = MetaFusion(self.modalities, dims, students, num_classes=num_classes, **meta_kwargs)
+        if rule is not None and rule not in RULES:
+            raise ValueError(f"MetaFusionHead rule: expected one of {list(RULES)} or None, got {rule!r}.")
+        if rule in ("majority_vote", "weighted_vote") and self.meta.task != "classification":
+            raise ValueError(f"MetaFusionHead rule {rule!r}: votes need task='classification'.")
+        self.rule: str = rule if rule is not None else self.meta.default_rule
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the stage the rule needs has run (``screened``; ``ensembled`` for ensemble/stacking)."""
+        needed = "ensembled" if self.rule in ("ensemble", "stacking") else "screened"
+        return int(self.meta.stage) >= STAGES.index(needed)
+
+    def head_kwargs(self) -> dict[str, Any]:
+        """Plain-JSON kwargs rebuilding this head's architecture: ``{"config": ..., "rule": ...}``."""
+        return {"config": self.meta.get_config(), "rule": self.rule}
+
+    def fit(
+        self, train: MetaFusionData, val: MetaFusionData, rho_grid: Sequence[float] | None = None
+    ) -> MetaFusionHead:
+        """Run every Meta Fusion stage (:meth:`MetaFusion.fit`) on precomputed features.
+
+        Args:
+            train: training split (PCA and students).
+            val: validation split (best epochs, teachers, rho, committee, stacking).
+            rho_grid: overrides the configured grid.
+
+        Returns:
+            ``self``.
+        """
+        self.meta.fit(train, val, rho_grid)
+        logger.info(
+            "meta fusion head fitted: teachers %s, rho %s", self.meta.summary()["teachers"], float(self.meta.rho)
+        )
+        return self
+
+    def forward(self, features: Mapping[str, EncoderOutput], modality_mask: torch.Tensor) -> FusionOutput:
+        """Aggregate the students that each sample can feed.
+
+        Args:
+            features: ``{modality: EncoderOutput}`` (``pooled`` ``[B, F_m]`` is used; a bare tensor is accepted).
+            modality_mask: bool ``[B, M]``.
+
+        Returns:
+            ``FusionOutput`` (see the class docstring).
+
+        Raises:
+            RuntimeError: the cohort is not fitted yet.
+        """
+        if not self.fitted:
+            raise RuntimeError(
+                f"MetaFusionHead: the Meta Fusion cohort is not fitted (stage {STAGES[int(self.meta.stage)]!r}, "
+                f"rule {self.rule!r}); fit it with medfusion.fusion.meta_fusion_stages.fit_meta_fusion (bundle: "
+                "configs/meta_fusion.json) or load a fitted checkpoint first."
+            )
+        mask = check_mask(modality_mask, len(self.modalities))
+        x = {m: _pooled(features[m]) for m in self.modalities}
+        out = self.meta.predict(x, mask, self.rule)
+        logits = out if self.meta.task == "classification" else out[:, None]
+        with torch.no_grad():
+            student = self.meta.student_outputs(x, mask)
+            if self.rule in _WEIGHTED_MEAN_RULES:
+                used = self.meta.used_students(mask, self.rule).T  # [S, B]
+            else:
+                used = self.meta.availability(mask)
+        emb = {
+            m: torch.where(mask[:, i, None], x[m], torch.zeros((), dtype=x[m].dtype, device=x[m].device))
+            for i, m in enumerate(self.modalities)
+        }
+        return FusionOutput(logits, emb, {"students_used": used.sum(dim=0), "student_logits": student})
+
+
+# ----------------------------------------------------------------------------------------------- stages
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    modalities: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
+    task: str = "classification",
+    target_key: str = Keys.LABEL,
+) -> MetaFusionData:
+    """Stage (b): pooled encoder features of every sample of ``loader`` (model in eval mode, no grad).
+
+    Args:
+        model: a :class:`~medfusion.fusion.base.FusionModel` (or a wrapped one); its training mode is restored.
+        loader: batches with one key per modality, ``modality_mask`` and ``target_key``.
+        modalities: ordered names (default the model's).
+        device: where the encoders run (default automatic); features are returned on the CPU.
+        task: ``"classification"`` (y = long class index) or ``"regression"`` (y = float).
+        target_key: batch key of the target (first column when it is ``[B, C]``).
+
+    Returns:
+        ``MetaFusionData(x={m: [N, F_m]}, mask bool [N, M], y [N])`` in loader order.
+
+    Raises:
+        KeyError: a batch lacks a modality, ``modality_mask`` or ``target_key`` (the message names it).
+        ValueError: the loader is empty.
+    """
+    net = unwrap(model)
+    if not isinstance(net, FusionModel):
+        raise TypeError(f"extract_features: expected a FusionModel, got {type(net).__name__}.")
+    mods = validate_modalities(modalities) if modalities is not None else net.modalities
+    dev = resolve_device(device)
+    was_training = net.training
+    net.to(dev).eval()
+    xs: dict[str, list[torch.Tensor]] = {m: [] for m in mods}
+    masks, ys = [], []
+    try:
+        for i, batch in enumerate(loader):
+            needed = [*mods, Keys.MASK, target_key]
+            absent = [k for k in needed if k not in batch]
+            if absent:
+                raise KeyError(f"extract_features: batch {i} has no key(s) {absent}; keys present: {sorted(batch)}.")
+            batch = to_device(batch, dev)
+            feats = net.encode({m: batch[m] for m in mods})
+            for m in mods:
+                xs[m].append(feats[m].pooled.float().cpu())
+            masks.append(batch[Keys.MASK].bool().cpu())
+            y = batch[target_key]
+            y = torch.as_tensor(y).reshape(len(masks[-1]), -1)[:, 0].cpu()
+            ys.append(y.long() if task == "classification" else y.float())
+    finally:
+        net.train(was_training)
+    if not masks:
+        raise ValueError("extract_features: the loader yielded no batch.")
+    return MetaFusionData({m: torch.cat(xs[m]) for m in mods}, torch.cat(masks), torch.cat(ys))
+
+
+def tabular_data(
+    frame: Any, columns: Mapping[str, Sequence[str]], target: str, task: str = "regression"
+) -> MetaFusionData:
+    """Stage (b) for tabular cohorts: modalities are column groups of a table; a NaN makes a modality absent.
+
+    Args:
+        frame: a ``pandas.DataFrame``.
+        columns: ``{modality: [column, ...]}`` in modality order.
+        target: target column (no missing values).
+        task: ``"regression"`` (float y) or ``"classification"`` (long y).
+
+    Returns:
+        ``MetaFusionData``; absent modalities are zero-filled, a row with every modality absent is an error.
+
+    Raises:
+        KeyError: a column does not exist (the message names it).
+        ValueError: missing targets, or a row without any modality.
+    """
+    mods = validate_modalities(list(columns), field="columns")
+    absent = [c for m in mods for c in [*columns[m], target] if c not in frame.columns]
+    if absent:
+        raise KeyError(f"tabular_data: columns {sorted(set(absent))} not in the table (has {list(frame.columns)}).")
+    if frame[target].isna().any():
+        raise ValueError(f"tabular_data: target column {target!r} has missing values.")
+    x, present = {}, []
+    for m in mods:
+        values = torch.as_tensor(frame[list(columns[m])].to_numpy(dtype=float, copy=True), dtype=torch.float32)
+        ok = ~torch.isnan(values).any(dim=1)
+        x[m] = torch.where(ok[:, None], values, torch.zeros(()))
+        present.append(ok)
+    mask = torch.stack(present, dim=1)
+    check_mask(mask, len(mods))
+    y = torch.as_tensor(frame[target].to_numpy(copy=True))
+    return MetaFusionData(x, mask, y.long() if task == "classification" else y.float())
+
+
+def fit_meta_fusion(
+    train: MetaFusionData,
+    val: MetaFusionData,
+    grids: Mapping[str, Sequence[str]] | None = None,
+    num_classes: int = 2,
+    rule: str | None = None,
+    **meta_kwargs: Any,
+) -> MetaFusionHead:
+    """Stage (c): build the cohort from ``grids`` and fit every Meta Fusion stage.
+
+    Args:
+        train: training features (PCA fitted here).
+        val: validation features.
+        grids: ``{modality: [extractor, ...]}`` in modality order (default :func:`default_grids` over the
+            modalities of ``train.x`` in its key order).
+        num_classes: classes (classification).
+        rule: the head's aggregation rule (default ``"ensemble"``).
+        **meta_kwargs: :class:`MetaFusion` arguments (``task``, ``epochs``, ``rho_grid``, ...).
+
+    Returns:
+        The fitted :class:`MetaFusionHead`.
+    """
+    mods = list(grids) if grids is not None else list(train.x)
+    dims = {m: int(_pooled(train.x[m]).shape[1]) for m in mods}
+    head = MetaFusionHead(mods, dims, num_classes=num_classes, grids=grids, rule=rule, **meta_kwargs)
+    return head.fit(train, val)
+
+
+def attach_head(model: nn.Module, head: MetaFusionHead) -> nn.Module:
+    """Stage (d): make the fitted ``head`` the network's head (moved to the network's device).
+
+    Args:
+        model: the :class:`FusionModel` whose encoders produced the head's features.
+        head: the fitted head.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: modality orders differ.
+    """
+    net = unwrap(model)
+    if tuple(head.modalities) != tuple(net.modalities):
+        raise ValueError(f"attach_head: head modalities {head.modalities} differ from the model's {net.modalities}.")
+    param = next(net.parameters(), None)
+    net.head = head.to(param.device if param is not None else torch.device("cpu"))
+    if hasattr(net, "head_name"):
+        net.head_name = "meta_fusion"
+    return model
+
+
+def _finite_json(value: Any) -> Any:
+    """Replace non-finite floats by ``None`` (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_meta_fusion(
+    model: nn.Module,
+    ckpt_dir: str | Path,
+    output_dir: str | Path | None = None,
+    filename: str = "model.pt",
+) -> dict[str, Path]:
+    """Stage (d): save the network with its Meta Fusion head.
+
+    Writes ``<ckpt_dir>/<filename>`` (``{"model": state_dict}``, the layout ``evaluate.json`` loads),
+    ``<ckpt_dir>/meta_fusion_config.json`` (``{"head_kwargs": ...}`` for :func:`meta_fusion_classifier`) and,
+    with ``output_dir``, ``<output_dir>/meta_fusion_summary.json`` (:meth:`MetaFusion.summary` + the rule;
+    non-finite losses as ``null``).
+
+    Args:
+        model: a :class:`FusionModel` whose head is a :class:`MetaFusionHead`.
+        ckpt_dir: checkpoint folder.
+        output_dir: where the summary goes (``None``: not written).
+        filename: checkpoint file name.
+
+    Returns:
+        ``{"checkpoint", "config"[, "summary"]: path}``.
+
+    Raises:
+        TypeError: the model's head is not a :class:`MetaFusionHead`.
+    """
+    net = unwrap(model)
+    head = getattr(net, "head", None)
+    if not isinstance(head, MetaFusionHead):
+        raise TypeError(f"save_meta_fusion: the model's head is {type(head).__name__}, expected MetaFusionHead.")
+    ckpt = Path(ckpt_dir)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    paths = {"checkpoint": ckpt / filename, "config": ckpt / CONFIG_NAME}
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    _atomic_write(paths["checkpoint"], lambda p: torch.save({"model": state}, p))
+    config = {"head_kwargs": head.head_kwargs()}
+    _atomic_write(paths["config"], lambda p: p.write_text(json.dumps(config, indent=2)))
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths["summary"] = out / SUMMARY_NAME
+        summary = _finite_json({**head.meta.summary(), "rule": head.rule})
+        _atomic_write(paths["summary"], lambda p: p.write_text(json.dumps(summary, indent=2, allow_nan=False)))
+    logger.info("meta fusion saved: %s", {k: str(v) for k, v in paths.items()})
+    return paths
+
+
+def load_head_kwargs(config_path: str | Path) -> dict[str, Any]:
+    """The ``head_kwargs`` stored by :func:`save_meta_fusion`.
+
+    Raises:
+        FileNotFoundError: the file does not exist (fit Meta Fusion first).
+        KeyError: the file has no ``head_kwargs``.
+    """
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Meta Fusion config {path} does not exist; run the Meta Fusion training first "
+            "(configs/train.json + configs/meta_fusion.json) or set meta_fusion_config."
+        )
+    data = json.loads(path.read_text())
+    if "head_kwargs" not in data:
+        raise KeyError(f"Meta Fusion config {path}: expected a 'head_kwargs' entry, got keys {sorted(data)}.")
+    return dict(data["head_kwargs"])
+
+
+def meta_fusion_classifier(
+    encoders: Mapping[str, Mapping[str, Any]], num_classes: int, config_path: str | Path
+) -> nn.Module:
+    """A :class:`~medfusion.models.classifier.Classifier` with a (not yet loaded) ``meta_fusion`` head.
+
+    The head's cohort is rebuilt from ``config_path`` (written by :func:`save_meta_fusion`), so the
+    checkpoint's state dict loads with ``strict=True``.
+
+    Args:
+        encoders: ``{modality: encoder spec}`` as for ``Classifier``.
+        num_classes: number of classes.
+        config_path: ``meta_fusion_config.json``.
+
+    Returns:
+        The classifier.
+    """
+    from medfusion.models.classifier import Classifier
+
+    return Classifier(encoders, head="meta_fusion", num_classes=num_classes, head_kwargs=load_head_kwargs(config_path))
+
+
+class MetaFusionStages:
+    """Stages (b)-(d) for a bundle's ``"run"`` list: extract features, fit, swap the head, save.
+
+    Args:
+        network: the :class:`FusionModel` trained in stage (a) (its head is replaced in place).
+        loaders: ``{split name: loader}`` with at least ``train_split`` and ``val_split`` (eval transforms).
+        ckpt_dir: checkpoint folder (``model.pt`` + ``meta_fusion_config.json``).
+        output_dir: where ``meta_fusion_summary.json`` goes.
+        num_classes: classes (classification).
+        grids: ``{modality: [extractor, ...]}`` (default :func:`default_grids`).
+        meta_kwargs: :class:`MetaFusion` arguments (``epochs``, ``rho_grid``, ``task``, ...).
+        rule: the head's aggregation rule.
+        target_key: batch key of the target.
+        encoder_checkpoint: checkpoint of stage (a) loaded into ``network`` first (e.g. the best validation
+            epoch); ``None`` or a missing file keeps the network as it is.
+        device: where the encoders run.
+        train_split: loader name used for training.
+        val_split: loader name used for validation.
+        filename: name of the saved checkpoint.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        loaders: Mapping[str, Iterable[Mapping[str, Any]]],
+        ckpt_dir: str | Path,
+        output_dir: str | Path | None = None,
+        num_classes: int = 2,
+        grids: Mapping[str, Sequence[str]] | None = None,
+        meta_kwargs: Mapping[str, Any] | None = None,
+        rule: str | None = None,
+        target_key: str = Keys.LABEL,
+        encoder_checkpoint: str | Path | None = None,
+        device: str | torch.device | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        filename: str = "model.pt",
+    ) -> None:
+        for split in (train_split, val_split):
+            if split not in loaders:
+                raise KeyError(f"MetaFusionStages loaders: no {split!r} loader (have {sorted(loaders)}).")
+        self.network = network
+        self.loaders = dict(loaders)
+        self.ckpt_dir, self.output_dir = Path(ckpt_dir), (Path(output_dir) if output_dir is not None else None)
+        self.num_classes = int(num_classes)
+        self.grids = {m: list(v) for m, v in grids.items()} if grids is not None else None
+        self.meta_kwargs = dict(meta_kwargs or {})
+        self.rule, self.target_key, self.device = rule, target_key, device
+        self.encoder_checkpoint = encoder_checkpoint
+        self.train_split, self.val_split, self.filename = train_split, val_split, filename
+        self.data: dict[str, MetaFusionData] = {}
+        self.head: MetaFusionHead | None = None
+
+    def extract(self) -> dict[str, MetaFusionData]:
+        """Stage (b) on the train and validation loaders (after loading ``encoder_checkpoint``)."""
+        if self.encoder_checkpoint is not None and Path(self.encoder_checkpoint).is_file():
+            from medfusion.engines.checkpoint import load_checkpoint
+
+            load_checkpoint(self.encoder_checkpoint, {"model": unwrap(self.network)})
+            logger.info("meta fusion: encoders from %s", self.encoder_checkpoint)
+        task = str(self.meta_kwargs.get("task", "classification"))
+        self.data = {
+            s: extract_features(self.network, self.loaders[s], None, self.device, task, self.target_key)
+            for s in (self.train_split, self.val_split)
+        }
+        return self.data
+
+    def fit(self) -> MetaFusionHead:
+        """Stage (c) on the extracted features."""
+        if not self.data:
+            self.extract()
+        mods = unwrap(self.network).modalities
+        grids = self.grids
+        if grids is not None and list(grids) != list(mods):
+            raise ValueError(
+                f"MetaFusionStages grids: keys {list(grids)} must be the modalities {list(mods)} in order."
+            )
+        train = self.data[self.train_split]
+        if grids is None:
+            grids = default_grids(mods, {m: int(train.x[m].shape[1]) for m in mods})
+        self.head = fit_meta_fusion(
+            train, self.data[self.val_split], grids, self.num_classes, self.rule, **self.meta_kwargs
+        )
+        return self.head
+
+    def run(self) -> MetaFusionHead:
+        """Stages (b)-(d): extract, fit, attach the head and save checkpoint, config and summary."""
+        head = self.fit()
+        attach_head(self.network, head)
+        save_meta_fusion(self.network, self.ckpt_dir, self.output_dir, self.filename)
+        return head

@@ -40,9 +40,17 @@ class Registry(Generic[T]):
         Raises:
             KeyError: unknown name (the message lists the registered names).
         """
+        return self.factory(name)(**kwargs)
+
+    def factory(self, name: str) -> Callable[..., T]:
+        """The registered class/factory ``name`` (without calling it).
+
+        Raises:
+            KeyError: unknown name.
+        """
         if name not in self._factories:
             raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self._factories)}.")
-        return self._factories[name](**kwargs)
+        return self._factories[name]
 
     def names(self) -> list[str]:
         """Registered names, sorted."""

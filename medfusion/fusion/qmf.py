@@ -163,7 +163,6 @@ def qmf_rank_regulariser(
     return loss.sum() / pair_ok.sum().clamp_min(1).to(loss.dtype)
 
 
-@register_fusion("qmf")
 def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate ``t`` (same shape on every rank) from all ranks along dim 0."""
     parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
@@ -171,6 +170,7 @@ def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@register_fusion("qmf")
 class QMFHead(FusionHead):
     """QMF decision-level fusion head with energy-based, per-sample modality weights.
 

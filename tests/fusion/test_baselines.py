@@ -82,7 +82,14 @@ def test_contract(name, kwargs):
 
 
 def test_registered():
-    assert {"concat", "mean_features", "late", "qmf", "omnifuse"} <= set(list_fusions())
+    import medfusion.fusion.meta_fusion_stages  # noqa: F401  (registers "meta_fusion")
+    from medfusion.fusion.base import FUSIONS, FusionHead
+
+    names = set(list_fusions())
+    assert {"concat", "mean_features", "late", "qmf", "omnifuse", "metakd", "meta_fusion"} <= names
+    for name in names:  # every registry entry is a head class, not some other decorated callable
+        entry = FUSIONS.factory(name)
+        assert isinstance(entry, type) and issubclass(entry, FusionHead), name
 
 
 def _ones_linear(lin: nn.Linear) -> None:

@@ -385,7 +385,7 @@ def _second_input(encoder: nn.Module, example: torch.Tensor, example_size: int |
     """A different input for the trace check: other batch size and (where the encoder allows) other size."""
     if isinstance(encoder, Encoder):
         size = _default_size(encoder, example_size) + int(getattr(encoder, "divisor", 1) or 1)
-        with contextlib.suppress(NotImplementedError):
+        with contextlib.suppress(NotImplementedError):  # the base class example_input is abstract
             return encoder.example_input(batch_size=1 if example.shape[0] > 1 else 2, size=size)
     if example.is_floating_point():
         return torch.randn_like(example)

@@ -15,7 +15,16 @@ from torch import nn
 
 from medfusion.registry import Registry
 
-__all__ = ["EncoderOutput", "FeatureInfo", "Encoder", "ENCODERS", "register_encoder", "create_encoder", "list_encoders"]
+__all__ = [
+    "fast_instance_norm",
+    "EncoderOutput",
+    "FeatureInfo",
+    "Encoder",
+    "ENCODERS",
+    "register_encoder",
+    "create_encoder",
+    "list_encoders",
+]
 
 
 class EncoderOutput(NamedTuple):
@@ -62,6 +71,29 @@ class Encoder(nn.Module):
     def example_input(self, batch_size: int = 2, size: int = 16) -> torch.Tensor:
         """A small valid input for tests/tracing (subclasses override)."""
         raise NotImplementedError  # abstract: every registered encoder overrides it
+
+
+def fast_instance_norm(module: nn.Module) -> nn.Module:
+    """Replace every non-affine ``InstanceNorm{1,2,3}d`` in ``module`` by the equivalent ``GroupNorm(C, C)``.
+
+    Same statistics (per sample and channel), same output up to float rounding, no parameters or buffers
+    on either side, so checkpoints are unchanged. Why: on CPU ``torch.instance_norm`` measured 3x slower
+    than ``group_norm`` for ``[4, 16, 32^3]`` (0.032 s vs 0.011 s, 2 threads) and was 30% of full-size
+    inference time. Norms with affine weights or running statistics are left as they are.
+
+    Returns:
+        ``module`` (changed in place).
+    """
+    for name, child in module.named_children():
+        if (
+            isinstance(child, nn.modules.instancenorm._InstanceNorm)
+            and not child.affine
+            and not child.track_running_stats
+        ):
+            setattr(module, name, nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=False))
+        else:
+            fast_instance_norm(child)
+    return module
 
 
 ENCODERS: Registry[Encoder] = Registry("encoder")

@@ -13,7 +13,7 @@ import torch
 from monai.networks.blocks import ResidualUnit
 from torch import nn
 
-from medfusion.encoders.base import Encoder, EncoderOutput, FeatureInfo, register_encoder
+from medfusion.encoders.base import Encoder, EncoderOutput, FeatureInfo, fast_instance_norm, register_encoder
 
 __all__ = ["UNet3DEncoder"]
 
@@ -78,7 +78,7 @@ class UNet3DEncoder(Encoder):
                 )
             )
             prev = c
-        self.levels = nn.ModuleList(levels)
+        self.levels = fast_instance_norm(nn.ModuleList(levels))
         self.out_dim = chans[-1]
         self.feature_info = [
             FeatureInfo(c, self.first_stride * 2**i, "bottleneck" if i == len(chans) - 1 else f"enc{i}")

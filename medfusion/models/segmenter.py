@@ -21,6 +21,7 @@ import torch
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
+from medfusion.encoders.base import fast_instance_norm
 from medfusion.encoders.unet3d import UNet3DEncoder
 from medfusion.fusion.base import FusionOutput
 from medfusion.modality import BRATS_MODALITIES, check_mask, validate_modalities
@@ -121,8 +122,8 @@ class Segmenter(nn.Module):
             ups.append(Convolution(3, prev, c, strides=2, kernel_size=3, norm=norm, is_transposed=True))
             blocks.append(ResidualUnit(3, c + n_mod * c, c, strides=1, subunits=subunits, norm=norm))
             prev = c
-        self.ups = nn.ModuleList(ups)
-        self.blocks = nn.ModuleList(blocks)
+        self.ups = fast_instance_norm(nn.ModuleList(ups))
+        self.blocks = fast_instance_norm(nn.ModuleList(blocks))
         if self.first_stride == 2:
             # back to full resolution straight into the output channels, as MONAI's UNet does
             self.head = Convolution(3, prev, out_channels, strides=2, kernel_size=3, is_transposed=True, conv_only=True)

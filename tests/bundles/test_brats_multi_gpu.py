@@ -76,6 +76,8 @@ def test_torchrun_two_processes_matches_single_process(cohort, tmp_path):
         # float summation order differs between 1 and 2 processes; Adam amplifies it on the conv biases in
         # front of instance norms (their gradient is ~0), hence an absolute tolerance
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-3, msg=f"weight {k}")
-    torch.testing.assert_close(b["method"]["iwv"]["w"], a["method"]["iwv"]["w"], rtol=0, atol=2e-4)
+    # Adam normalises the meta gradient, so rounding differences move w by up to ~lr per step; a wrong
+    # meta batch (e.g. both ranks drawing the same sample) moved it by 9e-3 when this test was written
+    torch.testing.assert_close(b["method"]["iwv"]["w"], a["method"]["iwv"]["w"], rtol=0, atol=2e-3)
     # rank-0-only outputs: one trajectory file, one set of checkpoints
     assert len(list((ddp / "models").glob("last_checkpoint_epoch=*.pt"))) == 1

@@ -190,8 +190,10 @@ def test_inference_writes_probabilities_for_a_combination(cohort, trained_qmf, t
     np.testing.assert_allclose(out.set_index("case_id")["prob_1"].loc[ref.index], ref, atol=1e-5)
 
 
-def test_manifest_layout_four_modalities_15_combinations(cohort, tmp_path):
-    summary = _train_eval(cohort, tmp_path, "late", MANIFEST)
+@pytest.mark.parametrize("method", list_methods())
+def test_manifest_layout_four_modalities_15_combinations(cohort, tmp_path, method):
+    extra = {"method_kwargs": {"meta_interval": 1}} if method == "metakd" else {}
+    summary = _train_eval(cohort, tmp_path, method, {**MANIFEST, **extra})
     assert len(summary) == 16 and summary.index[-1] == "mean"
     assert "pet+ct+report+labs" in summary.index
     assert np.isfinite(summary["accuracy"].to_numpy()).all()

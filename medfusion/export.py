@@ -28,7 +28,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medfusion.data._atomic import publish_mode
+from medfusion.data._atomic import atomic_file
 from medfusion.encoders.base import Encoder
 from medfusion.encoders.text import BertEncoder
 from medfusion.fusion.base import FusionModel
@@ -405,17 +404,8 @@ def _export_torchscript(
     info["outputs"] = "tuple (pooled [B, out_dim], *maps shallow to deep)"
     info["example_input_shape"] = list(example.shape)
     info["example_input_dtype"] = str(example.dtype).replace("torch.", "")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.jit.save(traced, tmp, _extra_files={INFO_FILE: json.dumps(info, indent=2)})
-        publish_mode(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(out) as tmp:
+        torch.jit.save(traced, str(tmp), _extra_files={INFO_FILE: json.dumps(info, indent=2)})
     return out
 
 

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_output_dir", "atomic_write_bytes", "check_output_dir", "publish_mode"]
+__all__ = ["atomic_output_dir", "atomic_file", "check_output_dir", "publish_mode"]
 
 
 def publish_mode(path: str | os.PathLike, directory: bool = False) -> None:
@@ -76,17 +76,22 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         tmp.rename(out)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file + rename (readers never see a partial file)."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Context manager yielding a temporary file path in ``path``'s folder that replaces ``path`` on success.
+
+    Readers never see a partial file; on an error the temporary file is removed and ``path`` is untouched.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        yield Path(tmp)
         publish_mode(tmp)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+

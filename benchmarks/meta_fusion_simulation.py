@@ -57,6 +57,8 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from medfusion.data.synth_latent import latent_factor_data, paper_split  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 N_SAMPLES = 2000
 MODS = ("m1", "m2")
@@ -175,6 +177,7 @@ ARMS = [
     "modality_2",
     "early_fusion",
     "late_fusion",
+    "cooperative_learning",
     "meta_fusion",
     "best_single",
     "best_single_no_ml",
@@ -213,65 +216,12 @@ RIDGE_ALPHAS = tuple(10.0**k for k in range(-2, 5))
 
 
 # ----------------------------------------------------------------------------------------------- data
-def _g(z: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "lin":
-        return z
-    if kind == "quad":
-        return z**2 - z
-    raise ValueError(f"B3 setting g: expected 'lin' or 'quad', got {kind!r}.")
-
-
 def generate(setting: Setting, seed: int, n: int = N_SAMPLES) -> dict[str, np.ndarray]:
-    """Draw one repetition of a B3 setting.
-
-    Args:
-        setting: the setting (latent sizes, feature sizes, noise ratios, link functions, weights).
-        seed: repetition seed ``s`` (coefficients and latents are both seeded with it).
-        n: number of samples.
-
-    Returns:
-        ``{"x1": [n, p1], "x2": [n, p2], "y": [n], "z1", "z2", "s", "beta1", "beta2", "betaS", "betaI",
-        "T1", "T2"}`` (float64).
-    """
-    d1, d2, ds = setting.latent
-    rng = np.random.RandomState(seed)
-    beta1 = rng.uniform(-3, 3, d1)
-    beta2 = rng.uniform(-3, 3, d2)
-    beta_s = rng.uniform(-3, 3, ds)
-    beta_i = np.zeros(d1 * d2)
-    nz = rng.choice(d1 * d2, size=int(d1 * d2 * 0.1), replace=False)
-    beta_i[nz] = np.trunc(rng.uniform(-3, 3, len(nz)))  # the public code stores them in an int array
-    t1 = rng.normal(0, 1, (d1 + ds, setting.p[0]))
-    t2 = rng.normal(0, 1, (d2 + ds, setting.p[1]))
-
-    rng = np.random.RandomState(seed)
-    z1 = rng.normal(0, 1, (n, d1))
-    z2 = rng.normal(0, 1, (n, d2))
-    s = rng.normal(0, 1, (n, ds))
-    xs = []
-    for z, t, r, p in ((z1, t1, setting.r[0], setting.p[0]), (z2, t2, setting.r[1], setting.p[1])):
-        noise = rng.normal(0, 1, (n, p))
-        base = np.hstack([z, s]) @ t
-        base = (base - base.mean(axis=0)) / base.std(axis=0)
-        xs.append(r * noise + (1 - r) * base)
-
-    w1, w2, ws, wi = setting.w
-    y = w1 * (_g(z1, setting.g[0]) @ beta1) + w2 * (_g(z2, setting.g[1]) @ beta2) + ws * (_g(s, setting.g[2]) @ beta_s)
-    if wi != 0:
-        y = y + wi * (np.einsum("ni,nj->nij", z1, z2).reshape(n, d1 * d2) @ beta_i)
-    return {
-        "x1": xs[0], "x2": xs[1], "y": y, "z1": z1, "z2": z2, "s": s,
-        "beta1": beta1, "beta2": beta2, "betaS": beta_s, "betaI": beta_i, "T1": t1, "T2": t2,
-    }  # fmt: skip
+    """Draw one repetition of a B3 setting (:func:`medfusion.data.synth_latent.latent_factor_data`)."""
+    return latent_factor_data(setting.latent, setting.p, setting.r, setting.g, setting.w, seed, n)
 
 
-def split_indices(n: int, seed: int) -> dict[str, np.ndarray]:
-    """The public package's split: 20% test, then 20% of the rest as validation (1280 / 320 / 400 for n = 2000)."""
-    from sklearn.model_selection import train_test_split
-
-    rest, test = train_test_split(np.arange(n), test_size=0.2, random_state=seed)
-    train, val = train_test_split(rest, test_size=0.2, random_state=seed)
-    return {"train": train, "val": val, "test": test}
+split_indices = paper_split
 
 
 # ----------------------------------------------------------------------------------------------- arms
@@ -324,6 +274,7 @@ def run_rep(task: tuple[str, int, int | None]) -> dict[str, Any]:
     """One (setting, repetition): generate data, fit every arm, return the test MSEs and what Meta Fusion chose."""
     import torch
 
+    from medfusion.fusion.cooperative import DEFAULT_RHO_GRID, fit_cooperative
     from medfusion.fusion.meta_fusion import MetaFusion, build_cohort, early_fusion_spec, late_fusion_spec
 
     torch.set_num_threads(1)
@@ -354,6 +305,16 @@ def run_rep(task: tuple[str, int, int | None]) -> dict[str, Any]:
     with torch.no_grad():
         res["early_fusion"] = _mse(early.predict(te.x, te.mask, rule="best_single").numpy(), y_te)
     timing["early"] = time.time() - t
+
+    t = time.time()
+    coop, coop_scores = fit_cooperative(
+        tr, va, MODS, hidden=st.head, rho_grid=DEFAULT_RHO_GRID, epochs=epochs, lr=1e-3, batch_size=64, seed=seed
+    )
+    with torch.no_grad():
+        res["cooperative_learning"] = _mse(coop(te.x, te.mask).numpy(), y_te)
+    res["coop_rho"] = float(coop.rho)
+    res["coop_val_mse"] = {str(k): v for k, v in coop_scores.items()}
+    timing["cooperative"] = time.time() - t
 
     t = time.time()
     mf = MetaFusion(
@@ -470,8 +431,8 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict, records: lis
         )
     lines += ["", "## Where Meta Fusion wins (repetitions with lower test MSE, out of n)", ""]
     lines += ["| Meta Fusion vs | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
-    for other in ["modality_1", "modality_2", "early_fusion", "late_fusion", "best_single", "best_single_no_ml",
-                  "stacking", "average", "weighted_average", "ridge_early"]:  # fmt: skip
+    for other in ["modality_1", "modality_2", "early_fusion", "late_fusion", "cooperative_learning", "best_single",
+                  "best_single_no_ml", "stacking", "average", "weighted_average", "ridge_early"]:  # fmt: skip
         w = wins(records, settings, "meta_fusion", other)
         lines.append(
             f"| {ARM_LABELS[other]} | "
@@ -479,8 +440,11 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict, records: lis
             + " |"
         )
     lines += ["", "## What Meta Fusion chose (per setting)", ""]
-    lines += ["| setting | rho chosen (counts) | K-means k (median) | committee size (median, with multiplicity) |"]
-    lines += ["|---|---|---|---|"]
+    lines += [
+        "| setting | rho chosen (counts) | K-means k (median) | committee size (median, with multiplicity) "
+        "| cooperative learning: rho chosen (counts) |"
+    ]
+    lines += ["|---|---|---|---|---|"]
     for s in settings:
         rs = [r for r in records if r["setting"] == s]
         rhos: dict[str, int] = {}
@@ -489,7 +453,11 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict, records: lis
             rhos[key] = rhos.get(key, 0) + 1
         ks = [r["mf_n_clusters"] for r in rs]
         sizes = [sum(r["mf_committee"].values()) for r in rs]
-        lines.append(f"| {s} | {rhos} | {np.median(ks):.0f} | {np.median(sizes):.0f} |")
+        coop: dict[str, int] = {}
+        for r in rs:
+            key = f"{r['coop_rho']:g}" if "coop_rho" in r else "not run"
+            coop[key] = coop.get(key, 0) + 1
+        lines.append(f"| {s} | {rhos} | {np.median(ks):.0f} | {np.median(sizes):.0f} | {coop} |")
     lines += ["", "## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
     path.write_text("\n".join(lines))
 
@@ -500,7 +468,7 @@ def plot(path: Path, summary: dict, settings: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = ["modality_1", "modality_2", "early_fusion", "late_fusion", "meta_fusion",
+    arms = ["modality_1", "modality_2", "early_fusion", "late_fusion", "cooperative_learning", "meta_fusion",
             "best_single", "best_single_no_ml", "stacking", "average", "weighted_average", "ridge_early"]  # fmt: skip
     ncol = min(3, len(settings))
     nrow = int(np.ceil(len(settings) / ncol))
@@ -622,7 +590,10 @@ def finish(records: list[dict[str, Any]], head: dict[str, Any], wall: float, ste
         "unimodal MLPs' predictions.",
         "Meta Fusion = medfusion.fusion.meta_fusion.MetaFusion with the 24-student cohort, rho grid "
         "{0, 0.99, 3} (rho chosen by the teachers' mean validation loss), ensemble_weighting='inverse_loss'.",
-        "Cooperative learning (a paper row) is not implemented in medfusion and is not run.",
+        "Cooperative learning = medfusion.fusion.cooperative.fit_cooperative: one MLP per modality (the "
+        "setting's head sizes) on raw features, prediction = sum of the two, loss 1/2 (y - f1 - f2)^2 + rho/2 "
+        "(f1 - f2)^2 trained jointly by Adam (the neural variant of Ding et al.), rho in "
+        "{0, 0.2, 0.4, 0.6, 0.8, 1, 3, 5, 9} chosen on validation MSE, best-validation epoch per rho.",
         "Ridge rows: scikit-learn Ridge on raw features, alpha in {1e-2..1e4} chosen on validation MSE "
         "(closed form via one SVD), refitted on the training split.",
         "The generator draws its random numbers in the public package's order (np.random.RandomState(s)), "

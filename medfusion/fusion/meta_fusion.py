@@ -31,7 +31,7 @@ import copy
 import itertools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -1008,6 +1008,8 @@ class MetaFusion(nn.Module):
         train: MetaFusionData | Sequence[Any],
         val: MetaFusionData | Sequence[Any],
         rho_grid: Sequence[float] | None = None,
+        resume: bool = False,
+        after_stage: Callable[[str], None] | None = None,
     ) -> MetaFusion:
         """Run ``screen -> select_teachers -> mutual_learning -> select_ensemble``.
 
@@ -1015,14 +1017,29 @@ class MetaFusion(nn.Module):
             train: ``MetaFusionData(x, mask, y)`` (or a 3-tuple) for training.
             val: the same for validation (checkpointing, teachers, rho, committee, stacking).
             rho_grid: overrides ``self.rho_grid``.
+            resume: skip the stages this model has already reached (``stage`` buffer, e.g. after loading a
+                state saved by ``after_stage``); every stage is deterministic given the seed, so a resumed fit
+                ends where an uninterrupted one does. ``False`` refits every stage.
+            after_stage: called with the stage name (``"screened"``, ``"teachers_selected"``,
+                ``"mutual_learned"``, ``"ensembled"``) after each stage that ran, e.g. to checkpoint.
 
         Returns:
             ``self``.
         """
-        self.screen(train, val)
-        self.select_teachers()
-        self.mutual_learning(train, val, rho_grid)
-        self.select_ensemble(val)
+        reached = int(self.stage) if resume else -1
+        steps: tuple[tuple[str, Callable[[], Any]], ...] = (
+            ("screened", lambda: self.screen(train, val)),
+            ("teachers_selected", self.select_teachers),
+            ("mutual_learned", lambda: self.mutual_learning(train, val, rho_grid)),
+            ("ensembled", lambda: self.select_ensemble(val)),
+        )
+        for name, step in steps:
+            if reached >= STAGES.index(name):
+                logger.info("meta fusion: stage %r already done (resume)", name)
+                continue
+            step()
+            if after_stage is not None:
+                after_stage(name)
         return self
 
     # ------------------------------------------------------------------------------- aggregation

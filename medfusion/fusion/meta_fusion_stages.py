@@ -26,14 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from medfusion.data._atomic import atomic_file
 from medfusion.encoders.base import EncoderOutput
 from medfusion.engines.method import to_device, unwrap
 from medfusion.engines.utils import resolve_device
@@ -44,6 +44,7 @@ from medfusion.modality import Keys, check_mask, validate_modalities
 __all__ = [
     "CONFIG_NAME",
     "SUMMARY_NAME",
+    "STAGE_CHECKPOINT_NAME",
     "default_grids",
     "MetaFusionHead",
     "extract_features",
@@ -60,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "meta_fusion_config.json"
 """File (in the checkpoint folder) holding the head's constructor arguments."""
+STAGE_CHECKPOINT_NAME = "meta_fusion_stages.pt"
+"""File (in the checkpoint folder) holding the Meta Fusion state after its last finished stage (resume)."""
 SUMMARY_NAME = "meta_fusion_summary.json"
 """File (in the output folder) holding :meth:`MetaFusion.summary` (teachers, rho, committee, ...)."""
 
@@ -184,7 +187,12 @@ class MetaFusionHead(FusionHead):
         return {"config": self.meta.get_config(), "rule": self.rule}
 
     def fit(
-        self, train: MetaFusionData, val: MetaFusionData, rho_grid: Sequence[float] | None = None
+        self,
+        train: MetaFusionData,
+        val: MetaFusionData,
+        rho_grid: Sequence[float] | None = None,
+        resume: bool = False,
+        after_stage: Callable[[str], None] | None = None,
     ) -> MetaFusionHead:
         """Run every Meta Fusion stage (:meth:`MetaFusion.fit`) on precomputed features.
 
@@ -192,11 +200,13 @@ class MetaFusionHead(FusionHead):
             train: training split (PCA and students).
             val: validation split (best epochs, teachers, rho, committee, stacking).
             rho_grid: overrides the configured grid.
+            resume: skip the stages already reached (see :meth:`MetaFusion.fit`).
+            after_stage: called with each finished stage's name.
 
         Returns:
             ``self``.
         """
-        self.meta.fit(train, val, rho_grid)
+        self.meta.fit(train, val, rho_grid, resume=resume, after_stage=after_stage)
         logger.info(
             "meta fusion head fitted: teachers %s, rho %s", self.meta.summary()["teachers"], float(self.meta.rho)
         )
@@ -337,6 +347,8 @@ def fit_meta_fusion(
     grids: Mapping[str, Sequence[str]] | None = None,
     num_classes: int = 2,
     rule: str | None = None,
+    stage_checkpoint: str | Path | None = None,
+    resume: bool = False,
     **meta_kwargs: Any,
 ) -> MetaFusionHead:
     """Stage (c): build the cohort from ``grids`` and fit every Meta Fusion stage.
@@ -348,15 +360,39 @@ def fit_meta_fusion(
             modalities of ``train.x`` in its key order).
         num_classes: classes (classification).
         rule: the head's aggregation rule (default ``"ensemble"``).
+        stage_checkpoint: file written atomically after every Meta Fusion stage (``{"config", "stage",
+            "state"}``); ``None`` writes nothing.
+        resume: with an existing ``stage_checkpoint``, load it and run only the stages it has not reached
+            (the result equals an uninterrupted fit: every stage is deterministic given the seed).
         **meta_kwargs: :class:`MetaFusion` arguments (``task``, ``epochs``, ``rho_grid``, ...).
 
     Returns:
         The fitted :class:`MetaFusionHead`.
+
+    Raises:
+        ValueError: ``stage_checkpoint`` holds a different Meta Fusion configuration than the one requested.
     """
     mods = list(grids) if grids is not None else list(train.x)
     dims = {m: int(_pooled(train.x[m]).shape[1]) for m in mods}
     head = MetaFusionHead(mods, dims, num_classes=num_classes, grids=grids, rule=rule, **meta_kwargs)
-    return head.fit(train, val)
+    if stage_checkpoint is None:
+        return head.fit(train, val)
+    path = Path(stage_checkpoint)
+    if resume and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("config") != head.meta.get_config():
+            raise ValueError(
+                f"fit_meta_fusion stage_checkpoint {path}: saved for a different Meta Fusion configuration; "
+                "delete it or run without resume."
+            )
+        head.load_state_dict(saved["state"])
+        logger.info("meta fusion: resuming after stage %r from %s", saved.get("stage"), path)
+
+    def save(stage: str) -> None:
+        with atomic_file(path) as tmp:
+            torch.save({"config": head.meta.get_config(), "stage": stage, "state": head.state_dict()}, tmp)
+
+    return head.fit(train, val, resume=resume, after_stage=save)
 
 
 def attach_head(model: nn.Module, head: MetaFusionHead) -> nn.Module:
@@ -394,9 +430,8 @@ def _finite_json(value: Any) -> Any:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        write(tmp)
 
 
 def save_meta_fusion(
@@ -504,6 +539,8 @@ class MetaFusionStages:
         train_split: loader name used for training.
         val_split: loader name used for validation.
         filename: name of the saved checkpoint.
+        resume: continue an interrupted fit from ``ckpt_dir/meta_fusion_stages.pt`` (written after every Meta
+            Fusion stage, removed once ``model.pt`` is saved); features are re-extracted (deterministic).
     """
 
     def __init__(
@@ -522,6 +559,7 @@ class MetaFusionStages:
         train_split: str = "train",
         val_split: str = "val",
         filename: str = "model.pt",
+        resume: bool = False,
     ) -> None:
         for split in (train_split, val_split):
             if split not in loaders:
@@ -535,6 +573,8 @@ class MetaFusionStages:
         self.rule, self.target_key, self.device = rule, target_key, device
         self.encoder_checkpoint = encoder_checkpoint
         self.train_split, self.val_split, self.filename = train_split, val_split, filename
+        self.resume = bool(resume)
+        self.stage_checkpoint = self.ckpt_dir / STAGE_CHECKPOINT_NAME
         self.data: dict[str, MetaFusionData] = {}
         self.head: MetaFusionHead | None = None
 
@@ -566,7 +606,14 @@ class MetaFusionStages:
         if grids is None:
             grids = default_grids(mods, {m: int(train.x[m].shape[1]) for m in mods})
         self.head = fit_meta_fusion(
-            train, self.data[self.val_split], grids, self.num_classes, self.rule, **self.meta_kwargs
+            train,
+            self.data[self.val_split],
+            grids,
+            self.num_classes,
+            self.rule,
+            stage_checkpoint=self.stage_checkpoint,
+            resume=self.resume,
+            **self.meta_kwargs,
         )
         return self.head
 
@@ -575,4 +622,5 @@ class MetaFusionStages:
         head = self.fit()
         attach_head(self.network, head)
         save_meta_fusion(self.network, self.ckpt_dir, self.output_dir, self.filename)
+        self.stage_checkpoint.unlink(missing_ok=True)
         return head

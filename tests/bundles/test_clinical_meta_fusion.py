@@ -58,6 +58,7 @@ def test_meta_fusion_fragment_trains_fits_saves_and_evaluates(cohort, tmp_path):
     _run(["train.json", "meta_fusion.json"], ov)
     models = tmp_path / "models"
     assert (models / "supervised_model.pt").is_file()  # stage (a): best epoch of the concat encoders
+    assert not (models / "meta_fusion_stages.pt").exists()  # resume file removed once model.pt is saved
     cfg = json.loads((models / "meta_fusion_config.json").read_text())["head_kwargs"]
     assert cfg["config"]["modalities"] == ["ehr", "cxr", "report"] and len(cfg["config"]["cohort"]) == 7
     summary = json.loads((tmp_path / "runs" / "meta_fusion_summary.json").read_text())

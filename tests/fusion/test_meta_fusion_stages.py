@@ -13,9 +13,10 @@ from medfusion.encoders.base import EncoderOutput
 from medfusion.engines.checkpoint import load_checkpoint
 from medfusion.evaluation.classification import evaluate_classification
 from medfusion.fusion.base import create_fusion
-from medfusion.fusion.meta_fusion import MetaFusionData
+from medfusion.fusion.meta_fusion import MetaFusion, MetaFusionData
 from medfusion.fusion.meta_fusion_stages import (
     CONFIG_NAME,
+    STAGE_CHECKPOINT_NAME,
     SUMMARY_NAME,
     MetaFusionHead,
     MetaFusionStages,
@@ -235,3 +236,53 @@ def test_tabular_data_nan_marks_absent_and_regression_fit():
     assert float(((pred - val.y)[full] ** 2).mean()) < 0.5 * float(val.y[full].var())
     with pytest.raises(KeyError, match="zz"):
         tabular_data(frame, {"labs": ["zz"]}, "y")
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_after", ["screened", "mutual_learned"])
+def test_interrupted_fit_resumes_from_stage_checkpoint_and_matches(tmp_path, monkeypatch, stop_after):
+    tr, va = _features(40, 0), _features(20, 1)
+    kw = {**FAST, "seed": 3}
+    ref = fit_meta_fusion(tr, va, GRIDS, num_classes=2, **kw)
+    ckpt = tmp_path / STAGE_CHECKPOINT_NAME
+    orig_fit = MetaFusion.fit
+
+    def killed_fit(self, *a, after_stage=None, **k):  # stands in for SIGKILL right after a stage checkpoint
+        def save_then_die(stage: str) -> None:
+            after_stage(stage)
+            if stage == stop_after:
+                raise _Interrupt
+
+        return orig_fit(self, *a, after_stage=save_then_die, **k)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(MetaFusion, "fit", killed_fit)
+        with pytest.raises(_Interrupt):
+            fit_meta_fusion(tr, va, GRIDS, num_classes=2, stage_checkpoint=ckpt, **kw)
+    assert torch.load(ckpt, weights_only=True)["stage"] == stop_after
+    calls: list[str] = []
+    with monkeypatch.context() as mp:
+        for name in ("screen", "select_teachers", "mutual_learning", "select_ensemble"):
+            orig = getattr(MetaFusion, name)
+            mp.setattr(
+                MetaFusion, name, lambda self, *a, _o=orig, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1]
+            )
+        resumed = fit_meta_fusion(tr, va, GRIDS, num_classes=2, stage_checkpoint=ckpt, resume=True, **kw)
+    # only the stages after the checkpoint ran again
+    expected = {
+        "screened": ["select_teachers", "mutual_learning", "select_ensemble"],
+        "mutual_learned": ["select_ensemble"],
+    }
+    assert calls == expected[stop_after]
+    assert resumed.fitted
+    for key, value in ref.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    test = _features(12, 2)
+    with torch.no_grad():
+        assert torch.equal(resumed(_enc(test.x), test.mask).logits, ref(_enc(test.x), test.mask).logits)
+    # a checkpoint of another configuration is refused, not silently loaded
+    with pytest.raises(ValueError, match="different Meta Fusion configuration"):
+        fit_meta_fusion(tr, va, GRIDS, num_classes=2, stage_checkpoint=ckpt, resume=True, **{**kw, "seed": 4})

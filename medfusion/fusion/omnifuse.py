@@ -534,7 +534,6 @@ class OmniFuseMethod(Method):
         out[Keys.MASK] = simulate_missing(observed, self.generator)
         return out
 
-
     def state_dict(self) -> dict[str, Any]:
         """The missingness generator state (the lazy combination etc. are head buffers)."""
         return {"generator": self.generator.get_state()}

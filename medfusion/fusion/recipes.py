@@ -18,7 +18,6 @@ __all__ = [
     "head_name",
     "default_head_kwargs",
     "build_method",
-
 ]
 
 METHOD_HEADS: dict[str, str] = {
@@ -146,5 +145,3 @@ def build_method(
             kw["dropout"] = BatchModalityDropout(modalities, mode=mode, seed=int(ctx.get("seed", 0) or 0))
     kw.update(dict(kwargs or {}))
     return create_method(name, modalities, kw)
-
-

@@ -30,3 +30,22 @@ def real_case() -> Path:
     if not REAL_CASE.is_dir():
         pytest.skip(f"real BraTS case not found at {REAL_CASE} (expected ../shared/data/real/ beside the project)")
     return REAL_CASE
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny full-batch fits (2 threads on a busy 2-core machine are far slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def latent_table(tmp_path_factory) -> Path:
+    """A small two-modality latent factor regression table (30% missing blocks) from ``write_latent_table``."""
+    from medfusion.data.synth_latent import write_latent_table
+
+    out = tmp_path_factory.mktemp("latent") / "latent"
+    write_latent_table(out, latent=(4, 4, 2), p=(8, 6), n=300, missing_rate=0.3, seed=1)
+    return out / "table.csv"

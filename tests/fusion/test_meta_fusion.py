@@ -25,13 +25,7 @@ MODS = ("a", "b")
 DIMS = {"a": 4, "b": 3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny MLPs: one intra-op thread is faster and robust to a busy shared CPU (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------- cohort

@@ -1,4 +1,4 @@
-"""The ``medfusion`` command: ``synth``, ``check-data``, ``evaluate``, ``export-encoder``.
+"""The ``medfusion`` command: ``synth`` (brats, clinical, latent), ``check-data``, ``evaluate``, ``export-encoder``.
 
 Every sub-command imports its implementation lazily so ``medfusion --help`` stays fast.
 """
@@ -57,6 +57,25 @@ def _cmd_synth_clinical(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth_latent(args: argparse.Namespace) -> int:
+    from medfusion.data.synth_latent import write_latent_table
+
+    write_latent_table(
+        args.out,
+        latent=args.latent,
+        p=args.p,
+        r=args.r,
+        g=args.g,
+        w=args.w,
+        seed=args.seed,
+        n=args.n,
+        missing_rate=args.missing_rate,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote a {args.n}-row two-modality regression table to {Path(args.out) / 'table.csv'}")
+    return 0
+
+
 def _cmd_check_data(args: argparse.Namespace) -> int:
     from medfusion.data.check import check_path
 
@@ -105,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    synth = sub.add_parser("synth", help="write synthetic cohorts (BraTS-like phantoms, MIMIC-style clinical)")
+    synth = sub.add_parser(
+        "synth", help="write synthetic cohorts (BraTS-like phantoms, MIMIC-style clinical, latent factor tables)"
+    )
     synth_sub = synth.add_subparsers(dest="kind", required=True, metavar="KIND")
     sb = synth_sub.add_parser("brats", help="BraTS 2021-layout NIfTI phantoms with tumour sub-regions")
     sb.add_argument("out", type=Path, help="output folder (must not exist or be empty)")
@@ -122,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--noise", default=None, help="noise level per modality, e.g. cxr=0.5")
     sc.add_argument("--overwrite", action="store_true")
     sc.set_defaults(func=_cmd_synth_clinical)
+    sl = synth_sub.add_parser(
+        "latent",
+        help="two-modality latent factor regression table (Meta Fusion simulation, BENCHMARKS.md B3)",
+        description="Writes OUT/table.csv (case_id, m1_*, m2_*, y, split) and OUT/signal.json; defaults = a small "
+        "setting 1.1 (linear, complementary modalities).",
+    )
+    sl.add_argument("out", type=Path)
+    sl.add_argument("--latent", type=int, nargs=3, default=[20, 30, 0], metavar=("D1", "D2", "DS"))
+    sl.add_argument("--p", type=int, nargs=2, default=[50, 40], metavar=("P1", "P2"), help="feature sizes")
+    sl.add_argument("--r", type=float, nargs=2, default=[0.4, 0.4], metavar=("R1", "R2"), help="noise ratios")
+    sl.add_argument("--g", nargs=3, default=["lin", "lin", "lin"], choices=["lin", "quad"], metavar=("G1", "G2", "GS"))
+    sl.add_argument("--w", type=float, nargs=4, default=[1.0, 1.0, 0.0, 0.0], metavar=("W1", "W2", "WS", "WI"))
+    sl.add_argument("--n", type=int, default=2000, help="rows (split 64/16/20 train/val/test)")
+    sl.add_argument("--seed", type=int, default=1)
+    sl.add_argument("--missing-rate", type=float, default=0.0, help="probability a modality block of a row is NaN")
+    sl.add_argument("--overwrite", action="store_true")
+    sl.set_defaults(func=_cmd_synth_latent)
 
     cd = sub.add_parser(
         "check-data",

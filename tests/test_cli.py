@@ -97,3 +97,25 @@ def test_check_data_usage_errors_are_exit_2(tmp_path, capsys):
     assert exc.value.code == 2
     assert main(["check-data", str(tmp_path), "--modalities", "ct"]) == 2
     assert "'ct'" in capsys.readouterr().err
+
+
+def test_synth_latent_writes_a_table_the_regression_runner_reads(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from medfusion.fusion.meta_fusion_tabular import TabularMetaFusion
+
+    out = tmp_path / "latent"
+    args = ["synth", "latent", str(out), "--p", "6", "5", "--latent", "2", "3", "1", "--n", "100"]
+    assert main([*args, "--missing-rate", "0.25", "--g", "quad", "lin", "lin", "--seed", "3"]) == 0
+    table = pd.read_csv(out / "table.csv")
+    assert len(table) == 100 and [c for c in table.columns if c.startswith("m1_")] == [f"m1_{k}" for k in range(6)]
+    assert table["split"].value_counts().to_dict() == {"train": 64, "test": 20, "val": 16}
+    meta = json.loads((out / "signal.json").read_text())
+    assert meta["g"] == ["quad", "lin", "lin"] and meta["missing_rate"] == 0.25
+    m1_missing = table[[f"m1_{k}" for k in range(6)]].isna().all(axis=1)
+    assert 0 < m1_missing.mean() < 0.5 and not (m1_missing & table["m2_0"].isna()).any()
+    runner = TabularMetaFusion(out / "table.csv", tmp_path / "models")
+    assert runner.split_data("val").mask.shape == (16, 2)
+    assert main(args) != 0  # an existing folder is not overwritten without --overwrite

@@ -182,6 +182,42 @@ def bench_full_size(real_dir, args):
     }
 
 
+def full_size_only(args, argv) -> int:
+    """B4 full-size inference alone (one fresh process per call keeps the peak-RSS reading per run honest)."""
+    rows = []
+    for roi in args.only_full_size or [args.full_roi]:
+        args.full_roi = roi
+        load = os.getloadavg()[0]
+        res = bench_full_size(args.real, args)
+        res["load_1min_before"] = load
+        rows.append(res)
+        sec, gb = res["seconds_all_15_combinations"], res["peak_rss_gb"]
+        print(f"roi {roi}: {sec:.1f} s, peak RSS {gb:.2f} GB", flush=True)
+    out = {
+        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "runs": rows,
+    }
+    (args.out / "brats_metakd_full_size.json").write_text(json.dumps(out, indent=2))
+    lines = [
+        "# B4: full-size inference of the real BraTS case (all 15 combinations)",
+        "",
+        f"Command: `{out['command']}` ({out['threads']} torch threads, CPU; untrained network: timing and memory "
+        "only). Cached evaluation: encoders once per window, the decoder per combination; sliding windows of "
+        "roi^3 (MONAI `sliding_window_inference`, overlap 0.25).",
+        "",
+        "| roi | seconds (15 combinations) | peak RSS (GB, process) | 1-min load before |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        sec, gb, load = r["seconds_all_15_combinations"], r["peak_rss_gb"], r["load_1min_before"]
+        lines.append(f"| {r['roi']} | {sec:.1f} | {gb:.2f} | {load:.2f} |")
+    lines += ["", "Peak RSS is the process maximum so far: rows after the first include the earlier runs' peak.", ""]
+    (args.out / "brats_metakd_full_size.md").write_text("\n".join(lines))
+    return 0
+
+
 def mean_se(values):
     a = np.asarray(values, dtype=float)
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
@@ -206,11 +242,22 @@ def main(argv=None):
     p.add_argument("--skip_dedicated", action="store_true")
     p.add_argument("--skip_full_size", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--only_full_size",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="ROI",
+        help="only time full-size inference of the real case at these roi sizes (default: --full_roi) and write "
+        "brats_metakd_full_size.{json,md}; nothing is trained",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    if args.only_full_size is not None:
+        return full_size_only(args, argv)
 
     if not (args.data / "done").exists():
         write_brats_cohort(args.data / "cohort", cases=args.cases, size=args.size, seed=1234, overwrite=True)

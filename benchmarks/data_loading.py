@@ -101,6 +101,12 @@ def write_md(out: dict[str, Any], path: Path) -> None:
         "every epoch for every class. Peak RSS of the process: " + f"{out['peak_rss_gb']:.2f} GB.",
         "",
     ]
+    for cohort in dict.fromkeys(r["cohort"] for r in out["rows"]):
+        last = {r["kind"]: r["cases_per_s"][-1] for r in out["rows"] if r["cohort"] == cohort}
+        base = last["Dataset"]
+        ratios = ", ".join(f"{k} {v / base:.2f}x" for k, v in last.items() if k != "Dataset")
+        lines.append(f"- {cohort}, last epoch, relative to Dataset: {ratios}.")
+    lines.append("")
     path.write_text("\n".join(lines))
 
 

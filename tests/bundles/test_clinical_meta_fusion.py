@@ -81,6 +81,27 @@ def test_meta_fusion_fragment_trains_fits_saves_and_evaluates(cohort, tmp_path):
     # an ehr-only prediction can only use the ehr-only student (the others need cxr or report)
     assert (preds.loc[preds["combination"] == "ehr", "students_used"] == 1).all()
 
+    # inference.json + meta_fusion_inference.json: same probabilities as the evaluation of that combination
+    infer = bundle_workflow(
+        BUNDLE,
+        ["inference.json", "meta_fusion_inference.json"],
+        "infer",
+        {
+            **{k: v for k, v in TINY.items() if not k.startswith("meta_fusion") and k != "max_epochs"},
+            "dataset_dir": str(cohort),
+            "ckpt_path": str(models / "model.pt"),
+            "output_dir": str(tmp_path / "pred"),
+            "combination": "ehr+report",
+        },
+    )
+    infer.initialize()
+    infer.run()
+    infer.finalize()
+    out = pd.read_csv(tmp_path / "pred" / "predictions.csv").set_index("case_id")
+    ref = preds[preds["combination"] == "ehr+report"].set_index("case_id")["prob_1"]
+    assert len(ref) > 0 and set(ref.index) <= set(out.index)
+    np.testing.assert_allclose(out.loc[ref.index, "prob_1"], ref, atol=1e-5)
+
 
 def test_fragment_passes_check_properties_and_needs_fit_before_eval(cohort, tmp_path):
     ov = {**TINY, "dataset_dir": str(cohort), "ckpt_dir": str(tmp_path / "m"), "output_dir": str(tmp_path / "r")}

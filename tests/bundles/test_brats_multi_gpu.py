@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from medfusion.evaluation.bundle import torchrun_command, train_bundle
+from medfusion.evaluation.bundle import train_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "brats_metakd"
@@ -44,7 +42,7 @@ def cohort(tmp_path_factory) -> Path:
     return out
 
 
-def test_torchrun_two_processes_matches_single_process(cohort, tmp_path):
+def test_torchrun_two_processes_matches_single_process(cohort, tmp_path, ddp_vs_single):
     single = tmp_path / "single"
     train_bundle(
         BUNDLE,
@@ -57,20 +55,7 @@ def test_torchrun_two_processes_matches_single_process(cohort, tmp_path):
         },
     )
     ddp = tmp_path / "ddp"
-    overrides = {
-        **COMMON,
-        "batch_size": 1,
-        "ckpt_dir": str(ddp / "models"),
-        "output_dir": str(ddp / "runs"),
-        "train#sampler#shuffle": False,
-    }
-    cmd = torchrun_command(BUNDLE, ["train.json", "multi_gpu_train.json"], {**overrides, "dataset_dir": str(cohort)})
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-    a = torch.load(single / "models" / "last_checkpoint_epoch=2.pt", weights_only=False)
-    b = torch.load(ddp / "models" / "last_checkpoint_epoch=2.pt", weights_only=False)
+    a, b = ddp_vs_single(BUNDLE, COMMON, cohort, single, ddp, epoch=2)
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == 4
     for k, v in a["model"].items():
         # float summation order differs between 1 and 2 processes; Adam amplifies it on the conv biases in

@@ -9,7 +9,11 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo lint clean orthanc
+
+# Orthanc + its DICOMweb plugin (Debian packages): the real PACS the DICOM pipeline tests run against.
+# Quick no-op when installed; uses sudo when not root; off Debian it warns (outside CI) and the PACS tests skip.
+ORTHANC_PLUGIN := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +25,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+orthanc:
+	@if [ -x /usr/sbin/Orthanc ] && [ -f $(ORTHANC_PLUGIN) ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  echo "installing Debian packages orthanc orthanc-dicomweb"; \
+	  { $$SUDO apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	      --no-install-recommends orthanc orthanc-dicomweb >/dev/null; } \
+	    || { echo "could not install orthanc (need root or sudo)"; [ -z "$$CI" ] || exit 1; }; \
+	else echo "no apt-get: install Orthanc with its DICOMweb plugin yourself (the PACS tests skip without it)"; \
+	  [ -z "$$CI" ] || exit 1; fi
+
+test: $(STAMP) orthanc
 	$(BIN)/ruff check medfusion tests benchmarks tutorials
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 

@@ -1,4 +1,6 @@
-"""The ``medfusion`` command: ``synth`` (brats, clinical, latent), ``check-data``, ``evaluate``, ``export-encoder``.
+"""The ``medfusion`` command: ``synth``, ``check-data``, ``evaluate``, ``export-encoder``, ``dicom-segment``.
+
+``synth`` has the kinds brats, clinical and latent.
 
 Every sub-command imports its implementation lazily so ``medfusion --help`` stays fast.
 """
@@ -211,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--example_size", type=int, default=None, help="tracing input size (default 16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_export_encoder)
+
+    from medfusion.apps.dicom.cli import add_dicom_parsers  # light: handlers import their libraries lazily
+
+    add_dicom_parsers(sub)
     return parser
 
 

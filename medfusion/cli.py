@@ -1,6 +1,7 @@
-"""The ``medfusion`` command: ``synth``, ``check-data``, ``evaluate``, ``export-encoder``, ``dicom-segment``.
+"""The ``medfusion`` command: ``synth``, ``check-data``, ``evaluate``, ``export-encoder``, ``dicom-segment``, ...
 
-``synth`` has the kinds brats, clinical and latent.
+``synth`` has the kinds brats, clinical and latent; ``dicom-classify`` is the chest X-ray counterpart of
+``dicom-segment``.
 
 Every sub-command imports its implementation lazily so ``medfusion --help`` stays fast.
 """

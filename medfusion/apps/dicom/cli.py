@@ -1,4 +1,4 @@
-"""``medfusion dicom-segment``: argument parser and handler.
+"""``medfusion dicom-segment`` and ``medfusion dicom-classify``: argument parsers and handlers.
 
 Credentials never go on the command line: a bearer token or a password is read from the environment variable
 named by ``--token_env`` / ``--password_env`` (default ``MEDFUSION_DICOMWEB_TOKEN`` / ``MEDFUSION_DICOMWEB_PASSWORD``).
@@ -48,6 +48,17 @@ def store_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _open_stores(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(source store, send target or None)`` from the positional source and ``--send``."""
+    from medfusion.apps.dicom.source import DicomStore
+
+    options = store_options(args)
+    source = DicomStore.open(args.source, readonly=True, **options)
+    if not args.send:
+        return source, None
+    return source, "source" if args.send == "source" else DicomStore.open(args.send, create=True, **options)
+
+
 def _quiet_clients() -> None:
     # dicomweb-client logs every instance it touches at INFO
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
@@ -76,17 +87,12 @@ def _cmd_dicom_segment(args: argparse.Namespace) -> int:
     def run(a: argparse.Namespace) -> int:
         from medfusion.apps.dicom.models import load_segmentation_model
         from medfusion.apps.dicom.segment import dicom_segment
-        from medfusion.apps.dicom.source import DicomStore
         from medfusion.export import parse_overrides
 
-        options = store_options(a)
         model = load_segmentation_model(
             a.bundle, a.checkpoint, parse_overrides(a.override), a.roi_size, a.label_convention, a.device
         )
-        source = DicomStore.open(a.source, readonly=True, **options)
-        send = None
-        if a.send:
-            send = "source" if a.send == "source" else DicomStore.open(a.send, create=True, **options)
+        source, send = _open_stores(a)
         result = dicom_segment(
             source,
             model,
@@ -111,8 +117,40 @@ def _cmd_dicom_segment(args: argparse.Namespace) -> int:
     return _run_guarded(run, args)
 
 
+def _cmd_dicom_classify(args: argparse.Namespace) -> int:
+    _quiet_clients()
+
+    def run(a: argparse.Namespace) -> int:
+        from medfusion.apps.dicom.classify import dicom_classify, load_classification_model
+        from medfusion.export import parse_overrides
+
+        model = load_classification_model(a.bundle, a.checkpoint, parse_overrides(a.override), a.device)
+        source, send = _open_stores(a)
+        result = dicom_classify(
+            source,
+            model,
+            a.output_dir,
+            study_uid=a.study,
+            accession_number=a.accession,
+            clinical_csv=a.clinical_csv,
+            sr=a.sr,
+            send=send,
+            overwrite=a.overwrite,
+        )
+        side = result.sidecar
+        print(
+            f"study {side['study_instance_uid']}: p({side['task']}) = {side['probability']:.4f} with "
+            f"{side['combination']}"
+            + (f" (missing: {', '.join(side['missing_modalities'])})" if side["missing_modalities"] else "")
+        )
+        print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
+        return 0
+
+    return _run_guarded(run, args)
+
+
 def add_dicom_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add ``dicom-segment`` to the ``medfusion`` sub-command parser."""
+    """Add ``dicom-segment`` and ``dicom-classify`` to the ``medfusion`` sub-command parser."""
     p = sub.add_parser(
         "dicom-segment",
         help="segment a DICOM MR study (folder or DICOMweb) with whatever series it has; write/send a DICOM SEG",
@@ -141,3 +179,26 @@ def add_dicom_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="recompute and replace an identical earlier result")
     _add_connection(p)
     p.set_defaults(func=_cmd_dicom_segment)
+
+    c = sub.add_parser(
+        "dicom-classify",
+        help="classify a chest X-ray DICOM study (+ report / EHR from a CSV keyed by accession number)",
+        description="Run a clinical fusion bundle (ehr, cxr, report) on a chest X-ray study with whatever of the "
+        "three is available; write result.json (and a DICOM SR with --sr) into OUTPUT_DIR/<StudyUID>/<SR SeriesUID>/.",
+    )
+    c.add_argument("source", help="DICOMweb base URL or a DICOM folder")
+    c.add_argument("--study", default=None, help="StudyInstanceUID (default: the source's only study)")
+    c.add_argument("--accession", default=None, help="pick the study by AccessionNumber")
+    c.add_argument("--bundle", type=Path, required=True, help="clinical bundle folder (bundles/clinical_fusion)")
+    c.add_argument("--checkpoint", type=Path, default=None, help="default: <bundle>/models/model.pt")
+    c.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides the model was trained with")  # fmt: skip
+    c.add_argument("--clinical_csv", type=Path, default=None,
+                   help="CSV with accession_number and report text / EHR columns")  # fmt: skip
+    c.add_argument("--device", default=None)
+    c.add_argument("--output_dir", type=Path, required=True)
+    c.add_argument("--sr", action="store_true", help="also write a DICOM Structured Report (highdicom)")
+    c.add_argument("--send", default=None, help="STOW-RS the SR to: 'source', a DICOMweb URL, or a folder")
+    c.add_argument("--overwrite", action="store_true")
+    _add_connection(c)
+    c.set_defaults(func=_cmd_dicom_classify)

@@ -24,9 +24,15 @@ import highdicom as hd
 import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
 
-__all__ = ["SeriesSpec", "DEFAULT_SERIES", "nifti_to_dicom_study", "write_datasets"]
+__all__ = ["SeriesSpec", "DEFAULT_SERIES", "nifti_to_dicom_study", "image_to_dicom_dx", "write_datasets"]
 
 
 @dataclass(frozen=True)
@@ -129,24 +135,10 @@ def nifti_to_dicom_study(
         datasets = []
         for k in range(stored.shape[0]):
             ds = Dataset()
-            ds.preamble = b"\x00" * 128
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-            ds.file_meta.MediaStorageSOPInstanceUID = _uid(study_key, key, str(k))
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-            ds.SOPClassUID = MRImageStorage
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-            ds.PatientName = patient_name
-            ds.PatientID = patient_id
-            ds.PatientBirthDate = ""
-            ds.PatientSex = ""
-            ds.StudyInstanceUID = study_uid
+            _common(ds, MRImageStorage, _uid(study_key, key, str(k)), study_uid, patient_id, patient_name,
+                    accession_number)  # fmt: skip
             ds.StudyDate = now.strftime("%Y%m%d")
             ds.StudyTime = now.strftime("%H%M%S")
-            ds.StudyID = "1"
-            ds.AccessionNumber = accession_number
-            ds.ReferringPhysicianName = ""
             ds.Modality = "MR"
             ds.SeriesInstanceUID = series_uid
             ds.SeriesNumber = number
@@ -182,6 +174,94 @@ def nifti_to_dicom_study(
             datasets.append(ds)
         out[key] = datasets
     return out
+
+
+def _common(ds: Dataset, sop_class: str, sop_uid: str, study_uid: str, patient_id: str, patient_name: str,
+            accession_number: str) -> None:  # fmt: skip
+    """File meta, SOP, patient and study attributes shared by the converters."""
+    ds.preamble = b"\x00" * 128
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate = "20210101"
+    ds.StudyTime = "090000"
+    ds.StudyID = "1"
+    ds.AccessionNumber = accession_number
+    ds.ReferringPhysicianName = ""
+
+
+def image_to_dicom_dx(
+    image: np.ndarray | str | os.PathLike,
+    study_key: str,
+    accession_number: str = "",
+    patient_id: str = "ANON0001",
+    patient_name: str = "Anonymous^Patient",
+    view_position: str = "PA",
+    pixel_spacing: float = 0.2,
+) -> Dataset:
+    """A 2D image (array, or a PNG/JPEG file) as a chest X-ray DICOM (Digital X-Ray, For Presentation; Modality DX).
+
+    Args:
+        image: ``[rows, cols]`` grey values (RGB files are converted to grey), scaled to 12 bits.
+        study_key: seeds the UIDs.
+        accession_number: AccessionNumber (the key of the clinical CSV).
+        patient_id: PatientID.
+        patient_name: PatientName.
+        view_position: ViewPosition (PA, AP, LL, ...).
+        pixel_spacing: ImagerPixelSpacing/PixelSpacing in mm.
+
+    Returns:
+        One instance (its own study and series).
+    """
+    if not isinstance(image, np.ndarray):
+        from PIL import Image
+
+        with Image.open(image) as im:
+            image = np.asarray(im.convert("L"))
+    arr = np.asarray(image, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"image_to_dicom_dx: expected a 2D grey image, got shape {arr.shape}.")
+    low, high = float(arr.min()), float(arr.max())
+    stored = np.round((arr - low) / (high - low) * 4095.0 if high > low else np.zeros_like(arr)).astype(np.uint16)
+    ds = Dataset()
+    _common(ds, DigitalXRayImageStorageForPresentation, _uid(study_key, "dx", "instance"), _uid(study_key, "study"),
+            patient_id, patient_name, accession_number)  # fmt: skip
+    ds.Modality = "DX"
+    ds.SeriesInstanceUID = _uid(study_key, "dx", "series")
+    ds.SeriesNumber = 1
+    ds.SeriesDescription = f"CHEST {view_position}"
+    ds.Manufacturer = "medfusion-convert"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = view_position
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ["L", "F"] if view_position == "AP" else ["R", "F"]
+    ds.ImagerPixelSpacing = [pixel_spacing, pixel_spacing]
+    ds.PixelSpacing = [pixel_spacing, pixel_spacing]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelIntensityRelationship = "LIN"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    return ds
 
 
 def write_datasets(datasets: Mapping[str, list[Dataset]] | list[Dataset], folder: str | os.PathLike) -> list[Path]:

@@ -49,6 +49,7 @@ from pydicom.uid import generate_uid
 import medfusion
 from medfusion.apps.dicom.models import SegmentationModel
 from medfusion.apps.dicom.qa import save_qa_png
+from medfusion.apps.dicom.results import SIDECAR, open_target, result_uids, send_result
 from medfusion.apps.dicom.rules import RuleSet, SeriesMapping, map_series
 from medfusion.apps.dicom.source import DicomStore
 from medfusion.apps.dicom.volumes import (
@@ -58,7 +59,7 @@ from medfusion.apps.dicom.volumes import (
     stack_on_grid,
     volume_to_metatensor,
 )
-from medfusion.data._atomic import atomic_file, atomic_output_dir
+from medfusion.data._atomic import atomic_output_dir
 from medfusion.data.labels import LabelConvention, regions_to_labels
 from medfusion.data.volume import LoadModalitiesd, brats_transforms
 from medfusion.modality import Keys, combination_name
@@ -68,7 +69,6 @@ __all__ = ["SEGMENT_MODES", "SegmentResult", "predict_labels", "segment_descript
 logger = logging.getLogger(__name__)
 
 SEGMENT_MODES = ("regions", "labels")
-SIDECAR = "result.json"
 SEG_FILE = "seg.dcm"
 QA_FILE = "qa.png"
 NIFTI_FILE = "seg.nii.gz"
@@ -178,25 +178,6 @@ def segment_descriptions(
             )
         )
     return out
-
-
-def _result_uids(study_uid: str, mapping: SeriesMapping, model: SegmentationModel, segments: str) -> tuple[str, str]:
-    identity = json.dumps(
-        {
-            "study": study_uid,
-            "series": {m: mapping.used[m].series_uid for m in mapping.present},
-            "checkpoint_sha256": model.loaded.checkpoint_sha256,
-            "overrides": model.loaded.overrides,
-            "settings": model.settings,
-            "segments": segments,
-            "medfusion": medfusion.__version__,
-        },
-        sort_keys=True,
-        default=str,
-    )
-    series_uid = generate_uid(entropy_srcs=["medfusion dicom-segment series", identity])
-    sop_uid = generate_uid(entropy_srcs=["medfusion dicom-segment instance", identity])
-    return series_uid, sop_uid
 
 
 def _series_description(present: Sequence[str], missing: Sequence[str], segments: str) -> str:
@@ -313,7 +294,17 @@ def dicom_segment(
             f"study {study} in {store.location}: no series maps to any of the model's modalities "
             f"{list(model.modalities)}; series found:\n{mapping.to_text()}\n(adjust the rules with --rules FILE)"
         )
-    series_uid, sop_uid = _result_uids(study, mapping, model, segments)
+    series_uid, sop_uid = result_uids(
+        "dicom-segment",
+        {
+            "study": study,
+            "series": {m: mapping.used[m].series_uid for m in mapping.present},
+            "checkpoint_sha256": model.loaded.checkpoint_sha256,
+            "overrides": model.loaded.overrides,
+            "settings": model.settings,
+            "segments": segments,
+        },
+    )
     folder = Path(output_dir) / study / series_uid
     timings["query_s"] = time.perf_counter() - t0
     reused = (folder / SIDECAR).is_file() and (folder / SEG_FILE).is_file() and not overwrite
@@ -325,25 +316,7 @@ def dicom_segment(
             store, study, mapping, model, segments, nifti, folder, series_uid, sop_uid, timings, overwrite
         )
     if send is not None:
-        target = (
-            store
-            if send == "source"
-            else (send if isinstance(send, DicomStore) else DicomStore.open(send, create=True))
-        )
-        t1 = time.perf_counter()
-        import pydicom
-
-        result = target.store([pydicom.dcmread(folder / SEG_FILE)])
-        others = [s for s in target.series_with(study, "SEG") if s["series_uid"] != series_uid]
-        sidecar.setdefault("sent", []).append(
-            {"to": target.location, "kind": target.kind, "stored": result.stored, "already_present": result.present}
-        )
-        sidecar["other_versions"] = others
-        sidecar.setdefault("timings", {})["send_s"] = round(time.perf_counter() - t1, 3)
-        with atomic_file(folder / SIDECAR) as tmp:
-            Path(tmp).write_text(json.dumps(sidecar, indent=2))
-        logger.info("study %s: SEG %s to %s (%s)", study, sop_uid, target.location,
-                    "stored" if result.stored else "already present")  # fmt: skip
+        sidecar = send_result(folder / SEG_FILE, open_target(send, store), study, series_uid, "SEG", sidecar)
     return SegmentResult(folder=folder, sidecar=sidecar, reused=reused)
 
 

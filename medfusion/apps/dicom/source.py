@@ -42,6 +42,8 @@ _RULE_ATTRIBUTES = (
     "MRAcquisitionType",
     "FrameOfReferenceUID",
     "AccessionNumber",
+    "BodyPartExamined",
+    "ViewPosition",
 )
 
 

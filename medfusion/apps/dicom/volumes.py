@@ -168,5 +168,5 @@ def volume_to_metatensor(array: np.ndarray, reference: hd.Volume) -> MetaTensor:
     MONAI's ``Orientationd``/``Invertd`` then treat it exactly like a NIfTI volume with the same geometry.
     """
     affine = torch.as_tensor(LPS_TO_RAS @ reference.affine, dtype=torch.float64)
-    meta = {"affine": affine, "original_affine": affine.clone(), "space": "RAS"}
+    meta = {"original_affine": affine.clone(), "space": "RAS"}
     return MetaTensor(torch.as_tensor(array), affine=affine, meta=meta)

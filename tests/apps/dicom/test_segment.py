@@ -49,7 +49,8 @@ def test_full_and_missing_series_studies_against_orthanc(
     pacs = DicomStore.open(orthanc.dicomweb_url)
     _upload(pacs, full)
     _upload(pacs, partial)
-    assert len(pacs.studies()) == 2
+    uploaded = {str(full["flair"][0].StudyInstanceUID), str(partial["flair"][0].StudyInstanceUID)}
+    assert uploaded <= set(pacs.studies())  # (the session's PACS may hold other tests' studies too)
 
     # ---------------------------------------------------------------- all four series, SEG stored back to the PACS
     study_uid = str(full["flair"][0].StudyInstanceUID)
@@ -122,3 +123,44 @@ def test_full_and_missing_series_studies_against_orthanc(
     expected_part = _nifti_regions_on_grid(bundle_nifti_inference(only, "flair+t1ce"), pref.volume)
     np.testing.assert_array_equal(_seg_regions_on_grid(pseg, pref.datasets), expected_part)
     assert not np.array_equal(expected_part, expected)  # the combination changed the prediction
+
+
+def test_folder_study_label_segments_sent_to_a_folder(small_case, seg_model, tmp_path):
+    """A folder source with T2 alone; one segment per label value; STOW to a folder; a new model = a new version."""
+    from medfusion.apps.dicom.convert import write_datasets
+
+    study = nifti_to_dicom_study({"t2": small_case / f"{small_case.name}_t2.nii.gz"}, "t2-only")
+    write_datasets(study, tmp_path / "in")
+    res = dicom_segment(tmp_path / "in", seg_model, tmp_path / "out", segments="labels", nifti=True,
+                        send=tmp_path / "archive")  # fmt: skip
+    side = res.sidecar
+    assert side["combination"] == "t2" and side["missing_modalities"] == ["flair", "t1", "t1ce"]
+    seg = hd.seg.segread(res.seg_path)
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == [
+        "NCR necrotic/non-enhancing core (label 1)", "ED edema (label 2)", "ET enhancing tumor (label 4)"
+    ]  # fmt: skip
+    codes_ = [d.SegmentedPropertyTypeCodeSequence[0].CodeValue for d in seg.SegmentSequence]
+    assert codes_ == ["6574001", "79654002", "108369006"]
+    ref = read_series_volume(study["t2"], "t2")
+    got = _seg_regions_on_grid(seg, ref.datasets)
+    labels = hd.Volume.from_nibabel(nib.load(res.folder / "seg.nii.gz")).match_geometry(ref.volume).array
+    for i, value in enumerate((1, 2, 4)):
+        np.testing.assert_array_equal(got[..., i], (labels == value).astype(np.uint8))
+    archive = DicomStore.open(tmp_path / "archive")
+    uid = side["study_instance_uid"]
+    assert [s["series_uid"] for s in archive.series_with(uid, "SEG")] == [side["seg"]["series_instance_uid"]]
+    # another model (other weights) on the same study: a new SEG series beside the first, nothing replaced
+    import torch
+
+    other_ckpt = tmp_path / "other.pt"
+    state = torch.load(seg_model.loaded.checkpoint, weights_only=True)
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, other_ckpt)
+    from medfusion.apps.dicom.models import load_segmentation_model
+
+    other = load_segmentation_model(seg_model.loaded.bundle, other_ckpt, overrides=seg_model.loaded.overrides,
+                                    roi_size=seg_model.settings["roi_size"], device="cpu")  # fmt: skip
+    res2 = dicom_segment(tmp_path / "in", other, tmp_path / "out", segments="labels", send=tmp_path / "archive")
+    assert res2.folder != res.folder and not res2.reused
+    assert res2.sidecar["other_versions"][0]["series_uid"] == side["seg"]["series_instance_uid"]
+    assert len(DicomStore.open(tmp_path / "archive").series_with(uid, "SEG")) == 2

@@ -62,6 +62,7 @@ def _open_stores(args: argparse.Namespace) -> tuple[Any, Any]:
 def _quiet_clients() -> None:
     # dicomweb-client logs every instance it touches at INFO
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def _run_guarded(fn: Any, args: argparse.Namespace) -> int:
@@ -89,10 +90,10 @@ def _cmd_dicom_segment(args: argparse.Namespace) -> int:
         from medfusion.apps.dicom.segment import dicom_segment
         from medfusion.export import parse_overrides
 
+        source, send = _open_stores(a)  # first: a wrong source fails before the model is loaded
         model = load_segmentation_model(
             a.bundle, a.checkpoint, parse_overrides(a.override), a.roi_size, a.label_convention, a.device
         )
-        source, send = _open_stores(a)
         result = dicom_segment(
             source,
             model,
@@ -124,8 +125,8 @@ def _cmd_dicom_classify(args: argparse.Namespace) -> int:
         from medfusion.apps.dicom.classify import dicom_classify, load_classification_model
         from medfusion.export import parse_overrides
 
-        model = load_classification_model(a.bundle, a.checkpoint, parse_overrides(a.override), a.device)
         source, send = _open_stores(a)
+        model = load_classification_model(a.bundle, a.checkpoint, parse_overrides(a.override), a.device)
         result = dicom_classify(
             source,
             model,

@@ -58,6 +58,8 @@ class Keys(StrEnum):
     PRED = "pred"
     LOSS = "loss"
     LABEL_CONVENTION = "label_convention"
+    BRAIN_MASK = "brain_mask"
+    """Foreground (brain) mask ``[B, 1, D, H, W]``: a given mask file, else the non-zero region of the volumes."""
     COMBINATION = "combination"
 
 

@@ -12,11 +12,16 @@ Supported (see ../shared/DATA.md; the layout is detected, never configured):
 - MSD Task01_BrainTumour: ``dataset.json``, 4D ``imagesTr/BRATS_001.nii.gz`` whose channel order is
   read BY NAME from ``dataset.json["modality"]``; macOS ``._*`` files are skipped.
 
+Exports named differently (e.g. BRATS 2013-2015 copies with ``Flair_subtrMeanDivStd.nii.gz`` /
+``OTMultiClass.nii.gz``) are read from a volume manifest CSV (:mod:`medfusion.data.volume_manifest`):
+pass the CSV instead of the folder.
+
 Each datalist entry holds ``case_id``, one path (or ``None`` when the file is absent: the case is
 kept with that modality marked missing) per requested modality, ``label`` (path or ``None``),
-``label_convention`` (``brats``, ``brats2023``, ``msd``), ``source``, ``modality_mask`` and
-``sample_index``. MSD entries carry ``image_4d`` and ``image_4d_channels`` instead of per-modality
-paths. :class:`medfusion.data.volume.LoadModalitiesd` reads both forms.
+``label_convention`` (``brats``, ``brats2023``, ``msd``, or the one the caller gives), ``source``,
+``modality_mask`` and ``sample_index`` (manifest entries also ``brain_mask``). MSD entries carry
+``image_4d`` and ``image_4d_channels`` instead of per-modality paths.
+:class:`medfusion.data.volume.LoadModalitiesd` reads both forms.
 """
 
 from __future__ import annotations
@@ -31,7 +36,15 @@ from typing import Any
 
 from medfusion.modality import BRATS_MODALITIES, Keys, validate_modalities
 
-__all__ = ["discover_brats", "brats_case_split", "detect_layout", "MSD_CHANNEL_NAMES"]
+__all__ = [
+    "discover_brats",
+    "brats_case_split",
+    "detect_layout",
+    "duplicate_case_dirs",
+    "no_cases_message",
+    "MAX_DEPTH",
+    "MSD_CHANNEL_NAMES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +98,16 @@ def _msd_root(root: Path) -> Path | None:
     return None
 
 
-def _case_dirs(root: Path, max_depth: int = 3) -> list[tuple[Path, str, dict[str, str], set[str]]]:
+MAX_DEPTH = 3
+"""How many folder levels below the dataset folder the discovery searches for case folders."""
+
+
+def _scan(
+    root: Path, max_depth: int = MAX_DEPTH
+) -> tuple[list[tuple[Path, str, dict[str, str], set[str]]], list[tuple[Path, list[str]]]]:
+    """Case folders under ``root`` (sorted by name), and folders holding NIfTI files not named like BraTS."""
     found = []
+    unmatched = []
     stack = [(root, 0)]
     while stack:
         d, depth = stack.pop()
@@ -99,9 +120,53 @@ def _case_dirs(root: Path, max_depth: int = 3) -> list[tuple[Path, str, dict[str
         if scheme is not None:
             found.append((d, scheme[0], scheme[1], files))
             continue
+        nifti = sorted(f for f in files if f.endswith(_EXTS))
+        if nifti:
+            unmatched.append((d, nifti))
         if depth < max_depth:
             stack.extend((e, depth + 1) for e in entries if e.is_dir())
-    return sorted(found, key=lambda t: t[0].name)
+    return sorted(found, key=lambda t: (t[0].name, str(t[0]))), sorted(unmatched)
+
+
+def _case_dirs(root: Path, max_depth: int = MAX_DEPTH) -> list[tuple[Path, str, dict[str, str], set[str]]]:
+    return _scan(root, max_depth)[0]
+
+
+def duplicate_case_dirs(case_dirs: Sequence[Path]) -> list[str]:
+    """One message per case id found in two or more folders, naming every folder.
+
+    Two folders with the same case name (``a/BraTS2021_00000`` and ``b/BraTS2021_00000``) would give
+    two cases with one id: predictions overwrite each other and a case can land in two splits.
+    """
+    by_name: dict[str, list[Path]] = {}
+    for d in case_dirs:
+        by_name.setdefault(d.name, []).append(d)
+    return [
+        f"duplicate case id {name}: found in {' and '.join(str(p) for p in paths)}; case ids must be unique "
+        "(remove one copy, or point the dataset folder at one of them)."
+        for name, paths in sorted(by_name.items())
+        if len(paths) > 1
+    ]
+
+
+def no_cases_message(base: Path, unmatched: Sequence[tuple[Path, Sequence[str]]] = ()) -> str:
+    """The "no BraTS cases" error: what was searched, what was expected, and what was found instead."""
+    msg = (
+        f"No BraTS cases under {base} (searched it and {MAX_DEPTH} folder levels below it): expected case folders "
+        "such as BraTS2021_00000/BraTS2021_00000_flair.nii.gz, BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz, "
+        "{HGG,LGG}/Brats18_*/..., or an MSD dataset.json."
+    )
+    if unmatched:
+        d, files = unmatched[0]
+        shown = ", ".join(list(files)[:4]) + (", ..." if len(files) > 4 else "")
+        msg += (
+            f" Found {sum(len(f) for _, f in unmatched)} NIfTI file(s) in {len(unmatched)} folder(s) not named like "
+            f"BraTS (e.g. {d}: {shown})."
+        )
+    return msg + (
+        " For other file names list the files in a volume manifest CSV (columns case_id, flair, t1, t1ce, t2, "
+        "label[, brain_mask]) and pass the CSV instead of the folder (docs/data.md)."
+    )
 
 
 def _source(case_id: str) -> str:
@@ -174,34 +239,58 @@ def discover_brats(
     modalities: Sequence[str] = BRATS_MODALITIES,
     require_label: bool = False,
     allow_missing_modalities: bool = True,
+    label_convention: Any = None,
 ) -> list[dict[str, Any]]:
-    """Find every BraTS case under ``root`` whatever the release's layout.
+    """Find every BraTS case under ``root`` whatever the release's layout, or read a volume manifest.
 
     Args:
-        root: dataset folder (the release folder or any parent up to 3 levels above the case folders).
+        root: dataset folder (the release folder or any parent up to :data:`MAX_DEPTH` levels above the
+            case folders), or a volume manifest ``.csv`` (:mod:`medfusion.data.volume_manifest`) for files
+            not named like any release.
         modalities: names to collect, in the model's order (subset of flair, t1, t1ce, t2).
         require_label: every case must have a label file (training and evaluation).
         allow_missing_modalities: keep cases that lack some modality files (marked missing in
             ``modality_mask``); ``False`` makes a missing file an error.
+        label_convention: the dataset's label convention for every case (a name such as ``"brats2015"``,
+            a mapping ``{"TC": [...], "WT": [...], "ET": [...]}`` or a ``"TC=..;WT=..;ET=.."`` string; see
+            :mod:`medfusion.data.labels`); ``None``: detected from the layout (manifest: its
+            ``label_convention`` column, else ``brats``).
 
     Returns:
         Datalist sorted by case id (see the module docstring for the entry keys).
 
     Raises:
-        FileNotFoundError: ``root`` missing, no cases found, a required label or modality file absent
-            (the message names the case and the file patterns looked for).
-        ValueError: unknown modality names; a case with none of the requested modalities.
+        FileNotFoundError: ``root`` missing, no cases found (the message says how deep it searched and
+            what it found), a required label or modality file absent (the message names the case and the
+            file patterns looked for).
+        ValueError: unknown modality names or convention; a case with none of the requested modalities;
+            two case folders with the same name (the message names both paths).
     """
+    from medfusion.data.labels import convention_key
+
     mods = validate_modalities(modalities, BRATS_MODALITIES)
     base = Path(root).expanduser()
+    if base.is_file() and base.suffix.lower() == ".csv":
+        from medfusion.data.volume_manifest import read_volume_manifest
+
+        return read_volume_manifest(
+            base, mods, require_label, label_convention, "missing" if allow_missing_modalities else "error"
+        )
     if not base.is_dir():
         raise FileNotFoundError(f"BraTS dataset folder {base} does not exist or is not a folder.")
+    fixed = convention_key(label_convention) if label_convention is not None else None
     msd = _msd_root(base)
     if msd is not None:
         items = _discover_msd(msd, mods, require_label)
     else:
         items = []
-        for case_dir, sep, suffixes, files in _case_dirs(base):
+        case_dirs, unmatched = _scan(base)
+        dups = duplicate_case_dirs([d for d, *_ in case_dirs])
+        if dups:
+            raise ValueError(" ".join(dups))
+        if not case_dirs:
+            raise FileNotFoundError(no_cases_message(base, unmatched))
+        for case_dir, sep, suffixes, files in case_dirs:
             case_id = case_dir.name
             source = _source(case_id)
             by_name = {v: k for k, v in suffixes.items()}
@@ -227,13 +316,12 @@ def discover_brats(
             entry[Keys.MASK] = present
             items.append(entry)
     if not items:
-        raise FileNotFoundError(
-            f"No BraTS cases under {base}: expected case folders such as BraTS2021_00000/BraTS2021_00000_flair.nii.gz, "
-            "BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz, {HGG,LGG}/Brats18_*/..., or an MSD dataset.json."
-        )
+        raise FileNotFoundError(no_cases_message(base))
     for i, entry in enumerate(items):
         if not any(entry[Keys.MASK]):
             raise ValueError(f"case {entry[Keys.CASE_ID]}: none of the modalities {list(mods)} was found.")
+        if fixed is not None:
+            entry[Keys.LABEL_CONVENTION] = fixed
         entry[Keys.INDEX] = i
     return items
 

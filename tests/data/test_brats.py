@@ -164,3 +164,13 @@ def test_real_brats2021_case(real_case):
     assert sorted(torch.unique(raw["label"]).int().tolist()) == [0, 1, 2, 4]
     counts = sample["label"].sum(dim=(1, 2, 3)).int().tolist()
     assert counts == [25506 + 26448, 25506 + 85957 + 26448, 26448]  # TC, WT, ET
+
+
+def test_config_convention_overrides_the_detected_one(tmp_path):
+    _classic_case(tmp_path, "BraTS2021_00003")
+    assert discover_brats(tmp_path)[0]["label_convention"] == "brats"
+    assert discover_brats(tmp_path, label_convention="brats2015")[0]["label_convention"] == "brats2015"
+    spec = discover_brats(tmp_path, label_convention={"TC": [1, 4], "WT": [1, 2, 4], "ET": [4]})[0]
+    assert spec["label_convention"] == "TC=1,4;WT=1,2,4;ET=4;write=4,1,2"
+    with pytest.raises(ValueError, match="unknown label convention 'brats2013'"):
+        discover_brats(tmp_path, label_convention="brats2013")

@@ -19,6 +19,14 @@ The contrast table is DATA: :data:`CONTRAST` is written to ``OUT/brats_contrast.
 cohort, :func:`load_contrast_table` reads it back and :func:`expected_region_ranking` turns it into
 the modality ranking a learned modality-importance weight should recover. See
 ``docs/synthetic_brats.md``.
+
+``style="brats2015"`` writes the same phantoms the way BRATS 2013-2015 copies redistributed by
+segmentation toolkits look: one folder per case named ``brats2015_pat%04d`` with only FLAIR and T1c,
+exporter file names (``Flair_subtrMeanDivStd.nii.gz``, ``T1c_subtrMeanDivStd.nii.gz``), volumes
+z-scored over the brain so the background is NOT 0, a ``brainmask.nii.gz`` and ground truth
+``OTMultiClass.nii.gz`` in the BRATS 2015 convention (1 necrosis, 2 edema, 3 non-enhancing,
+4 enhancing), plus ``OUT/manifest.csv`` (a volume manifest, :mod:`medfusion.data.volume_manifest`).
+:func:`write_brats2015_case` writes any case (e.g. a real one) that way.
 """
 
 from __future__ import annotations
@@ -54,6 +62,11 @@ __all__ = [
     "expected_region_ranking",
     "make_phantom",
     "write_brats_cohort",
+    "STYLES",
+    "BRATS2015_FILES",
+    "zscore_in_mask",
+    "split_nonenhancing",
+    "write_brats2015_case",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,9 +115,26 @@ _MEAN_KEYS: tuple[str, ...] = CLASSES
 _TABLE_KEYS: tuple[str, ...] = (*CLASSES, "noise_sd")
 
 
-def case_name(index: int) -> str:
-    """BraTS 2021 case name of case ``index``: ``BraTS2021_00000``, ``BraTS2021_00001``, ..."""
-    return f"BraTS2021_{index:05d}"
+STYLES: tuple[str, ...] = ("brats2021", "brats2015")
+"""Cohort styles of :func:`write_brats_cohort`."""
+
+BRATS2015_FILES: dict[str, str] = {
+    "flair": "Flair_subtrMeanDivStd.nii.gz",
+    "t1": "T1_subtrMeanDivStd.nii.gz",
+    "t1ce": "T1c_subtrMeanDivStd.nii.gz",
+    "t2": "T2_subtrMeanDivStd.nii.gz",
+    "label": "OTMultiClass.nii.gz",
+    "brain_mask": "brainmask.nii.gz",
+}
+"""File names of a BRATS 2013-2015 toolkit export (z-scored sequences, multi-class ground truth, brain mask)."""
+
+BRATS2015_MODALITIES: tuple[str, ...] = ("flair", "t1ce")
+"""Sequences of a generated ``brats2015``-style case (such copies often ship only some of them)."""
+
+
+def case_name(index: int, style: str = "brats2021") -> str:
+    """Case name of case ``index``: ``BraTS2021_00000``, ... (``brats2015`` style: ``brats2015_pat0000``, ...)."""
+    return f"brats2015_pat{index:04d}" if style == "brats2015" else f"BraTS2021_{index:05d}"
 
 
 # --------------------------------------------------------------------------------------------- contrast table
@@ -372,15 +402,115 @@ def make_phantom(
 # --------------------------------------------------------------------------------------------- cohort
 
 
-def _save_nifti(array: np.ndarray, path: Path) -> None:
-    img = nib.Nifti1Image(array, np.eye(4))
+def _save_nifti(array: np.ndarray, path: Path, affine: np.ndarray | None = None) -> None:
+    aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(array, aff)
     img.header.set_xyzt_units("mm")
-    img.set_qform(np.eye(4), code=1)
-    img.set_sform(np.eye(4), code=1)
+    img.set_qform(aff, code=1)
+    img.set_sform(aff, code=1)
     nib.save(img, str(path))
 
 
-def _readme(cases: int, size: int, seed: int) -> str:
+def zscore_in_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``(image - mean) / std`` over the WHOLE volume with the mean/std of the brain voxels (float32).
+
+    This is what "subtrMeanDivStd" exporters do: the brain gets mean 0 and sd 1, the former zero
+    background becomes ``-mean / std`` (not 0).
+
+    Args:
+        image: ``[X, Y, Z]`` intensities.
+        mask: bool ``[X, Y, Z]`` brain voxels (at least one).
+
+    Raises:
+        ValueError: empty mask or shape mismatch.
+    """
+    if image.shape != mask.shape:
+        raise ValueError(f"zscore_in_mask: image {image.shape} and mask {mask.shape} differ in shape.")
+    vals = image[mask].astype(np.float64)
+    if vals.size == 0:
+        raise ValueError("zscore_in_mask: the mask holds no voxel.")
+    std = float(vals.std()) or 1.0
+    return ((image.astype(np.float64) - float(vals.mean())) / std).astype(np.float32)
+
+
+def split_nonenhancing(seg: np.ndarray, rng: np.random.Generator, fraction: float = 0.5) -> np.ndarray:
+    """BraTS 2018-2021 labels (1, 2, 4) -> BRATS 2015 labels: part of the core 1 becomes 3 (non-enhancing).
+
+    The voxels of label 1 where a smooth random field is above its ``1 - fraction`` quantile (over
+    label 1) become 3, so the non-enhancing part is a connected-looking blob, not salt and pepper.
+    Regions are unchanged under the ``brats2015`` convention (TC = {1, 3, 4}).
+
+    Args:
+        seg: uint8 ``[S, S, S]`` with values in {0, 1, 2, 4}.
+        rng: random generator for the field.
+        fraction: share of label-1 voxels relabelled 3.
+
+    Returns:
+        A new uint8 array with values in {0, 1, 2, 3, 4}.
+    """
+    out = seg.copy()
+    core = seg == LABELS["NCR"]
+    if core.any() and fraction > 0:
+        x, y, z = seg.shape
+        field = _smooth_field(rng, max(seg.shape), 6)[:x, :y, :z]
+        cut = np.quantile(field[core], 1.0 - fraction)
+        out[core & (field >= cut)] = 3
+    return out
+
+
+def write_brats2015_case(
+    case_dir: str | os.PathLike,
+    images: Mapping[str, np.ndarray],
+    seg: np.ndarray | None,
+    affine: np.ndarray | None = None,
+    brain_mask: np.ndarray | None = None,
+) -> dict[str, str]:
+    """Write one case the way BRATS 2013-2015 toolkit copies look (z-scored, brain mask, exporter names).
+
+    Args:
+        case_dir: folder to create (its parents must exist; it must not exist yet).
+        images: ``{modality: [X, Y, Z]}`` with background 0 (e.g. a phantom, or a real case read with nibabel);
+            any subset of flair, t1, t1ce, t2.
+        seg: label map to write as ``OTMultiClass.nii.gz`` (``None``: no ground truth).
+        affine: the volumes' affine (default identity).
+        brain_mask: bool ``[X, Y, Z]``; default: voxels where any given image is non-zero.
+
+    Returns:
+        ``{column: file name}`` for a volume manifest row (modalities, ``label``, ``brain_mask``), relative
+        to ``case_dir``.
+    """
+    out = Path(case_dir)
+    out.mkdir()
+    arrays = {m: np.asarray(v) for m, v in images.items()}
+    mask = np.any([a != 0 for a in arrays.values()], axis=0) if brain_mask is None else np.asarray(brain_mask, bool)
+    row: dict[str, str] = {}
+    for mod, arr in arrays.items():
+        _save_nifti(zscore_in_mask(arr, mask), out / BRATS2015_FILES[mod], affine)
+        row[mod] = BRATS2015_FILES[mod]
+    if seg is not None:
+        _save_nifti(np.asarray(seg).astype(np.uint8), out / BRATS2015_FILES["label"], affine)
+        row["label"] = BRATS2015_FILES["label"]
+    _save_nifti(mask.astype(np.uint8), out / BRATS2015_FILES["brain_mask"], affine)
+    row["brain_mask"] = BRATS2015_FILES["brain_mask"]
+    return row
+
+
+def _readme(cases: int, size: int, seed: int, style: str = "brats2021") -> str:
+    if style == "brats2015":
+        first, last = case_name(0, style), case_name(cases - 1, style)
+        lines = [
+            "medfusion synthetic BraTS phantoms written like a BRATS 2013-2015 toolkit export",
+            "",
+            f"cases: {cases} ({first} .. {last}), {size}^3 voxels at 1 mm, seed {seed}",
+            "files: <case>/{Flair,T1c}_subtrMeanDivStd.nii.gz (float32, z-scored in the brain: background not 0)",
+            "       <case>/brainmask.nii.gz (uint8), <case>/OTMultiClass.nii.gz (uint8 ground truth)",
+            "labels: 1 necrosis, 2 edema, 3 non-enhancing, 4 enhancing; TC={1,3,4}, WT={1,2,3,4}, ET={4}",
+            "manifest.csv: volume manifest (case_id, flair, t1ce, label, brain_mask, label_convention)",
+            "the phantoms are those of the brats2021 style with the same seed (docs/synthetic_brats.md);",
+            f"  medfusion synth brats OUT --cases {cases} --size {size} --seed {seed} --style brats2015",
+            "Synthetic data: not derived from any patient.",
+        ]
+        return "\n".join(lines) + "\n"
     lines = [
         "medfusion synthetic BraTS phantoms (BraTS 2021 folder layout)",
         "",
@@ -419,14 +549,24 @@ def _contrast_document(cases: int, size: int, seed: int) -> dict[str, Any]:
 
 
 def write_brats_cohort(
-    out: str | os.PathLike, cases: int, size: int = 64, seed: int = 0, overwrite: bool = False
+    out: str | os.PathLike,
+    cases: int,
+    size: int = 64,
+    seed: int = 0,
+    overwrite: bool = False,
+    style: str = "brats2021",
 ) -> list[Path]:
-    """Write a cohort of phantoms in the BraTS 2021 layout, all or nothing.
+    """Write a cohort of phantoms in the BraTS 2021 layout (or a BRATS 2015 toolkit export), all or nothing.
 
-    Writes ``out/BraTS2021_%05d/BraTS2021_%05d_{flair,t1,t1ce,t2,seg}.nii.gz`` for every case,
-    ``out/brats_contrast.json`` (the contrast table, ranking rule and generator settings) and ``out/README.txt``.
-    Case ``i`` is :func:`make_phantom` with ``np.random.default_rng([seed, i])``, so a cohort is a deterministic
-    function of ``(seed, size)`` and case ``i`` does not depend on ``cases``.
+    ``style="brats2021"`` writes ``out/BraTS2021_%05d/BraTS2021_%05d_{flair,t1,t1ce,t2,seg}.nii.gz`` for every
+    case, ``out/brats_contrast.json`` (the contrast table, ranking rule and generator settings) and
+    ``out/README.txt``. Case ``i`` is :func:`make_phantom` with ``np.random.default_rng([seed, i])``, so a cohort
+    is a deterministic function of ``(seed, size)`` and case ``i`` does not depend on ``cases``.
+
+    ``style="brats2015"`` writes the same phantoms with :func:`write_brats2015_case` (FLAIR and T1c only,
+    z-scored, brain mask, labels 1/2/3/4 via :func:`split_nonenhancing` with ``default_rng([seed, i, 2015])``)
+    into ``out/brats2015_pat%04d/``, plus ``out/manifest.csv`` (relative paths, ``label_convention``
+    ``brats2015``), ``brats_contrast.json`` and ``README.txt``.
 
     Args:
         out: output folder; must not exist or be empty unless ``overwrite``.
@@ -434,12 +574,14 @@ def write_brats_cohort(
         size: cubic volume size S (>= 16).
         seed: non-negative generator seed.
         overwrite: replace an existing non-empty ``out`` (only once the new cohort is complete).
+        style: ``"brats2021"`` or ``"brats2015"`` (:data:`STYLES`).
 
     Returns:
         The case directories (final paths under ``out``), in case order.
 
     Raises:
-        ValueError: ``cases`` < 1, ``size`` < 16 or a negative/non-integer ``seed`` (checked before writing).
+        ValueError: ``cases`` < 1, ``size`` < 16, a negative/non-integer ``seed`` or an unknown ``style``
+            (checked before writing).
         FileExistsError: ``out`` is non-empty (or a file) and ``overwrite`` is False.
     """
     if isinstance(cases, bool) or not isinstance(cases, int | np.integer) or cases < 1:
@@ -447,18 +589,32 @@ def write_brats_cohort(
     size = _check_size(size)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {list(STYLES)}, got {style!r}.")
     cases, seed = int(cases), int(seed)
     out = Path(out)
-    names = [case_name(i) for i in range(cases)]
+    names = [case_name(i, style) for i in range(cases)]
     with atomic_output_dir(out, overwrite) as tmp:
+        rows = []
         for i, name in enumerate(names):
             images, seg = make_phantom(size, np.random.default_rng([seed, i]))
             case_dir = tmp / name
+            if style == "brats2015":
+                seg15 = split_nonenhancing(seg, np.random.default_rng([seed, i, 2015]))
+                files = write_brats2015_case(case_dir, {m: images[m] for m in BRATS2015_MODALITIES}, seg15)
+                rows.append({"case_id": name, **{k: f"{name}/{f}" for k, f in files.items()}})
+                continue
             case_dir.mkdir()
             for mod in BRATS_MODALITIES:
                 _save_nifti(images[mod], case_dir / f"{name}_{mod}.nii.gz")
             _save_nifti(seg, case_dir / f"{name}_seg.nii.gz")
+        if rows:
+            import pandas as pd
+
+            frame = pd.DataFrame(rows, columns=["case_id", *BRATS2015_MODALITIES, "label", "brain_mask"])
+            frame["label_convention"] = "brats2015"
+            frame.to_csv(tmp / "manifest.csv", index=False)
         (tmp / CONTRAST_FILE).write_text(json.dumps(_contrast_document(cases, size, seed), indent=2) + "\n")
-        (tmp / "README.txt").write_text(_readme(cases, size, seed))
-    logger.info("wrote %d BraTS phantom cases (%d^3, seed %d) to %s", cases, size, seed, out)
+        (tmp / "README.txt").write_text(_readme(cases, size, seed, style))
+    logger.info("wrote %d BraTS phantom cases (%s style, %d^3, seed %d) to %s", cases, style, size, seed, out)
     return [out / name for name in names]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 from medfusion.data import synth_brats as sb
@@ -311,3 +312,44 @@ def test_cli_writes_cohort(tmp_path: Path) -> None:
     assert main(["synth", "brats", str(tmp_path / "cli"), "--cases", "2", "--size", "16", "--seed", "3"]) == 0
     assert sorted(p.name for p in (tmp_path / "cli").iterdir())[:2] == ["BraTS2021_00000", "BraTS2021_00001"]
     assert main(["synth", "brats", str(tmp_path / "cli"), "--cases", "1", "--size", "16"]) == 2  # refuses
+
+
+# ------------------------------------------------------------------------------------------ brats2015 style
+
+
+def test_brats2015_style_export(tmp_path: Path) -> None:
+    out = tmp_path / "b15"
+    cases = write_brats_cohort(out, cases=2, size=SIZE, seed=5, style="brats2015")
+    assert [c.name for c in cases] == ["brats2015_pat0000", "brats2015_pat0001"]
+    assert sorted(p.name for p in cases[0].iterdir()) == [
+        "Flair_subtrMeanDivStd.nii.gz",
+        "OTMultiClass.nii.gz",
+        "T1c_subtrMeanDivStd.nii.gz",
+        "brainmask.nii.gz",
+    ]
+    # the same phantom as the brats2021 style with the same seed, z-scored over the brain
+    images, seg = make_phantom(SIZE, np.random.default_rng([5, 0]))
+    brain = np.any([images[m] != 0 for m in MODS], axis=0)
+    mask = np.asarray(nib.load(str(cases[0] / "brainmask.nii.gz")).dataobj)
+    assert np.array_equal(mask > 0, brain)
+    flair = np.asarray(nib.load(str(cases[0] / "Flair_subtrMeanDivStd.nii.gz")).dataobj)
+    ref = images["flair"][brain]
+    np.testing.assert_allclose(flair[brain], (ref - ref.mean()) / ref.std(), atol=1e-4)
+    assert flair[~brain].max() == flair[~brain].min() == pytest.approx(-ref.mean() / ref.std(), rel=1e-4)
+    assert flair[~brain].max() < 0  # background not 0
+    ot = np.asarray(nib.load(str(cases[0] / "OTMultiClass.nii.gz")).dataobj)
+    assert set(np.unique(ot).tolist()) == {0, 1, 2, 3, 4}
+    assert np.array_equal(ot == 2, seg == 2) and np.array_equal(ot == 4, seg == 4)
+    assert np.array_equal(np.isin(ot, [1, 3]), seg == 1)  # 3 = part of the old core 1
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert list(manifest.columns) == ["case_id", "flair", "t1ce", "label", "brain_mask", "label_convention"]
+    assert manifest.loc[0, "flair"] == "brats2015_pat0000/Flair_subtrMeanDivStd.nii.gz"
+    assert set(manifest["label_convention"]) == {"brats2015"}
+    assert "--style brats2015" in (out / "README.txt").read_text()
+    again = tmp_path / "again"
+    write_brats_cohort(again, cases=1, size=SIZE, seed=5, style="brats2015")
+    for name in ("Flair_subtrMeanDivStd.nii.gz", "OTMultiClass.nii.gz"):
+        a = np.asarray(nib.load(str(cases[0] / name)).dataobj)
+        assert np.array_equal(a, np.asarray(nib.load(str(again / cases[0].name / name)).dataobj))
+    with pytest.raises(ValueError, match="style must be one of"):
+        write_brats_cohort(tmp_path / "x", cases=1, size=SIZE, style="brats2013")

@@ -38,8 +38,11 @@ def _rates(text: str | None, option: str) -> dict[str, float] | None:
 def _cmd_synth_brats(args: argparse.Namespace) -> int:
     from medfusion.data.synth_brats import write_brats_cohort
 
-    paths = write_brats_cohort(args.out, cases=args.cases, size=args.size, seed=args.seed, overwrite=args.overwrite)
-    print(f"wrote {len(paths)} BraTS 2021-layout phantom cases ({args.size}^3) to {args.out}")
+    paths = write_brats_cohort(
+        args.out, cases=args.cases, size=args.size, seed=args.seed, overwrite=args.overwrite, style=args.style
+    )
+    what = "BraTS 2021-layout" if args.style == "brats2021" else "BRATS 2015 toolkit-style (see manifest.csv)"
+    print(f"wrote {len(paths)} {what} phantom cases ({args.size}^3) to {args.out}")
     return 0
 
 
@@ -89,6 +92,7 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
         require_label=not args.no_labels,
         check_labels=not args.no_labels,
         num_workers=args.workers,
+        label_convention=args.label_convention,
     )
     print(report.to_text())
     return 0 if report.ok else 1
@@ -96,6 +100,7 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from medfusion.evaluation.bundle import evaluate_bundle
+    from medfusion.export import parse_overrides
 
     table = evaluate_bundle(
         bundle_dir=args.bundle,
@@ -107,6 +112,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         cached=not args.naive,
         hd95=not args.no_hd95,
         device=args.device,
+        modalities=args.modalities,
+        extra_overrides=parse_overrides(args.override),
     )
     print(table)
     return 0
@@ -137,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--size", type=int, default=64, help="cubic volume size S (S^3 voxels)")
     sb.add_argument("--seed", type=int, default=0)
     sb.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    sb.add_argument(
+        "--style",
+        choices=("brats2021", "brats2015"),
+        default="brats2021",
+        help="brats2021: BraTS 2021 folders; brats2015: a BRATS 2015 toolkit export (FLAIR + T1c z-scored, background "
+        "not 0, brainmask.nii.gz, OTMultiClass.nii.gz with labels 1-4) with a volume manifest OUT/manifest.csv",
+    )
     sb.set_defaults(func=_cmd_synth_brats)
     sc = synth_sub.add_parser("clinical", help="MIMIC-style EHR + CXR + report cohort")
     sc.add_argument("out", type=Path)
@@ -180,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--modalities", nargs="+", default=None, help="modality names (default: the layout's all)")
     cd.add_argument("--no-labels", action="store_true", help="do not require or check label files")
     cd.add_argument("--workers", type=int, default=None, help="reader threads (default: min(4, CPUs))")
+    cd.add_argument(
+        "--label-convention",
+        default=None,
+        help="BraTS/volume manifest: the labels' convention for every case (brats, brats2015, brats2023, msd, or "
+        "'TC=1,3,4;WT=1,2,3,4;ET=4'); default: the layout's own (a manifest's label_convention column, else brats)",
+    )
     cd.set_defaults(func=_cmd_check_data)
 
     ev = sub.add_parser("evaluate", help="evaluate a trained bundle on every modality combination")
@@ -192,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--naive", action="store_true", help="one inference per combination (no shared encoding)")
     ev.add_argument("--no_hd95", action="store_true", help="skip HD95 (faster)")
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: automatic)")
+    ev.add_argument(
+        "--modalities", nargs="+", default=None, help="the model's modalities in training order (default: the bundle's)"
+    )
+    ev.add_argument(
+        "--override",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides the model was trained with, e.g. 'network_def#channels=[8,16,32,64]' "
+        "'label_convention=brats2015' (values are JSON, else strings)",
+    )
     ev.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(

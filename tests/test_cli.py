@@ -89,6 +89,17 @@ def test_check_data_problems_are_exit_1(brats_dir, tmp_path, capsys):
     assert main(["check-data", str(ds), "--modalities", "flair", "t2"]) == 1
 
 
+def test_synth_brats2015_style_is_checked_through_its_manifest(tmp_path, capsys):
+    out = tmp_path / "b15"
+    assert main(["synth", "brats", str(out), "--cases", "2", "--size", "16", "--style", "brats2015"]) == 0
+    assert "BRATS 2015 toolkit-style" in capsys.readouterr().out
+    assert main(["check-data", str(out / "manifest.csv"), "--modalities", "flair", "t1ce"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("OK: volume_manifest")
+    assert main(["check-data", str(out)]) == 1  # the folder itself is not named like BraTS
+    text = capsys.readouterr().out
+    assert "searched it and 3 folder levels below it" in text and "volume manifest" in text
+
+
 def test_check_data_usage_errors_are_exit_2(tmp_path, capsys):
     assert main(["check-data", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err

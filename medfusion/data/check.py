@@ -8,8 +8,10 @@ Per case (BraTS / MSD, MIMIC-style, CSV manifest):
 
 - every referenced file exists and is readable; NIfTI volumes are read completely (a truncated
   ``.nii.gz`` only fails when its data is decompressed) and must hold finite values;
+- volumes are 3D (a case stored as 2D slices is an error naming the file); an all-zero volume is a
+  warning; a volume whose background is not 0 (z-scored export) without a brain mask is a warning;
 - volumes of one BraTS case share shape and grid (affine: spacing, orientation, origin); the message
-  names the files;
+  names the files and prints both grids; a given brain mask shares them too and is not empty;
 - labels hold only the values of the case's convention (:data:`medfusion.data.labels.CONVENTIONS`);
   the message names the file and the bad values;
 - EHR time series parse with :func:`medfusion.data.ehr.discretize_ehr` (numeric, finite, known
@@ -62,6 +64,7 @@ _RESERVED = {
     str(Keys.LABEL_CONVENTION),
     str(Keys.MASK),
     str(Keys.INDEX),
+    str(Keys.BRAIN_MASK),
     "source",
     "image_4d",
     "image_4d_channels",
@@ -190,6 +193,8 @@ class _Volume:
     shape: tuple[int, ...]
     affine: np.ndarray | None
     data: np.ndarray | None = None
+    all_zero: bool = False
+    background: float | None = None  # the border value when the background is not 0 (z-scored export)
 
 
 def _read_nifti(path: str, what: str, keep: bool = False) -> _Volume:
@@ -209,7 +214,43 @@ def _read_nifti(path: str, what: str, keep: bool = False) -> _Volume:
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         n_bad = int((~np.isfinite(data)).sum())
         raise ValueError(f"{what} file {path} holds {n_bad} NaN/inf voxel(s); expected finite intensities.")
-    return _Volume(path, tuple(int(s) for s in data.shape), np.asarray(img.affine), data if keep else None)
+    from medfusion.data.volume import nonzero_background
+
+    return _Volume(
+        path,
+        tuple(int(s) for s in data.shape),
+        np.asarray(img.affine),
+        data if keep else None,
+        all_zero=not np.any(data),
+        background=nonzero_background(data),
+    )
+
+
+def _require_3d(vol: _Volume, what: str) -> None:
+    """A BraTS-style volume must be 3D: ``[X, Y, Z]`` (or ``[X, Y, Z, 1]``) with no single-slice axis."""
+    shape = vol.shape[:3] if len(vol.shape) == 4 and vol.shape[3] == 1 else vol.shape
+    if len(shape) != 3 or min(shape) < 2:
+        raise ValueError(
+            f"{what} file {vol.path} has shape {vol.shape}; expected a 3D volume (a case stored as 2D slices "
+            "cannot be segmented in 3D)."
+        )
+
+
+def _volume_warnings(vol: _Volume, what: str, brain_mask: bool | None) -> list[str]:
+    """Warnings about a volume's values: all zero; background not 0 while no brain mask is given.
+
+    ``brain_mask``: whether the case gives a brain mask; ``None`` skips the background check (volumes of a
+    generic manifest, e.g. CT whose background is -1000 HU).
+    """
+    if vol.all_zero:
+        return [f"{what} file {vol.path} holds only zeros (an empty volume); check the export."]
+    if vol.background is not None and brain_mask is False:
+        return [
+            f"{what} file {vol.path}: the background is not 0 (border value {vol.background:.4g}; z-scored?) and no "
+            "brain mask is given, so normalisation and crops would treat the whole volume as brain; give the mask "
+            "in a volume manifest's brain_mask column."
+        ]
+    return []
 
 
 def _read_other_volume(path: str, what: str) -> _Volume:
@@ -307,11 +348,13 @@ def _check_entry(
     vols: dict[str, _Volume] = {}
     present: list[str] = []
     given_mask = entry.get(Keys.MASK)
+    brain_mask = entry.get(Keys.BRAIN_MASK)
     if "image_4d" in entry:  # MSD 4D file, channels named by dataset.json
         path = str(entry["image_4d"])
         channels = [str(c) for c in entry.get("image_4d_channels", [])]
         try:
             vol = _read_nifti(path, "4D image")
+            res.warnings += _volume_warnings(vol, "4D image", brain_mask is not None if same_grid else None)
             n = vol.shape[3] if len(vol.shape) == 4 else 1
             if n != len(channels):
                 res.errors.append(f"4D image {path} has {n} channel(s); dataset.json names {len(channels)} {channels}.")
@@ -340,11 +383,14 @@ def _check_entry(
             continue
         try:
             if kind == "volume":
-                vols[m] = (
+                vol = (
                     _read_nifti(str(value), m)
                     if _suffix(str(value)) in (".nii", ".nii.gz")
                     else (_read_other_volume(str(value), m))
                 )
+                _require_3d(vol, m)  # before it becomes a case's reference grid: one error, not a cascade
+                vols[m] = vol
+                res.warnings += _volume_warnings(vol, m, brain_mask is not None if same_grid else None)
             elif kind == "dicom_series":
                 vols[m] = _read_other_volume(str(value), f"{m} DICOM series")
             elif kind == "dicom":
@@ -369,6 +415,8 @@ def _check_entry(
         res.errors.append(f"none of the modalities {list(modalities)} is present; at least one is needed.")
     if same_grid and len(vols) > 1:
         _compare_grids(vols, res)
+    if brain_mask is not None:
+        _check_brain_mask(str(brain_mask), vols, res)
     label = entry.get(Keys.LABEL)
     conv_name = entry.get(Keys.LABEL_CONVENTION)
     if conv_name is not None and (label is None or isinstance(label, str)):
@@ -389,56 +437,112 @@ def _reference(vols: Mapping[str, _Volume]) -> str:
     return next(m for m, v in vols.items() if v.shape == common)
 
 
+def _grid(affine: np.ndarray) -> str:
+    import nibabel as nib
+
+    spacing = tuple(round(float(x), 4) for x in np.linalg.norm(affine[:3, :3], axis=0))
+    axcodes = "".join(nib.aff2axcodes(affine))
+    return f"spacing {spacing}, origin {affine[:3, 3].round(3).tolist()}, orientation {axcodes}"
+
+
+def _grid_difference(a: np.ndarray, b: np.ndarray) -> str:
+    """What differs between two affines: spacing, orientation, origin, or (only) the direction cosines."""
+    import nibabel as nib
+
+    parts = []
+    if not np.allclose(np.linalg.norm(a[:3, :3], axis=0), np.linalg.norm(b[:3, :3], axis=0), atol=1e-3):
+        parts.append("spacing")
+    if nib.aff2axcodes(a) != nib.aff2axcodes(b):
+        parts.append("orientation")
+    if not np.allclose(a[:3, 3], b[:3, 3], atol=1e-3):
+        parts.append("origin")
+    return ", ".join(parts) or "direction cosines"
+
+
+def _grid_mismatch(what_a: str, a: _Volume, what_b: str, b: _Volume) -> str | None:
+    """A message naming both files and printing both grids when their affines differ, else ``None``."""
+    if a.affine is None or b.affine is None or np.allclose(a.affine, b.affine, atol=1e-3):
+        return None
+    return (
+        f"grid mismatch (different {_grid_difference(a.affine, b.affine)}): {what_a} {a.path} ({_grid(a.affine)}) "
+        f"vs {what_b} {b.path} ({_grid(b.affine)}); affines must match (resample to one grid)."
+    )
+
+
 def _compare_grids(vols: Mapping[str, _Volume], res: CaseCheck) -> None:
     if len({v.shape for v in vols.values()}) > 1:
         detail = "; ".join(f"{m} {v.path} {v.shape}" for m, v in vols.items())
         res.errors.append(f"volumes differ in shape ({detail}); all modalities of a case must be co-registered.")
         return
     names = list(vols)
-    ref = vols[names[0]]
     for m in names[1:]:
-        v = vols[m]
-        if ref.affine is not None and v.affine is not None and not np.allclose(ref.affine, v.affine, atol=1e-3):
-            sp_ref = tuple(round(float(x), 4) for x in np.linalg.norm(ref.affine[:3, :3], axis=0))
-            sp_v = tuple(round(float(x), 4) for x in np.linalg.norm(v.affine[:3, :3], axis=0))
-            res.errors.append(
-                f"grid mismatch: {names[0]} {ref.path} (spacing {sp_ref}, origin {ref.affine[:3, 3].round(3).tolist()})"
-                f" vs {m} {v.path} (spacing {sp_v}, origin {v.affine[:3, 3].round(3).tolist()}); "
-                "affines must match (resample to one grid)."
-            )
+        msg = _grid_mismatch(names[0], vols[names[0]], m, vols[m])
+        if msg:
+            res.errors.append(msg)
 
 
-def _check_label(path: str, conv_name: str, vols: Mapping[str, _Volume], res: CaseCheck, check_values: bool) -> None:
-    from medfusion.data.labels import CONVENTIONS  # lazy: imports MONAI
-
-    if conv_name not in CONVENTIONS:
-        res.errors.append(
-            f"label {path}: unknown label convention {conv_name!r}; expected one of {sorted(CONVENTIONS)}."
-        )
+def _check_brain_mask(path: str, vols: Mapping[str, _Volume], res: CaseCheck) -> None:
+    if not Path(path).is_file():
+        res.errors.append(f"brain mask file {path} does not exist.")
         return
     try:
-        lab = _read_nifti(path, "label", keep=True)
+        mask = _read_nifti(path, "brain mask")
+        _require_3d(mask, "brain mask")
     except ValueError as err:
         res.errors.append(str(err))
         return
-    ref = vols[_reference(vols)] if vols else None
+    if mask.all_zero:
+        res.errors.append(f"brain mask {path} holds no voxel > 0; expected the brain (foreground) voxels.")
+    ref_name = _reference(vols) if vols else None
+    if ref_name is None:
+        return
+    ref = vols[ref_name]
+    if mask.shape[:3] != ref.shape[:3]:
+        res.errors.append(f"brain mask {path} has shape {mask.shape}, {ref_name} {ref.path} has {ref.shape}.")
+        return
+    msg = _grid_mismatch("brain mask", mask, ref_name, ref)
+    if msg:
+        res.errors.append(msg)
+
+
+def _check_label(path: str, conv_name: str, vols: Mapping[str, _Volume], res: CaseCheck, check_values: bool) -> None:
+    from medfusion.data.labels import CONVENTIONS, get_convention  # lazy: imports MONAI
+
+    try:
+        conv = get_convention(conv_name)
+    except ValueError as err:
+        res.errors.append(f"label {path}: {err}")
+        return
+    try:
+        lab = _read_nifti(path, "label", keep=True)
+        _require_3d(lab, "label")
+    except ValueError as err:
+        res.errors.append(str(err))
+        return
+    ref_name = _reference(vols) if vols else None
+    ref = vols[ref_name] if ref_name is not None else None
     if ref is not None and lab.shape[:3] != ref.shape[:3]:
         res.errors.append(f"label {path} has shape {lab.shape}, image {ref.path} has {ref.shape}.")
-    elif ref is not None and ref.affine is not None and not np.allclose(ref.affine, lab.affine, atol=1e-3):
-        res.errors.append(f"label {path} and image {ref.path} have different affines (grids); resample to one grid.")
+    elif ref is not None:
+        msg = _grid_mismatch("label", lab, str(ref_name), ref)
+        if msg:
+            res.errors.append(msg)
     if not check_values:
         return
     data = lab.data
     assert data is not None
-    allowed = CONVENTIONS[conv_name].values
+    allowed = conv.values
     if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
-        res.errors.append(f"label {path} holds non-integer values; convention {conv_name!r} expects {list(allowed)}.")
+        res.errors.append(f"label {path} holds non-integer values; convention {conv.name!r} expects {list(allowed)}.")
         return
     found = np.unique(data).astype(np.int64).tolist()
     bad = sorted(set(found) - set(allowed))
     if bad:
+        fits = [n for n, c in CONVENTIONS.items() if set(found) <= set(c.values) and n != conv.name]
+        hint = f"; the values fit {fits}" if fits else ""
         res.errors.append(
-            f"label {path} holds value(s) {bad} (found {found}); convention {conv_name!r} expects {list(allowed)}."
+            f"label {path} holds value(s) {bad} (found {found}); convention {conv.name!r} expects {list(allowed)}"
+            f"{hint} (set label_convention to the dataset's convention: a name or 'TC=..;WT=..;ET=..')."
         )
 
 
@@ -507,31 +611,40 @@ def check_brats(
     check_labels: bool = True,
     num_workers: int | None = None,
     progress: bool = True,
+    label_convention: Any = None,
 ) -> CheckReport:
-    """Check a BraTS (2018-2023) or MSD Task01 dataset folder.
+    """Check a BraTS (2018-2023) or MSD Task01 dataset folder, or a volume manifest CSV.
 
-    Each case folder is discovered separately, so a case with no modality file is reported as that
-    case's error instead of aborting the whole check.
+    Each case folder (manifest row) is discovered separately, so a case with no modality file is
+    reported as that case's error instead of aborting the whole check. Two case folders with the same
+    name are a dataset error naming both.
 
     Args:
-        dataset_dir: folder as accepted by :func:`medfusion.data.brats.discover_brats`.
+        dataset_dir: folder as accepted by :func:`medfusion.data.brats.discover_brats`, or a volume
+            manifest (:mod:`medfusion.data.volume_manifest`).
         modalities: names to check (subset of flair, t1, t1ce, t2).
         require_label: a case without a label file is an error.
         check_labels: read each label map and check its values against the case's convention.
         num_workers: threads (see :func:`check_datalist`).
         progress: show a progress bar on a terminal.
+        label_convention: the dataset's convention for every case (name, mapping or spec; see
+            :mod:`medfusion.data.labels`); ``None``: the layout's own (manifest: its column, else ``brats``).
 
     Returns:
-        The :class:`CheckReport` (``layout`` ``"brats"`` or ``"msd"``).
+        The :class:`CheckReport` (``layout`` ``"brats"``, ``"msd"`` or ``"volume_manifest"``).
 
     Raises:
-        ValueError: unknown modality names (a usage error, not a data problem).
+        ValueError: unknown modality names or label convention (a usage error, not a data problem).
         FileNotFoundError: ``dataset_dir`` does not exist.
     """
     from medfusion.data import brats
+    from medfusion.data.labels import convention_key
 
     mods = validate_modalities(modalities, BRATS_MODALITIES)
+    fixed = convention_key(label_convention) if label_convention is not None else None
     root = Path(dataset_dir).expanduser()
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return _check_volume_manifest(root, mods, require_label, check_labels, num_workers, progress, fixed)
     if not root.is_dir():
         raise FileNotFoundError(f"BraTS dataset folder {root} does not exist or is not a folder.")
     layout = brats.detect_layout(root)
@@ -540,26 +653,25 @@ def check_brats(
     dataset_errors: list[str] = []
     if layout == "msd":
         try:
-            entries = brats.discover_brats(root, mods, require_label=False)
+            entries = brats.discover_brats(root, mods, require_label=False, label_convention=fixed)
         except (ValueError, FileNotFoundError, PermissionError) as err:
             dataset_errors.append(str(err))
     else:
+        unmatched: list[tuple[Path, list[str]]] = []
         try:
-            case_dirs = brats._case_dirs(root)
+            case_dirs, unmatched = brats._scan(root)
         except PermissionError as err:
             case_dirs = []
             dataset_errors.append(str(err))
+        dataset_errors += brats.duplicate_case_dirs([d for d, *_ in case_dirs])
         if not case_dirs and not dataset_errors:
-            dataset_errors.append(
-                f"no BraTS cases under {root}: expected case folders such as "
-                "BraTS2021_00000/BraTS2021_00000_flair.nii.gz or an MSD dataset.json."
-            )
+            dataset_errors.append(brats.no_cases_message(root, unmatched))
         prev = logging.getLogger(brats.__name__).level
         logging.getLogger(brats.__name__).setLevel(logging.ERROR)  # missing files are reported as warnings below
         try:
             for case_dir, *_ in case_dirs:
                 try:
-                    entries += brats.discover_brats(case_dir, mods, require_label=False)
+                    entries += brats.discover_brats(case_dir, mods, require_label=False, label_convention=fixed)
                 except (ValueError, FileNotFoundError, PermissionError) as err:
                     early.append(CaseCheck(case_dir.name, errors=[str(err)]))
         finally:
@@ -569,6 +681,36 @@ def check_brats(
     )
     report.dataset_errors = dataset_errors
     report.cases = sorted(report.cases + early, key=lambda c: c.case_id)
+    return report
+
+
+def _check_volume_manifest(
+    path: Path,
+    mods: Sequence[str],
+    require_label: bool,
+    check_labels: bool,
+    num_workers: int | None,
+    progress: bool,
+    label_convention: str | None,
+) -> CheckReport:
+    """Volume manifest: row problems (missing files, duplicate ids, bad conventions) + every file of the good rows."""
+    from medfusion.data.volume_manifest import read_volume_rows
+
+    report = CheckReport("volume_manifest", str(path))
+    try:
+        entries, errors, warnings = read_volume_rows(path, mods, label_convention)
+    except ValueError as err:
+        report.dataset_errors.append(str(err))
+        return report
+    part = check_datalist(
+        entries, mods, require_label, check_labels, True, "volume_manifest", str(path), num_workers, progress
+    )
+    by_case = {c.case_id: c for c in part.cases}
+    for case in dict.fromkeys([*errors, *warnings]):
+        res = by_case.setdefault(case, CaseCheck(case))
+        res.errors[:0] = errors.get(case, [])
+        res.warnings[:0] = warnings.get(case, [])
+    report.cases = list(by_case.values())
     return report
 
 
@@ -695,10 +837,15 @@ def detect_check_layout(path: str | os.PathLike) -> str:
     """Layout of a dataset path for :func:`check_path`.
 
     Returns:
-        ``"manifest"`` for a ``.csv`` file, ``"mimic"`` for a folder holding ``ehr/`` (or a mimic3-benchmarks
-        root holding ``root/all_stays.csv``), else ``"brats"``.
+        ``"brats"`` for a volume manifest (:func:`medfusion.data.volume_manifest.is_volume_manifest`),
+        ``"manifest"`` for any other ``.csv`` file, ``"mimic"`` for a folder holding ``ehr/`` (or a
+        mimic3-benchmarks root holding ``root/all_stays.csv``), else ``"brats"``.
     """
+    from medfusion.data.volume_manifest import is_volume_manifest
+
     p = Path(path)
+    if is_volume_manifest(p):
+        return "brats"
     if p.suffix.lower() == ".csv":
         return "manifest"
     if (p / "ehr").is_dir() or (p / "root" / "all_stays.csv").is_file():
@@ -714,6 +861,7 @@ def check_path(
     check_labels: bool = True,
     num_workers: int | None = None,
     progress: bool = True,
+    label_convention: Any = None,
 ) -> CheckReport:
     """Check a dataset given by path, choosing the checker from ``layout``.
 
@@ -726,6 +874,7 @@ def check_path(
         check_labels: BraTS: check label values (``False``: skip reading labels' values).
         num_workers: threads.
         progress: progress bar on a terminal.
+        label_convention: BraTS / volume manifest: the dataset's label convention (see :func:`check_brats`).
 
     Raises:
         ValueError: unknown layout or modality names.
@@ -746,7 +895,13 @@ def check_path(
             path, modalities=modalities or CLINICAL_MODALITIES, num_workers=num_workers, progress=progress
         )
     return check_brats(
-        path, modalities or BRATS_MODALITIES, require_label and check_labels, check_labels, num_workers, progress
+        path,
+        modalities or BRATS_MODALITIES,
+        require_label and check_labels,
+        check_labels,
+        num_workers,
+        progress,
+        label_convention,
     )
 
 
@@ -758,6 +913,7 @@ def validate_before_training(
     check_labels: bool = True,
     max_problems: int = 10,
     num_workers: int | None = None,
+    label_convention: Any = None,
 ) -> CheckReport:
     """Check a dataset and raise ONE error summarising the failing cases (for a bundle's ``initialize``).
 
@@ -769,6 +925,7 @@ def validate_before_training(
         check_labels: check label values.
         max_problems: how many problems the error message quotes.
         num_workers: threads.
+        label_convention: BraTS / volume manifest path: the dataset's label convention (see :func:`check_brats`).
 
     Returns:
         The report when there are no errors (warnings are logged).
@@ -778,7 +935,9 @@ def validate_before_training(
             problems, each naming the case and the file/field.
     """
     if isinstance(datalist_or_dir, (str, os.PathLike)):
-        report = check_path(datalist_or_dir, layout, modalities, require_label, check_labels, num_workers, False)
+        report = check_path(
+            datalist_or_dir, layout, modalities, require_label, check_labels, num_workers, False, label_convention
+        )
     else:
         report = check_datalist(
             list(datalist_or_dir), modalities, require_label, check_labels, num_workers=num_workers, progress=False

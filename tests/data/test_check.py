@@ -73,7 +73,7 @@ def test_clean_cohort_threaded_and_serial_agree(cohort):
 
 
 def test_datalist_input_and_label_checks(tmp_path):
-    vol = np.ones((6, 6, 6), np.float32)
+    vol = np.pad(np.ones((4, 4, 4), np.float32), 1)  # skull-stripped: background 0
     flair = _nii(tmp_path / "c1_flair.nii.gz", vol)
     seg_float = _nii(tmp_path / "c1_seg.nii.gz", np.full((6, 6, 6), 1.5, np.float32))
     seg_2023 = _nii(tmp_path / "c2_seg.nii.gz", np.full((6, 6, 6), 3, np.uint8))
@@ -114,7 +114,8 @@ def test_msd_layout(tmp_path):
 
 def test_empty_folder_is_a_dataset_error(tmp_path):
     rep = check_brats(tmp_path, progress=False)
-    assert not rep.ok and rep.cases == [] and "no BraTS cases" in rep.dataset_errors[0]
+    assert not rep.ok and rep.cases == [] and "No BraTS cases" in rep.dataset_errors[0]
+    assert "searched it and 3 folder levels below it" in rep.dataset_errors[0]
     with pytest.raises(FileNotFoundError, match="nope"):
         check_brats(tmp_path / "nope")
 

@@ -79,6 +79,7 @@ def evaluate_bundle(
     device: str | None = None,
     split: str = "all",
     extra_overrides: Mapping[str, Any] | None = None,
+    modalities: Sequence[str] | None = None,
 ) -> str:
     """Evaluate a trained bundle on every modality combination of ``dataset_dir``.
 
@@ -86,7 +87,7 @@ def evaluate_bundle(
 
     Args:
         bundle_dir: bundle folder.
-        dataset_dir: dataset folder (any supported layout).
+        dataset_dir: dataset folder (any supported layout) or volume manifest CSV.
         output_dir: where ``per_case.csv``, ``summary.md``, ``summary.csv`` and ``heatmap.png`` go.
         checkpoint: checkpoint path (default ``<bundle>/models/model.pt``).
         combinations: names such as ``["flair+t1ce", "t1"]`` (default: all).
@@ -95,7 +96,8 @@ def evaluate_bundle(
         hd95: compute HD95.
         device: ``"cpu"``, ``"cuda"`` ... (default: automatic).
         split: ``"all"`` (every case of ``dataset_dir``) or a split name of the bundle (``"test"``).
-        extra_overrides: any further config overrides.
+        extra_overrides: any further config overrides (``{"label_convention": "brats2015"}``, network settings).
+        modalities: the model's modality names in training order (default: the bundle's ``modalities``).
 
     Returns:
         The markdown summary table.
@@ -115,6 +117,8 @@ def evaluate_bundle(
         overrides["roi_size"] = [int(r) for r in roi_size]
     if device is not None:
         overrides["device"] = f"$torch.device('{device}')"
+    if modalities:
+        overrides["modalities"] = [str(m) for m in modalities]
     overrides.update(extra_overrides or {})
     wf = bundle_workflow(bundle_dir, ["train.json", "evaluate.json"], "train", overrides)
     _run(wf)

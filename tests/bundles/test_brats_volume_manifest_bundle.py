@@ -1,0 +1,120 @@
+"""bundles/brats_metakd on a BRATS 2015 toolkit-style export: volume manifest, brats2015 labels, brain mask,
+a flair + t1ce model trained, evaluated from the CLI and used for inference in the dataset's convention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from monai.bundle import ConfigWorkflow
+
+from medfusion.cli import main
+from medfusion.data.synth_brats import write_brats_cohort
+from medfusion.evaluation.bundle import train_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLE = ROOT / "bundles" / "brats_metakd"
+CHANNELS = [4, 8, 16, 32]
+COMMON = {
+    "modalities": ["flair", "t1ce"],
+    "label_convention": "brats2015",
+    "network_def#channels": CHANNELS,
+    "roi_size": [32, 32, 32],
+}
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("b15bundle") / "export"
+    write_brats_cohort(out, cases=6, size=32, seed=8, style="brats2015")
+    # the manifest a user writes: no convention column, the bundle config chooses it
+    pd.read_csv(out / "manifest.csv").drop(columns=["label_convention"]).to_csv(out / "cases.csv", index=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(export, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("b15run")
+    train_bundle(
+        BUNDLE,
+        {
+            **COMMON,
+            "dataset_dir": str(export / "cases.csv"),
+            "ckpt_dir": str(work / "models"),
+            "output_dir": str(work / "runs"),
+            "max_epochs": 1,
+            "batch_size": 2,
+            "num_workers": 0,
+            "cache_rate": 1.0,
+            "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.2},
+            "method#meta_interval": 1,
+        },
+    )
+    return work
+
+
+def test_without_the_convention_the_pre_training_check_names_it(export, tmp_path):
+    overrides = {**COMMON, "label_convention": None, "dataset_dir": str(export / "cases.csv")}
+    overrides.update({"ckpt_dir": str(tmp_path / "m"), "output_dir": str(tmp_path / "r"), "num_workers": 0})
+    with pytest.raises(RuntimeError) as err:
+        train_bundle(BUNDLE, overrides)
+    cause = str(err.value.__cause__)
+    assert "holds value(s) [3]" in cause and "the values fit ['brats2015']" in cause
+    assert not (tmp_path / "m" / "model.pt").exists()
+
+
+def test_flair_t1ce_model_evaluates_from_the_cli(export, trained, tmp_path, capsys):
+    args = ["evaluate", "--bundle", str(BUNDLE), "--dataset_dir", str(export / "cases.csv")]
+    args += ["--output_dir", str(tmp_path / "eval"), "--checkpoint", str(trained / "models" / "model.pt")]
+    args += ["--roi_size", "32", "32", "32", "--no_hd95", "--modalities", "flair", "t1ce"]
+    args += ["--override", f"network_def#channels={CHANNELS}".replace(" ", ""), "label_convention=brats2015"]
+    assert main(args) == 0
+    summary = pd.read_csv(tmp_path / "eval" / "summary.csv", index_col=0)
+    assert list(summary.index) == ["flair", "t1ce", "flair+t1ce", "mean"]
+    per_case = pd.read_csv(tmp_path / "eval" / "per_case.csv")
+    assert len(per_case) == 6 * 3 and per_case["dice_wt"].between(0, 1).all()
+    assert "flair+t1ce" in capsys.readouterr().out
+
+
+def _infer(export: Path, trained: Path, out: Path, convention) -> ConfigWorkflow:
+    wf = ConfigWorkflow(
+        config_file=str(BUNDLE / "configs" / "inference.json"),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        workflow_type="infer",
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(export / "cases.csv"),
+        ckpt_path=str(trained / "models" / "model.pt"),
+        output_dir=str(out),
+        **{**COMMON, "label_convention": convention},
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+@pytest.mark.parametrize(
+    ("convention", "key", "allowed"),
+    [
+        ("brats2015", "brats2015", {0, 1, 2, 4}),
+        (
+            {"TC": [1, 3, 4], "WT": [1, 2, 3, 4], "ET": [4], "write": {"ET": 4, "TC": 3, "WT": 2}},
+            "TC=1,3,4;WT=1,2,3,4;ET=4;write=4,3,2",
+            {0, 2, 3, 4},
+        ),
+    ],
+)
+def test_inference_writes_the_configured_convention(export, trained, tmp_path, convention, key, allowed):
+    wf = _infer(export, trained, tmp_path / "pred", convention)
+    assert {e["label_convention"] for e in wf.parser.get_parsed_content("datalist")} == {key}
+    preds = sorted((tmp_path / "pred").glob("*_seg.nii.gz"))
+    assert [p.name for p in preds] == [f"brats2015_pat{i:04d}_seg.nii.gz" for i in range(6)]
+    src = nib.load(str(export / "brats2015_pat0000" / "Flair_subtrMeanDivStd.nii.gz"))
+    img = nib.load(str(preds[0]))
+    assert img.shape == src.shape
+    np.testing.assert_allclose(img.affine, src.affine)
+    values = set().union(*(np.unique(np.asarray(nib.load(str(p)).dataobj)).tolist() for p in preds))
+    assert values <= allowed and len(values) > 1  # something was predicted, written in the configured values

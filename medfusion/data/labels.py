@@ -140,6 +140,21 @@ class LabelConvention(NamedTuple):
         return conv._replace(name=str(name) if name else conv.key)
 
     @property
+    def enhancing(self) -> int:
+        """The value predicted ET voxels are written with."""
+        return self.write[0]
+
+    @property
+    def necrosis(self) -> int:
+        """The value predicted core voxels outside ET (TC minus ET) are written with."""
+        return self.write[1]
+
+    @property
+    def edema(self) -> int:
+        """The value predicted WT voxels outside TC are written with."""
+        return self.write[2]
+
+    @property
     def values(self) -> tuple[int, ...]:
         """All valid label values, background (0) included."""
         return (0, *self.wt)

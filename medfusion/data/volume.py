@@ -86,6 +86,10 @@ class ForegroundNormalized(MapTransform):
     volumes) this equals ``NormalizeIntensityd(nonzero=True, channel_wise=True)`` up to voxels that are
     0 in one channel but not in another. An all-zero channel (a missing modality) stays 0.
 
+    When the sample has no ``mask_key`` (a chain fed with an already stacked image instead of
+    :class:`LoadModalitiesd`), the foreground is the non-zero region of the first image key, and it
+    is stored under ``mask_key`` for the crops that follow.
+
     Args:
         keys: image keys ``[C, *S]``.
         mask_key: foreground mask key ``[1, *S]``.
@@ -100,7 +104,10 @@ class ForegroundNormalized(MapTransform):
         """Normalise the image keys of one sample."""
         d = dict(data)
         if self.mask_key not in d:
-            raise KeyError(f"ForegroundNormalized: case {d.get(Keys.CASE_ID, '?')} has no {self.mask_key!r} key.")
+            first = next(iter(self.key_iterator(d)), None)
+            if first is None:
+                return d
+            d[self.mask_key] = (torch.as_tensor(d[first]) != 0).any(dim=0, keepdim=True).to(torch.uint8)
         mask = torch.as_tensor(d[self.mask_key])[0] > 0
         for key in self.key_iterator(d):
             img = d[key]
@@ -298,7 +305,9 @@ def brats_transforms(
     spatial = [*keys, Keys.BRAIN_MASK]
     chain: list[Any] = [
         LoadModalitiesd(mods, load_label=with_label, require_label=with_label),
-        Orientationd(keys=spatial, axcodes="RAS"),
+        Orientationd(keys=keys, axcodes="RAS"),
+        # absent when the chain is fed an already stacked image (ForegroundNormalized then builds it)
+        Orientationd(keys=Keys.BRAIN_MASK, axcodes="RAS", allow_missing_keys=True),
     ]
     if with_label:
         chain.append(ConvertLabelToRegionsd(keys=Keys.LABEL))

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from monai.transforms import NormalizeIntensityd
 
 from medfusion.data.brats import discover_brats
 from medfusion.data.synth_brats import write_brats2015_case, write_brats_cohort
@@ -32,8 +33,11 @@ def test_foreground_normalisation_hand_computed():
     assert torch.allclose(out[0, 0, 0], torch.tensor([0.0, -1 / sd, 0.0, 1 / sd]))
     assert torch.equal(out[1], torch.zeros(1, 1, 4))  # an all-zero (missing) channel stays 0
     assert torch.equal(img[0, 0, 0, 0], torch.tensor(-5.0))  # input untouched
-    with pytest.raises(KeyError, match="no 'brain_mask' key"):
-        ForegroundNormalized("image")({"image": img, "case_id": "c"})
+    # no mask key (an already stacked image): the non-zero region, as MONAI's nonzero normalisation
+    z = torch.tensor([[[[0.0, 1.0, 2.0, 3.0]]], [[[0.0, 5.0, 5.0, 8.0]]]])
+    out = ForegroundNormalized("image")({"image": z})
+    expected = NormalizeIntensityd("image", nonzero=True, channel_wise=True)({"image": z})["image"]
+    assert torch.allclose(out["image"], expected) and out["brain_mask"].tolist() == [[[[0, 1, 1, 1]]]]
 
 
 def test_nonzero_background_reads_the_border():

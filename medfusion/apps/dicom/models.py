@@ -147,7 +147,8 @@ def load_segmentation_model(
         )
     parser = loaded.parser
     inferer = parser.get_parsed_content("inferer", instantiate=True)
-    conv_name = label_convention or (parser["label_convention"] if "label_convention" in parser else "brats")
+    # the bundle's label_convention is null when the dataset's own is used (then BraTS 2018-2021 labels)
+    conv_name = label_convention or (parser["label_convention"] if "label_convention" in parser else None) or "brats"
     conv = get_convention(str(conv_name))
     settings = {
         "roi_size": [int(r) for r in getattr(inferer, "roi_size", [])],

@@ -47,6 +47,7 @@ __all__ = [
     "REGION_NAMES",
     "get_convention",
     "convention_key",
+    "datalist_conventions",
     "labels_to_regions",
     "regions_to_labels",
     "ConvertLabelToRegions",
@@ -255,6 +256,21 @@ def get_convention(spec: ConventionSpec) -> LabelConvention:
 def convention_key(spec: ConventionSpec) -> str:
     """The string a datalist entry carries for ``spec`` (validates it): see :attr:`LabelConvention.key`."""
     return get_convention(spec).key
+
+
+def datalist_conventions(datalist: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The label conventions a datalist uses, ``{key: LabelConvention.to_dict()}`` in first-seen order.
+
+    What a model trained on the datalist should record (its labels were read this way, and inference
+    writes them back this way); entries without ``label_convention`` are skipped.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for entry in datalist:
+        spec = entry.get(Keys.LABEL_CONVENTION)
+        if spec is not None:
+            conv = get_convention(spec)
+            out.setdefault(conv.key, conv.to_dict())
+    return out
 
 
 def _source(meta_holder: Any) -> str:

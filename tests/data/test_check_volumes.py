@@ -159,3 +159,22 @@ def test_volume_manifest_rows_are_reported_per_case(export2015, tmp_path):
     df.to_csv(tmp_path / "dup.csv", index=False)
     rep = check_brats(tmp_path / "dup.csv", num_workers=0, progress=False)
     assert not rep.ok and "duplicate case_id 'brats2015_pat0000': line 2" in rep.cases[0].errors[0]
+
+
+def test_real_case_zscored_is_warned_about_unless_its_mask_is_given(real_case, tmp_path):
+    from medfusion.data.synth_brats import write_brats2015_case
+
+    images = {
+        m: np.asarray(nib.load(str(real_case / f"{real_case.name}_{m}.nii.gz")).dataobj) for m in ("flair", "t1ce")
+    }
+    seg = nib.load(str(real_case / f"{real_case.name}_seg.nii.gz"))
+    files = write_brats2015_case(tmp_path / "case", images, np.asarray(seg.dataobj), affine=seg.affine)
+    row = {"case_id": "real", **{k: f"case/{v}" for k, v in files.items()}, "label_convention": "brats2015"}
+    pd.DataFrame([row]).to_csv(tmp_path / "mask.csv", index=False)
+    pd.DataFrame([{k: v for k, v in row.items() if k != "brain_mask"}]).to_csv(tmp_path / "nomask.csv", index=False)
+    with_mask = check_path(tmp_path / "mask.csv", modalities=["flair", "t1ce"], num_workers=0, progress=False)
+    assert with_mask.ok and with_mask.n_warnings == 0
+    without = check_path(tmp_path / "nomask.csv", modalities=["flair", "t1ce"], num_workers=0, progress=False)
+    assert without.ok and len(without.cases[0].warnings) == 2
+    assert all("the background is not 0" in w for w in without.cases[0].warnings)
+    assert check_path(real_case.parent, num_workers=0, progress=False).n_warnings == 0  # the release: background 0

@@ -107,3 +107,17 @@ def test_custom_convention_travels_per_sample():
     assert regions.tolist() == [[0, 1, 0], [0, 1, 1], [0, 0, 0]]
     pred = ConvertRegionsToLabeld("pred")({"pred": regions, "label_convention": [key]})["pred"]
     assert pred.tolist() == [[0, 1, 2]]
+
+
+def test_datalist_conventions_for_model_metadata():
+    from medfusion.data.labels import datalist_conventions
+
+    entries = [
+        {"label_convention": "brats"},
+        {"label_convention": "TC=1,3,4;WT=1,2,3,4;ET=4"},
+        {"label_convention": "brats"},
+    ]
+    out = datalist_conventions([*entries, {"case_id": "no label convention"}])
+    assert list(out) == ["brats", "TC=1,3,4;WT=1,2,3,4;ET=4;write=4,1,2"]
+    assert out["brats"] == {"name": "brats", "key": "brats", "TC": [1, 4], "WT": [1, 2, 4], "ET": [4],
+                            "write": {"ET": 4, "TC": 1, "WT": 2}}  # fmt: skip

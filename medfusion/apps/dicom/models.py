@@ -130,7 +130,7 @@ def load_segmentation_model(
         overrides: config overrides the model was trained with.
         roi_size: sliding-window size (default: the bundle's ``roi_size``).
         label_convention: label values of the written label map (``brats``, ``brats2023``, ``msd``); default: the
-            bundle config's ``label_convention`` when it has one, else ``brats`` (1 NCR, 2 ED, 4 ET).
+            bundle config's ``label_convention`` when it sets one, else ``brats`` (1 NCR, 2 ED, 4 ET).
         device: default automatic.
 
     Raises:

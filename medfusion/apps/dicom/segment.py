@@ -307,14 +307,15 @@ def dicom_segment(
     )
     folder = Path(output_dir) / study / series_uid
     timings["query_s"] = time.perf_counter() - t0
-    reused = (folder / SIDECAR).is_file() and (folder / SEG_FILE).is_file() and not overwrite
+    complete = (folder / SIDECAR).is_file() and (folder / SEG_FILE).is_file()
+    reused = complete and not overwrite and (not nifti or (folder / NIFTI_FILE).is_file())
     if reused:
         logger.info("study %s: identical result already in %s (pass overwrite to recompute)", study, folder)
         sidecar = json.loads((folder / SIDECAR).read_text())
     else:
-        sidecar = _compute(
-            store, study, mapping, model, segments, nifti, folder, series_uid, sop_uid, timings, overwrite
-        )
+        # an earlier identical result without the NIfTI asked for now is recomputed (same UIDs, same SEG)
+        replace = overwrite or complete
+        sidecar = _compute(store, study, mapping, model, segments, nifti, folder, series_uid, sop_uid, timings, replace)
     if send is not None:
         sidecar = send_result(folder / SEG_FILE, open_target(send, store), study, series_uid, "SEG", sidecar)
     return SegmentResult(folder=folder, sidecar=sidecar, reused=reused)

@@ -123,6 +123,10 @@ def test_full_and_missing_series_studies_against_orthanc(
     expected_part = _nifti_regions_on_grid(bundle_nifti_inference(only, "flair+t1ce"), pref.volume)
     np.testing.assert_array_equal(_seg_regions_on_grid(pseg, pref.datasets), expected_part)
     assert not np.array_equal(expected_part, expected)  # the combination changed the prediction
+    # the same result asked again with a NIfTI it lacks: recomputed into the same folder, same SEG UIDs
+    with_nifti = dicom_segment(pacs, seg_model, tmp_path / "out", accession_number="ACC-PART", nifti=True)
+    assert not with_nifti.reused and with_nifti.folder == folder and (folder / "seg.nii.gz").is_file()
+    assert with_nifti.sidecar["seg"] == pside["seg"]
 
 
 def test_folder_study_label_segments_sent_to_a_folder(small_case, seg_model, tmp_path):

@@ -3,8 +3,9 @@
 Each batch is encoded ONCE (every modality's encoder runs once) and the fusion head is applied
 for every combination's mask, which equals running the model per combination because heads only
 read the mask (tested). Metrics per combination: AUROC (MONAI ``compute_roc_auc``), AUPRC,
-accuracy, F1, balanced accuracy (scikit-learn), each with a percentile-bootstrap 95% CI over
-samples. Per-sample method outputs found in the head's ``aux`` (QMF weights, OmniFuse omega,
+accuracy, F1, balanced accuracy (scikit-learn) and the expected calibration error
+(:mod:`medfusion.evaluation.calibration`), each with a percentile-bootstrap 95% CI over samples, plus a
+reliability diagram per combination. Per-sample method outputs found in the head's ``aux`` (QMF weights, OmniFuse omega,
 ...) are exported beside the predictions.
 """
 
@@ -24,14 +25,20 @@ from tqdm.auto import tqdm
 
 from medfusion.engines.method import model_inputs, to_device, unwrap
 from medfusion.engines.utils import resolve_device
-from medfusion.evaluation.report import plot_heatmap, to_markdown
+from medfusion.evaluation.calibration import (
+    apply_temperature,
+    expected_calibration_error,
+    plot_reliability,
+    reliability_curve,
+)
+from medfusion.evaluation.report import plot_heatmap, to_markdown, write_record
 from medfusion.modality import Keys, combination_mask, combination_name, combinations, parse_combination
 
 __all__ = ["CLS_METRICS", "classification_metrics", "bootstrap_ci", "predict_combinations", "evaluate_classification"]
 
 logger = logging.getLogger(__name__)
 
-CLS_METRICS: tuple[str, ...] = ("auroc", "auprc", "accuracy", "f1", "balanced_accuracy")
+CLS_METRICS: tuple[str, ...] = ("auroc", "auprc", "accuracy", "f1", "balanced_accuracy", "ece")
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -42,8 +49,9 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
         labels: ``[N]`` integer labels.
 
     Returns:
-        ``{"auroc", "auprc", "accuracy", "f1", "balanced_accuracy"}``; AUROC/AUPRC are NaN when only
-        one class is present. Multi-class: macro one-vs-rest AUROC/AUPRC and macro F1.
+        ``{"auroc", "auprc", "accuracy", "f1", "balanced_accuracy", "ece"}``; AUROC/AUPRC are NaN when
+        only one class is present. Multi-class: macro one-vs-rest AUROC/AUPRC and macro F1. ``ece``: top-label
+        expected calibration error with 10 bins (lower is better).
     """
     labels = labels.astype(int)
     n_classes = probs.shape[1]
@@ -52,6 +60,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
         "accuracy": float(accuracy_score(labels, pred)),
         "balanced_accuracy": float(balanced_accuracy_score(labels, pred)) if len(np.unique(labels)) > 1 else np.nan,
         "f1": float(f1_score(labels, pred, average="binary" if n_classes == 2 else "macro", zero_division=0)),
+        "ece": expected_calibration_error(probs, labels),
     }
     if len(np.unique(labels)) < 2:
         out.update({"auroc": np.nan, "auprc": np.nan})
@@ -163,6 +172,8 @@ def evaluate_classification(
     progress: bool = True,
     title: str = "AUROC per modality combination",
     seed: int = 0,
+    temperatures: Mapping[str, float] | None = None,
+    record: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Evaluate a classifier on every modality combination.
 
@@ -172,7 +183,8 @@ def evaluate_classification(
             ``label``, ``sample_index``).
         modalities: the model's ordered modality names.
         output_dir: writes ``predictions.csv`` (per sample and combination, with aux outputs),
-            ``summary.csv``, ``summary.md`` (metrics with 95% CIs) and ``heatmap.png``.
+            ``summary.csv``, ``summary.md`` (metrics with 95% CIs), ``heatmap.png``, ``reliability.png``
+            (one reliability diagram per combination), ``reliability.csv`` and ``evaluation.json``.
         combinations_to_run: names (default all ``2^M - 1``).
         n_bootstrap: bootstrap resamples for the CIs (0 = none).
         cached: encode once per batch and re-run only the head per combination.
@@ -180,6 +192,11 @@ def evaluate_classification(
         progress: tqdm bar.
         title: heading of the summary / heatmap.
         seed: bootstrap seed.
+        temperatures: ``{combination: T}`` fitted on the validation split
+            (:func:`~medfusion.evaluation.calibration.fit_temperatures`); probabilities become
+            ``softmax(log p / T)`` per combination before any metric (``None`` = uncalibrated).
+        record: facts about the run written to ``evaluation.json`` (split, method, checkpoint, ...;
+            ``medfusion compare`` checks that compared runs share them).
 
     Returns:
         Summary indexed by combination (+ ``mean``): metric columns, ``<metric>_lo``/``_hi`` CIs, ``n``.
@@ -197,13 +214,20 @@ def evaluate_classification(
             "evaluate_classification: no sample could be evaluated (empty loader or no combination available)."
         )
     prob_cols = [c for c in preds.columns if c.startswith("prob_")]
+    if temperatures:
+        preds[prob_cols] = preds[prob_cols].astype(float)
+        for name, part in preds.groupby("combination", sort=False):
+            t = float(temperatures.get(str(name), 1.0))
+            preds.loc[part.index, prob_cols] = apply_temperature(part[prob_cols].to_numpy(), t)
     rows = {}
+    curves = {}
     for name in [combination_name(c) for c in combos]:
         part = preds[preds["combination"] == name]
         if part.empty:
             continue
         p, y = part[prob_cols].to_numpy(), part["label"].to_numpy()
         row: dict[str, float] = dict(classification_metrics(p, y))
+        curves[name] = reliability_curve(p, y)
         if n_bootstrap > 0:
             for k, (lo, hi) in bootstrap_ci(p, y, n_bootstrap, seed).items():
                 row[f"{k}_lo"], row[f"{k}_hi"] = lo, hi
@@ -222,4 +246,16 @@ def evaluate_classification(
         md = to_markdown(summary, list(CLS_METRICS), digits=3)
         (out / "summary.md").write_text(f"# {title}\n\n" + md)
         plot_heatmap(summary, list(CLS_METRICS), out / "heatmap.png", title=title)
+        pd.concat(curves, names=["combination", "bin"]).to_csv(out / "reliability.csv")
+        ece = {k: float(v) for k, v in summary["ece"].items() if k in curves}
+        plot_reliability(curves, out / "reliability.png", title=f"Reliability ({title})", ece=ece)
+        write_record(
+            out,
+            {
+                **dict(record or {}),
+                "task": "classification",
+                "modalities": list(modalities),
+                "temperature_scaled": bool(temperatures),
+            },
+        )
     return summary

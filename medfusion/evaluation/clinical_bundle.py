@@ -29,6 +29,7 @@ from ignite.engine import Events
 from medfusion.data.splits import random_split, renumber
 from medfusion.engines.method import model_inputs, to_device, unwrap
 from medfusion.engines.utils import resolve_device
+from medfusion.evaluation.report import save_figure
 from medfusion.modality import Keys, combination_name, validate_modalities
 
 __all__ = [
@@ -398,12 +399,7 @@ def plot_weights_vs_loss(table: pd.DataFrame, path: str | Path, title: str = "QM
         ax.set_xlabel("per-sample CE of the modality")
         ax.set_ylabel("fusion weight")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def method_figures(

@@ -6,15 +6,42 @@ combination names (``"flair+t1ce"``) and one column per metric.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from medfusion.modality import combination_name, combinations
 
-__all__ = ["summarize", "to_markdown", "plot_heatmap", "write_reports"]
+__all__ = [
+    "RECORD_FILE",
+    "save_figure",
+    "summarize",
+    "to_markdown",
+    "plot_heatmap",
+    "write_reports",
+    "write_record",
+    "read_record",
+]
+
+RECORD_FILE = "evaluation.json"
+"""What an evaluation folder says about its run: task, modalities, split (name, rule, seed), method,
+checkpoint and the bundle keys that rebuild the network. ``medfusion compare`` reads it."""
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
+    """Lay out, write (parent folders created) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
 
 
 def summarize(per_case: pd.DataFrame, metrics: Sequence[str], modalities: Sequence[str]) -> pd.DataFrame:
@@ -105,12 +132,7 @@ def plot_heatmap(
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write_reports(
@@ -136,3 +158,29 @@ def write_reports(
     (out / "summary.md").write_text((f"# {title}\n\n" if title else "") + md)
     plot_heatmap(summary, heatmap_metrics or metrics, out / "heatmap.png", title=title)
     return summary, md
+
+
+def write_record(output_dir: str | Path, record: Mapping[str, Any]) -> Path:
+    """Write :data:`RECORD_FILE` into ``output_dir`` (values JSON can not hold are written as strings)."""
+    out = Path(output_dir) / RECORD_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(record), indent=2, default=str) + "\n")
+    return out
+
+
+def read_record(output_dir: str | Path) -> dict[str, Any]:
+    """:data:`RECORD_FILE` of an evaluation folder (``{}`` for folders written before it existed).
+
+    Raises:
+        ValueError: the file exists but is not a JSON object (the message names it).
+    """
+    path = Path(output_dir) / RECORD_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}).") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(record).__name__}.")
+    return record

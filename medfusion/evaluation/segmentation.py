@@ -26,7 +26,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from tqdm.auto import tqdm
 
 from medfusion.engines.utils import default_device
-from medfusion.evaluation.report import write_reports
+from medfusion.evaluation.report import write_record, write_reports
 from medfusion.modality import Keys, combination_mask, combination_name, combinations, parse_combination
 
 __all__ = [
@@ -184,6 +184,7 @@ def evaluate_segmentation(
     device: torch.device | str | None = None,
     progress: bool = True,
     title: str = "Dice per modality combination",
+    record: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Evaluate a segmenter on every modality combination of every case.
 
@@ -208,6 +209,8 @@ def evaluate_segmentation(
         device: model device (default: CUDA when available).
         progress: show a tqdm bar.
         title: heading of the summary / heatmap.
+        record: facts about the run written to ``evaluation.json`` (split, checkpoint, network keys;
+            ``medfusion compare`` checks that compared runs share them).
 
     Returns:
         The tidy per-(case, combination) table (``case_id``, ``combination``, ``n_modalities`` and
@@ -265,5 +268,6 @@ def evaluate_segmentation(
             heatmap_metrics=["dice_tc", "dice_wt", "dice_et"],
             title=title,
         )
+        write_record(output_dir, {**dict(record or {}), "task": "segmentation", "modalities": list(modalities)})
         logger.info("evaluation summary:\n%s", md)
     return per_case

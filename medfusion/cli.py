@@ -1,4 +1,5 @@
-"""The ``medfusion`` command: ``synth``, ``check-data``, ``evaluate``, ``export-encoder``, ``dicom-segment``, ...
+"""The ``medfusion`` command: ``synth``, ``check-data``, ``evaluate``, ``compare``, ``calibrate``, ``export-encoder``,
+``dicom-segment``, ...
 
 ``synth`` has the kinds brats, clinical and latent; ``dicom-classify`` is the chest X-ray counterpart of
 ``dicom-segment``.
@@ -119,6 +120,57 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from medfusion.evaluation.compare import compare_runs
+
+    board = compare_runs(
+        args.eval_dirs,
+        args.out,
+        names=args.names,
+        reference=args.reference,
+        metrics=args.metrics,
+        alpha=args.alpha,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        correction=args.correction,
+        routing_metric=args.routing,
+        allow_test_split=args.allow_test_split,
+        overwrite=args.overwrite,
+    )
+    print((Path(args.out) / "report.md").read_text())
+    n_best = int(board["best"].sum())
+    print(f"{n_best} significant winner(s) in {int((board['rank'] == 1).sum())} metric x combination cells")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from medfusion.evaluation.calibration import fit_temperatures, save_temperatures
+    from medfusion.evaluation.report import read_record
+
+    src = Path(args.eval_dir)
+    preds = src / "predictions.csv"
+    if not preds.is_file():
+        raise FileNotFoundError(f"{preds} does not exist (calibrate reads a classification evaluation folder).")
+    record = read_record(src)
+    if record.get("split") == "test":
+        raise ValueError(f"{src} is an evaluation of the test split; fit on validation (eval_split=val).")
+    if record.get("temperature_scaled"):
+        raise ValueError(f"{src} holds temperature-scaled probabilities; fit on an uncalibrated evaluation.")
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it.")
+    modalities = args.modalities or record.get("modalities")
+    if not modalities:
+        raise ValueError(f"{src}/evaluation.json states no modalities; pass --modalities.")
+    temps = fit_temperatures(pd.read_csv(preds))
+    save_temperatures(temps, args.out, modalities, source=str(src))
+    for name, t in temps.items():
+        print(f"{name}: T = {t:.3f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_export_encoder(args: argparse.Namespace) -> int:
     from medfusion.export import cmd_export_encoder
 
@@ -225,6 +277,39 @@ def build_parser() -> argparse.ArgumentParser:
         "'label_convention=brats2015' (values are JSON, else strings)",
     )
     ev.set_defaults(func=_cmd_evaluate)
+
+    cp = sub.add_parser(
+        "compare",
+        help="compare evaluated runs on the same cases: leaderboard with paired tests, heatmaps, report, routing",
+        description="Reads the evaluation folders the bundles write (per_case.csv / predictions.csv, evaluation.json) "
+        "without re-running models; refuses runs whose cases or split differ. Writes report.md, leaderboard.md/.csv, "
+        "heatmap_<metric>.png and difference_<metric>.csv, and routing.json with --routing (validation runs).",
+    )
+    cp.add_argument("eval_dirs", nargs="+", type=Path, metavar="EVAL_DIR", help="evaluation folders (two or more)")
+    cp.add_argument("--out", type=Path, required=True, help="output folder (must be empty unless --overwrite)")
+    cp.add_argument("--names", nargs="+", default=None, help="run names (default: folder names)")
+    cp.add_argument("--reference", default=None, help="run the heatmaps subtract (default: the first)")
+    cp.add_argument("--metrics", nargs="+", default=None, help="default: dice/hd95 per region or auroc auprc bal. acc")
+    cp.add_argument("--alpha", type=float, default=0.05, help="level of the two-sided paired tests")
+    cp.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--correction", choices=("holm", "none"), default="holm", help="over combinations per metric")
+    cp.add_argument("--routing", default=None, metavar="METRIC", help="write routing.json choosing by METRIC")
+    cp.add_argument("--allow-test-split", action="store_true", help="allow routing from test-split evaluations")
+    cp.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
+    cp.set_defaults(func=_cmd_compare)
+
+    ca = sub.add_parser(
+        "calibrate",
+        help="fit one temperature per modality combination on a VALIDATION evaluation (predictions.csv)",
+        description="Writes calibration.json ({combination: T}); give it to the clinical bundle's evaluation "
+        "(--eval_calibration_file) or keep it beside the model: the router applies it per run.",
+    )
+    ca.add_argument("eval_dir", type=Path, help="classification evaluation folder of the validation split")
+    ca.add_argument("--out", type=Path, required=True, help="calibration.json to write (e.g. beside model.pt)")
+    ca.add_argument("--modalities", nargs="+", default=None, help="default: from evaluation.json")
+    ca.add_argument("--overwrite", action="store_true")
+    ca.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser(
         "export-encoder",

@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("eval_dirs", nargs="+", type=Path, metavar="EVAL_DIR", help="evaluation folders (two or more)")
     cp.add_argument("--out", type=Path, required=True, help="output folder (must be empty unless --overwrite)")
-    cp.add_argument("--names", nargs="+", default=None, help="run names (default: folder names)")
+    cp.add_argument("--names", nargs="+", default=None, help="default: folder names (parents' if repeated)")
     cp.add_argument("--reference", default=None, help="run the heatmaps subtract (default: the first)")
     cp.add_argument("--metrics", nargs="+", default=None, help="default: dice/hd95 per region or auroc auprc bal. acc")
     cp.add_argument("--alpha", type=float, default=0.05, help="level of the two-sided paired tests")

@@ -277,11 +277,18 @@ class PredictionWriter:
     Args:
         output_csv: the CSV file (parent folders are created).
         modalities: the network's ordered modality names.
+        calibration_file: optional ``calibration.json`` (``medfusion calibrate``, fitted on validation): each
+            sample's logits are divided by the temperature of its combination before the softmax.
     """
 
-    def __init__(self, output_csv: str | Path, modalities: Sequence[str]) -> None:
+    def __init__(
+        self, output_csv: str | Path, modalities: Sequence[str], calibration_file: str | Path | None = None
+    ) -> None:
+        from medfusion.evaluation.calibration import load_temperatures
+
         self.output_csv = Path(output_csv)
         self.modalities = validate_modalities(modalities)
+        self.temperatures = load_temperatures(calibration_file, self.modalities) if calibration_file else {}
         self.rows: list[dict[str, Any]] = []
 
     def attach(self, engine: Any) -> None:
@@ -295,8 +302,12 @@ class PredictionWriter:
 
     def _collect(self, engine: Any) -> None:
         batch = engine.state.batch
-        probs = torch.softmax(engine.state.output[Keys.PRED].detach().float(), dim=1).cpu().numpy()
-        mask = batch[Keys.MASK].bool().cpu().numpy().reshape(probs.shape[0], -1)
+        logits = engine.state.output[Keys.PRED].detach().float().cpu()
+        mask = batch[Keys.MASK].bool().cpu().numpy().reshape(logits.shape[0], -1)
+        if self.temperatures:
+            names = [combination_name(m for m, f in zip(self.modalities, row) if f) for row in mask]
+            logits = logits / torch.tensor([[self.temperatures.get(n, 1.0)] for n in names])
+        probs = torch.softmax(logits, dim=1).numpy()
         ids = batch.get(Keys.CASE_ID, [str(len(self.rows) + i) for i in range(probs.shape[0])])
         labels = batch.get(Keys.LABEL)
         for i in range(probs.shape[0]):

@@ -144,6 +144,14 @@ def load_run(path: str | Path, name: str | None = None) -> EvalRun:
     return EvalRun(name or root.name, root, task, table, read_record(root))
 
 
+def _default_names(paths: Sequence[str | Path]) -> list[str]:
+    """Folder names; when they repeat (``runs/qmf/val``, ``runs/late/val``) the parent folders' names."""
+    for candidate in ([Path(p).name for p in paths], [Path(p).parent.name for p in paths]):
+        if len(set(candidate)) == len(candidate) and all(candidate):
+            return candidate
+    return [str(p) for p in paths]
+
+
 def _first(items: Sequence[Any], k: int = 5) -> str:
     items = sorted(items, key=str)
     return ", ".join(map(str, items[:k])) + (f" ... ({len(items)} in all)" if len(items) > k else "")
@@ -619,7 +627,7 @@ def compare_runs(
     Args:
         eval_dirs: evaluation folders (two or more).
         out_dir: output folder (must be absent or empty unless ``overwrite``).
-        names: display names (default: folder names).
+        names: display names (default: folder names, or their parents' names when folder names repeat).
         reference: run the heatmaps subtract (default: the first).
         metrics: leaderboard metrics (default: all of the task).
         alpha: test level.
@@ -642,7 +650,7 @@ def compare_runs(
         raise FileExistsError(f"output folder {out} is not empty; pass --overwrite to replace its results.")
     if names is not None and len(names) != len(eval_dirs):
         raise ValueError(f"--names gives {len(names)} names for {len(eval_dirs)} evaluation folders.")
-    runs = [load_run(d, None if names is None else names[i]) for i, d in enumerate(eval_dirs)]
+    runs = [load_run(d, n) for d, n in zip(eval_dirs, names or _default_names(eval_dirs))]
     check_comparable(runs)
     board = leaderboard(runs, metrics, alpha, n_boot, seed, correction)
     ref = reference or runs[0].name

@@ -88,9 +88,7 @@ def delong_components(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
 
 def _delong_cov(v10: np.ndarray, v01: np.ndarray) -> np.ndarray:
     m, n = v10.shape[1], v01.shape[1]
-    s10 = np.atleast_2d(np.cov(v10, ddof=1)) if m > 1 else np.zeros((v10.shape[0],) * 2)
-    s01 = np.atleast_2d(np.cov(v01, ddof=1)) if n > 1 else np.zeros((v01.shape[0],) * 2)
-    return s10 / m + s01 / n
+    return np.atleast_2d(np.cov(v10, ddof=1)) / m + np.atleast_2d(np.cov(v01, ddof=1)) / n
 
 
 def delong_test(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray, alpha: float = 0.05) -> PairedResult:
@@ -103,9 +101,13 @@ def delong_test(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray, 
         alpha: the interval is ``1 - alpha`` (normal approximation with DeLong's variance).
 
     Returns:
-        :class:`PairedResult` with ``test="delong"``. Identical score rankings give ``p = 1``.
+        :class:`PairedResult` with ``test="delong"``. Identical score rankings give ``p = 1``; fewer than two
+        positives or negatives give NaN (no test).
     """
     auc, v10, v01 = delong_components(np.stack([np.asarray(scores_a), np.asarray(scores_b)]), labels)
+    if v10.shape[1] < 2 or v01.shape[1] < 2:  # a variance needs two samples of each class
+        diff = float(auc[0] - auc[1])
+        return PairedResult(float(auc[0]), float(auc[1]), diff, np.nan, np.nan, np.nan, "delong")
     cov = _delong_cov(v10, v01)
     var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     diff = float(auc[0] - auc[1])

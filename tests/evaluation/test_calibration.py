@@ -77,3 +77,19 @@ def test_temperature_scaled_classifier_divides_per_combination():
     assert "temperature" in model.state_dict()
     with pytest.raises(ValueError, match="unknown combinations"):
         TemperatureScaledClassifier(_Const(), ["ehr", "cxr"], {"t1": 2.0})
+
+
+def test_prediction_writer_applies_temperatures_per_combination(tmp_path):
+    from types import SimpleNamespace
+
+    from medfusion.evaluation.clinical_bundle import PredictionWriter
+
+    cal = save_temperatures({"ehr": 2.0}, tmp_path / "calibration.json", ["ehr", "cxr"])
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0]])
+    batch = {"modality_mask": torch.tensor([[True, False], [True, True]]), "case_id": ["a", "b"]}
+    engine = SimpleNamespace(state=SimpleNamespace(batch=batch, output={"pred": logits}))
+    writer = PredictionWriter(tmp_path / "p.csv", ["ehr", "cxr"], calibration_file=cal)
+    writer._collect(engine)
+    writer._write(engine)
+    out = pd.read_csv(tmp_path / "p.csv")
+    assert out["prob_0"].tolist() == pytest.approx([1 / (1 + np.exp(-1.0)), 1 / (1 + np.exp(-2.0))])  # T=2, T=1

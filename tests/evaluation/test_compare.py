@@ -184,6 +184,14 @@ def test_compare_runs_writes_report_heatmaps_and_routing(constructed, tmp_path):
         compare_runs(test_runs, tmp_path / "cmp2", n_boot=20, routing_metric="auroc")
 
 
+def test_default_names_fall_back_to_parent_folders():
+    from medfusion.evaluation.compare import _default_names
+
+    assert _default_names(["a/x", "b/y"]) == ["x", "y"]
+    assert _default_names(["runs/qmf/val", "runs/late/val"]) == ["qmf", "late"]
+    assert _default_names(["a/val", "a/val"]) == ["a/val", "a/val"]  # then check_comparable asks for --names
+
+
 def test_read_routing_errors(tmp_path):
     p = tmp_path / "routing.json"
     p.write_text(json.dumps({"routes": {"ehr": "x"}, "runs": {"y": {}}}))

@@ -70,6 +70,7 @@ def test_delong_identical_and_clear_difference():
     assert delong_test(good, good, labels).p_value == 1.0
     r = delong_test(good, bad, labels)
     assert r.diff > 0.2 and r.p_value < 1e-6 and r.ci_low > 0
+    assert np.isnan(delong_test([0.9, 0.2, 0.8], [0.1, 0.2, 0.3], [1, 0, 1]).p_value)  # one negative: no test
     with pytest.raises(ValueError, match="both classes"):
         delong_test(good[labels == 1], bad[labels == 1], labels[labels == 1])
 

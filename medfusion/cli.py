@@ -1,8 +1,7 @@
-"""The ``medfusion`` command: ``synth``, ``check-data``, ``evaluate``, ``compare``, ``calibrate``, ``export-encoder``,
-``dicom-segment``, ...
+"""The ``medfusion`` command: ``synth``, ``check-data``, ``evaluate``, ``compare``, ``export-encoder``, ...
 
-``synth`` has the kinds brats, clinical and latent; ``dicom-classify`` is the chest X-ray counterpart of
-``dicom-segment``.
+``compare`` and ``calibrate`` read evaluation folders; ``synth`` has the kinds brats, clinical and latent;
+``dicom-classify`` is the chest X-ray counterpart of ``dicom-segment``.
 
 Every sub-command imports its implementation lazily so ``medfusion --help`` stays fast.
 """

@@ -8,9 +8,9 @@ bundles (``configs/router_evaluate.json`` measures it on the test split with the
 evaluator as any model; ``configs/router_inference.json`` deploys it) and :class:`RouteRecorder` writes
 which model served each case (``routes.csv``).
 
-Models are rebuilt from the bundle's own ``inference.json`` with each run's overrides
-(:func:`load_routed_models`) and loaded strictly, so a checkpoint that does not fit its configuration fails
-with the run named.
+Models are rebuilt from the bundle's own ``inference.json`` with each run's overrides by the project's bundle
+model loader (:func:`medfusion.export.load_bundle_model`, strict), so a checkpoint that does not fit its
+configuration fails with the run named.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch
 from ignite.engine import Events
 from torch import nn
 
-from medfusion.engines.checkpoint import load_checkpoint
 from medfusion.evaluation.calibration import TemperatureScaledClassifier, load_temperatures
 from medfusion.evaluation.compare import read_routing
 from medfusion.fusion.base import FusionOutput
@@ -156,18 +155,21 @@ class RoutedModel(nn.Module):
         return torch.cat([pieces[c] for c in range(len(names))], dim=1)
 
 
-def _override(parser: Any, key: str, value: Any) -> None:
-    """Set one config key; a dict given for a component (a config dict with ``_target_``) sets its arguments.
+def _flatten(parser: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Config overrides as ``{id: value}``; a dict given for a component sets its arguments.
 
-    ``{"network_def": {"impute": "zero"}}`` therefore means ``network_def#impute = "zero"`` (the component
-    keeps its ``_target_``), while a plain dict such as ``encoders`` is replaced as a whole.
+    A component is a config dict with ``_target_``: ``{"network_def": {"impute": "zero"}}`` therefore becomes
+    ``{"network_def#impute": "zero"}`` (the component keeps its ``_target_``), while a plain dict such as
+    ``encoders`` replaces the config's dict as a whole.
     """
-    current = parser.get(key) if key in parser else None
-    if isinstance(value, Mapping) and isinstance(current, Mapping) and "_target_" in current:
-        for sub, v in value.items():
-            _override(parser, f"{key}#{sub}", v)
-    else:
-        parser[key] = value
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        current = parser.get(key) if key in parser else None
+        if isinstance(value, Mapping) and isinstance(current, Mapping) and "_target_" in current:
+            flat.update(_flatten(parser, {f"{key}#{sub}": v for sub, v in value.items()}))
+        else:
+            flat[key] = value
+    return flat
 
 
 def load_routed_models(
@@ -177,13 +179,12 @@ def load_routed_models(
     overrides: Mapping[str, Any] | None = None,
     device: torch.device | str | None = None,
 ) -> dict[str, nn.Module]:
-    """Rebuild and load every routed run's network from the bundle's own config.
+    """Rebuild and load every routed run's network with the project's bundle model loader.
 
-    For each run of ``routing.json``: parse ``<bundle_root>/configs/<config_file>`` with ``overrides`` (shared
-    keys such as ``modalities``) then the run's own ``overrides`` (a dict given for a component sets its
-    arguments, see :func:`_override`) and ``ckpt_path``, build ``network_def``,
-    load the checkpoint strictly, and wrap it in :class:`TemperatureScaledClassifier` when the run has a
-    ``calibration_file``.
+    For each run of ``routing.json``: :func:`medfusion.export.load_bundle_model` builds ``network_def`` of
+    ``<bundle_root>/configs/<config_file>`` with ``overrides`` (shared keys such as ``modalities``) then the run's
+    own ``overrides`` (see :func:`_flatten`) and loads the run's checkpoint strictly; a run with a
+    ``calibration_file`` is wrapped in :class:`TemperatureScaledClassifier`.
 
     Args:
         routing_file: ``routing.json`` from ``medfusion compare --routing``.
@@ -197,31 +198,29 @@ def load_routed_models(
 
     Raises:
         FileNotFoundError: routing file, config or a checkpoint missing (named).
-        RuntimeError: a checkpoint does not fit its run's network (the message names the run).
+        ValueError: a run without ``ckpt_path``, or a checkpoint that does not fit its run's network (the
+            message names the run).
     """
     from monai.bundle import ConfigParser
+
+    from medfusion.export import load_bundle_model
 
     table = read_routing(routing_file)
     cfg = Path(bundle_root) / "configs" / config_file
     if not cfg.is_file():
         raise FileNotFoundError(f"router: bundle config {cfg} does not exist.")
-    used = sorted(set(table["routes"].values()))
+    raw = ConfigParser()
+    raw.read_config(str(cfg))
     models: dict[str, nn.Module] = {}
-    for run in used:
+    for run in sorted(set(table["routes"].values())):
         spec = table["runs"][run]
         if not spec.get("ckpt_path"):
             raise ValueError(f"router: run {run!r} in {routing_file} has no ckpt_path.")
-        parser = ConfigParser()
-        parser.read_config(str(cfg))
-        parser["bundle_root"] = str(bundle_root)
-        for key, value in {**dict(overrides or {}), **dict(spec.get("overrides") or {})}.items():
-            _override(parser, key, value)
-        parser["ckpt_path"] = str(spec["ckpt_path"])
-        net = parser.get_parsed_content("network_def", instantiate=True)
+        flat = _flatten(raw, {**dict(overrides or {}), **dict(spec.get("overrides") or {})})
         try:
-            load_checkpoint(spec["ckpt_path"], {"model": net}, strict=True)
-        except RuntimeError as err:
-            raise RuntimeError(f"router: checkpoint of run {run!r} ({spec['ckpt_path']}) does not fit: {err}") from None
+            net, parser = load_bundle_model(bundle_root, spec["ckpt_path"], config_file, flat)
+        except ValueError as err:
+            raise ValueError(f"router: run {run!r}: {err}") from None
         if spec.get("calibration_file"):
             mods = parser.get_parsed_content("modalities")
             net = TemperatureScaledClassifier(net, mods, load_temperatures(spec["calibration_file"], mods))

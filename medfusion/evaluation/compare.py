@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from medfusion.data._atomic import atomic_output_dir, check_output_dir
 from medfusion.evaluation.calibration import expected_calibration_error
 from medfusion.evaluation.report import RECORD_FILE, read_record, save_figure
 from medfusion.evaluation.stats import PairedResult, delong_test, holm, paired_bootstrap
@@ -645,70 +646,79 @@ def compare_runs(
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
         ValueError: runs not comparable (see :func:`check_comparable`), bad names or metric.
     """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {out} is not empty; pass --overwrite to replace its results.")
+    check_output_dir(out_dir, overwrite)
     if names is not None and len(names) != len(eval_dirs):
         raise ValueError(f"--names gives {len(names)} names for {len(eval_dirs)} evaluation folders.")
     runs = [load_run(d, n) for d, n in zip(eval_dirs, names or _default_names(eval_dirs))]
     check_comparable(runs)
     board = leaderboard(runs, metrics, alpha, n_boot, seed, correction)
     ref = reference or runs[0].name
-    chosen = list(dict.fromkeys(board["metric"]))
-    directions = {**SEG_COMPARE_METRICS, **CLS_COMPARE_METRICS}
-    out.mkdir(parents=True, exist_ok=True)
-    board.to_csv(out / "leaderboard.csv", index=False)
-    run_names = [r.name for r in runs]
-    (out / "leaderboard.md").write_text("# Leaderboard\n\n" + _board_markdown(board, run_names, alpha, correction))
-    figures = []
-    for metric in chosen:
-        diff, sig = reference_differences(runs, ref, metric, alpha, n_boot, seed, correction)
-        diff.to_csv(out / f"difference_{metric}.csv")
-        figures.append(
-            plot_difference_heatmap(
-                diff, sig, out / f"heatmap_{metric}.png", f"{metric}: run - {ref} (* = significant)", directions[metric]
-            ).name
-        )
-    routing_note = ""
     if routing_metric is not None:
-        write_routing(runs, board, routing_metric, out / ROUTING_FILE, allow_test_split)
-        routes = routing_table(board, routing_metric)
-        routing_note = f"\n## Routing table (`routing.json`, by {routing_metric})\n\n"
-        routing_note += "| combination | run | |\n|---|---|---|\n"
-        routing_note += "\n".join(
-            f"| {c} | {v['run']} | {'significant' if v['significant'] else 'tied-best'} |" for c, v in routes.items()
-        )
-        routing_note += "\n"
+        routing_table(board, routing_metric)  # fail on a bad metric before anything is written
+    directions = {**SEG_COMPARE_METRICS, **CLS_COMPARE_METRICS}
+    with atomic_output_dir(out_dir, overwrite) as out:  # all files or none; a replaced folder keeps no stale file
+        board.to_csv(out / "leaderboard.csv", index=False)
+        md = _board_markdown(board, [r.name for r in runs], alpha, correction)
+        (out / "leaderboard.md").write_text("# Leaderboard\n\n" + md)
+        figures = []
+        for metric in dict.fromkeys(board["metric"]):
+            diff, sig = reference_differences(runs, ref, metric, alpha, n_boot, seed, correction)
+            diff.to_csv(out / f"difference_{metric}.csv")
+            title = f"{metric}: run - {ref} (* = significant)"
+            figures.append(plot_difference_heatmap(diff, sig, out / f"heatmap_{metric}.png", title, directions[metric]))
+        routing_note = []
+        if routing_metric is not None:
+            write_routing(runs, board, routing_metric, out / ROUTING_FILE, allow_test_split)
+            routing_note = [f"## Routing table (`routing.json`, by {routing_metric})", "", "| combination | run | |"]
+            routing_note.append("|---|---|---|")
+            for combo, v in routing_table(board, routing_metric).items():
+                routing_note.append(f"| {combo} | {v['run']} | {'significant' if v['significant'] else 'tied-best'} |")
+        report = _report(runs, board, ref, figures, alpha, n_boot, seed, correction, routing_note)
+        (out / "report.md").write_text(report)
+    logger.info("compare: wrote %s", Path(out_dir) / "report.md")
+    return board
+
+
+def _report(
+    runs: Sequence[EvalRun],
+    board: pd.DataFrame,
+    ref: str,
+    figures: Sequence[Path],
+    alpha: float,
+    n_boot: int,
+    seed: int,
+    correction: str,
+    routing_note: Sequence[str],
+) -> str:
+    """The one-minute ``report.md``."""
     first = runs[0]
-    split = first.record.get("split", "not stated")
     rule = first.record.get("split_rule")
-    n_cases = first.table["case"].nunique()
-    report = [
+    split = f"split `{first.record.get('split', 'not stated')}`" + (f" (rule {json.dumps(rule)})" if rule else "")
+    level = f"two-sided paired tests at alpha = {alpha}"
+    if correction == "holm":
+        level += " (Holm-adjusted over combinations per metric)"
+    lines = [
         f"# Comparison of {len(runs)} {first.task} runs",
         "",
         "| run | evaluation folder | method |",
         "|---|---|---|",
         *[f"| {r.name} | `{r.path}` | {r.record.get('method', '-')} |" for r in runs],
         "",
-        f"Same cases checked: {n_cases} cases, {len(first.combos)} modality combinations; split `{split}`"
-        + (f" (rule {json.dumps(rule)})" if rule else "")
-        + ".",
+        f"Same cases checked: {first.table['case'].nunique()} cases, {len(first.combos)} modality combinations; "
+        f"{split}.",
         "",
         "## Verdict",
         "",
         *_verdicts(board),
         "",
-        f"Level: two-sided paired tests at alpha = {alpha}"
-        + (" (Holm-adjusted over combinations per metric)" if correction == "holm" else "")
-        + f"; bootstrap resamples {n_boot}, seed {seed}.",
+        f"Level: {level}; bootstrap resamples {n_boot}, seed {seed}.",
         "",
         f"## Difference to `{ref}`",
         "",
-        *[f"![{f}]({f})" for f in figures],
+        *[f"![{f.name}]({f.name})" for f in figures],
         "",
         "Full tables: `leaderboard.md` (every value, ECE beside AUROC), `leaderboard.csv`, `difference_<metric>.csv`.",
-        routing_note,
+        "",
+        *routing_note,
     ]
-    (out / "report.md").write_text("\n".join(report))
-    logger.info("compare: wrote %s", out / "report.md")
-    return board
+    return "\n".join(lines) + "\n"

@@ -454,7 +454,8 @@ def plot_difference_heatmap(
             v = data[i, j]
             if np.isfinite(v):
                 star = "*" if bool(significant.iloc[i, j]) else ""
-                ax.text(j, i, f"{v:+.3f}{star}", ha="center", va="center", fontsize=7)
+                colour = "white" if abs(v) > 0.6 * lim else "black"  # readable on the dark ends of the scale
+                ax.text(j, i, f"{v:+.3f}{star}", ha="center", va="center", fontsize=7, color=colour)
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cbar.set_label("better than reference" if direction > 0 else "better than reference (sign flipped)", fontsize=7)
     ax.set_title(title, fontsize=9)

@@ -1,7 +1,7 @@
 """The ``medfusion`` command: ``synth``, ``check-data``, ``evaluate``, ``compare``, ``export-encoder``, ...
 
-``compare`` and ``calibrate`` read evaluation folders; ``synth`` has the kinds brats, clinical and latent;
-``dicom-classify`` is the chest X-ray counterpart of ``dicom-segment``.
+``compare`` and ``calibrate`` read evaluation folders; ``synth`` has the kinds brats, clinical, manifest and
+latent; ``dicom-classify`` is the chest X-ray counterpart of ``dicom-segment``.
 
 Every sub-command imports its implementation lazily so ``medfusion --help`` stays fast.
 """
@@ -63,6 +63,25 @@ def _cmd_synth_clinical(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth_manifest(args: argparse.Namespace) -> int:
+    from medfusion.data.synth_manifest import write_manifest_cohort
+
+    info = write_manifest_cohort(
+        args.out,
+        rows=args.rows,
+        seed=args.seed,
+        positive_rate=args.positive_rate,
+        image_size=args.image_size,
+        absent_file_rate=args.absent_file_rate,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"wrote a {info['rows']}-row manifest ({info['patients']} patients, {100 * info['positive_rate']:.0f}% "
+        f"positive, {info['absent_files']} absent image files) to {Path(args.out) / 'manifest.csv'}"
+    )
+    return 0
+
+
 def _cmd_synth_latent(args: argparse.Namespace) -> int:
     from medfusion.data.synth_latent import write_latent_table
 
@@ -82,19 +101,56 @@ def _cmd_synth_latent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(values: Sequence[str] | None, option: str, multi: bool = False) -> dict[str, object]:
+    """Parse ``["a=x,b=y"]`` (or, with ``multi``, ``["a=x,y,z"]``: one name with a column list) into a dict."""
+    out: dict[str, object] = {}
+    for text in values or []:
+        parts = [text] if multi else text.split(",")
+        for part in parts:
+            name, sep, value = part.partition("=")
+            if not sep or not name.strip() or not value.strip():
+                example = "ehr=age,heart_rate,lactate" if multi else "cxr=image,note=text"
+                raise SystemExit(f"{option}: expected name=value (e.g. {example}), got {part!r}")
+            out[name.strip()] = [v.strip() for v in value.split(",")] if multi else value.strip()
+    return out
+
+
 def _cmd_check_data(args: argparse.Namespace) -> int:
     from medfusion.data.check import check_path
 
+    settings: dict[str, object] = {}
+    if args.bundle is not None:
+        from medfusion.evaluation.clinical_bundle import bundle_check_settings
+        from medfusion.export import parse_overrides
+
+        settings = bundle_check_settings(args.bundle, parse_overrides(args.override))
+    modalities: object = settings.pop("modalities", None)
+    columns = {**_pairs(args.columns, "--columns"), **_pairs(args.tabular, "--tabular", multi=True)}
+    if args.modalities:
+        modalities = {m: columns.get(m, m) for m in args.modalities}
+    elif columns:
+        modalities = {**(dict(modalities) if isinstance(modalities, dict) else {}), **columns}  # type: ignore[arg-type]
+    kinds = {**dict(settings.pop("kinds", None) or {}), **_pairs(args.kinds, "--kinds")}  # type: ignore[arg-type]
+    manifest = {
+        "kinds": kinds or None,
+        "id_column": args.id_column or settings.get("id_column") or "case_id",
+        "label_columns": [args.label_column] if args.label_column else settings.get("label_columns", ["label"]),
+        "group_column": args.group_column or settings.get("group_column"),
+        "split_column": args.split_column or settings.get("split_column"),
+        "missing_files": args.missing_files or settings.get("missing_files") or "missing",
+        "num_classes": args.num_classes if args.num_classes is not None else settings.get("num_classes"),
+    }
     report = check_path(
         args.path,
         layout=args.layout,
-        modalities=args.modalities,
+        modalities=modalities,  # type: ignore[arg-type]
         require_label=not args.no_labels,
         check_labels=not args.no_labels,
         num_workers=args.workers,
         label_convention=args.label_convention,
+        **manifest,
     )
-    print(report.to_text())
+    print(report.to_text(details=args.details))
     return 0 if report.ok else 1
 
 
@@ -186,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = sub.add_parser(
-        "synth", help="write synthetic cohorts (BraTS-like phantoms, MIMIC-style clinical, latent factor tables)"
+        "synth",
+        help="write synthetic cohorts (BraTS-like phantoms, MIMIC-style clinical, real-shaped manifest, latent tables)",
     )
     synth_sub = synth.add_subparsers(dest="kind", required=True, metavar="KIND")
     sb = synth_sub.add_parser("brats", help="BraTS 2021-layout NIfTI phantoms with tumour sub-regions")
@@ -211,6 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--noise", default=None, help="noise level per modality, e.g. cxr=0.5")
     sc.add_argument("--overwrite", action="store_true")
     sc.set_defaults(func=_cmd_synth_clinical)
+    sm = synth_sub.add_parser(
+        "manifest",
+        help="CSV manifest shaped like real data: CXR + long notes + sparse EHR columns, patients with several rows",
+        description="Writes OUT/manifest.csv (image_id, patient_id, outcome, image_path, note, 9 EHR columns), "
+        "OUT/images/, OUT/truth.csv and OUT/signal.json (docs/synthetic_clinical.md).",
+    )
+    sm.add_argument("out", type=Path)
+    sm.add_argument("--rows", type=int, default=250)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--positive-rate", type=float, default=0.19, help="fraction of rows with outcome 1")
+    sm.add_argument("--image-size", type=int, default=64)
+    sm.add_argument("--absent-file-rate", type=float, default=0.05, help="rows whose image file is not written")
+    sm.add_argument("--overwrite", action="store_true")
+    sm.set_defaults(func=_cmd_synth_manifest)
     sl = synth_sub.add_parser(
         "latent",
         help="two-modality latent factor regression table (Meta Fusion simulation, BENCHMARKS.md B3)",
@@ -243,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: a .csv is a manifest, a folder with ehr/ is MIMIC-style, anything else BraTS",
     )
     cd.add_argument("--modalities", nargs="+", default=None, help="modality names (default: the layout's all)")
-    cd.add_argument("--no-labels", action="store_true", help="do not require or check label files")
+    cd.add_argument("--no-labels", action="store_true", help="do not require or check labels")
     cd.add_argument("--workers", type=int, default=None, help="reader threads (default: min(4, CPUs))")
     cd.add_argument(
         "--label-convention",
@@ -251,6 +322,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="BraTS/volume manifest: the labels' convention for every case (brats, brats2015, brats2023, msd, or "
         "'TC=1,3,4;WT=1,2,3,4;ET=4'); default: the layout's own (a manifest's label_convention column, else brats)",
     )
+    cd.add_argument(
+        "--details", action="store_true", help="one line per case and problem (default: warnings summarised)"
+    )
+    man = cd.add_argument_group("CSV manifests (the bundle's settings, or these options)")
+    man.add_argument(
+        "--bundle", type=Path, default=None, help="read the settings below from <bundle>/configs/train.json"
+    )
+    man.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                     help="bundle config overrides used for training, e.g. 'group_column=patient_id'")  # fmt: skip
+    man.add_argument("--kinds", action="append", metavar="NAME=KIND,...",
+                     help="modality kinds: image, volume, ehr, text, tabular (e.g. cxr=image,note=text)")  # fmt: skip
+    man.add_argument("--tabular", action="append", metavar="NAME=COL1,COL2,...",
+                     help="a tabular modality made of several columns (repeat for several)")  # fmt: skip
+    man.add_argument("--columns", action="append", metavar="NAME=COLUMN,...",
+                     help="single-column modalities whose name differs from the column")  # fmt: skip
+    man.add_argument("--id-column", default=None, help="row id column (default case_id)")
+    man.add_argument("--label-column", default=None, help="label column (default label)")
+    man.add_argument("--group-column", default=None, help="patient (group) column used for splitting")
+    man.add_argument("--split-column", default=None, help="column naming each row's split")
+    man.add_argument("--num-classes", type=int, default=None, help="labels must be class indices 0..N-1")
+    man.add_argument("--missing-files", choices=("missing", "error"), default=None,
+                     help="an absent file is a missing modality (default) or an error")  # fmt: skip
     cd.set_defaults(func=_cmd_check_data)
 
     ev = sub.add_parser("evaluate", help="evaluate a trained bundle on every modality combination")

@@ -61,6 +61,10 @@ class Keys(StrEnum):
     BRAIN_MASK = "brain_mask"
     """Foreground (brain) mask ``[B, 1, D, H, W]``: a given mask file, else the non-zero region of the volumes."""
     COMBINATION = "combination"
+    GROUP = "group"
+    """Group id of a sample (patient): splits keep a group in one part."""
+    SPLIT = "split"
+    """Split a sample belongs to when the data prescribes it (``train``/``val``/``test``/``meta_val``)."""
 
 
 BRATS_MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")

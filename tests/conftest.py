@@ -49,3 +49,17 @@ def latent_table(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("latent") / "latent"
     write_latent_table(out, latent=(4, 4, 2), p=(8, 6), n=300, missing_rate=0.3, seed=1)
     return out / "table.csv"
+
+
+@pytest.fixture(scope="session")
+def sparse_cohort(tmp_path_factory) -> dict:
+    """A 60-row generated manifest shaped like real data (``medfusion.data.synth_manifest``): CXR + long inline
+    notes + sparse EHR columns, several images per patient, absent image files, an 81/19 outcome.
+
+    Returns the generator's summary (``manifest``, ``columns``, ``absent_files``, ...). Read-only: copy it before
+    changing files.
+    """
+    from medfusion.data.synth_manifest import write_manifest_cohort
+
+    out = tmp_path_factory.mktemp("sparse") / "cohort"
+    return write_manifest_cohort(out, rows=60, seed=3, image_size=32, absent_file_rate=0.08)

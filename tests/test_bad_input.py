@@ -226,10 +226,17 @@ def test_corrupt_jpg_and_manifest_row(tmp_path):
     pd.DataFrame({"case_id": ["a"], "label": [1], "cxr": ["img.png"]}).to_csv(tmp_path / "m.csv", index=False)
     report = check_manifest(tmp_path / "m.csv", progress=False)
     assert str(bad) in _errors(report, "a") and "cannot be decoded" in _errors(report, "a")
-    # a manifest row referring to an absent file: one dataset error naming row, column and path
-    pd.DataFrame({"case_id": ["a"], "label": [1], "cxr": ["gone.png"]}).to_csv(tmp_path / "m.csv", index=False)
+    # a manifest row referring to an absent file: a missing modality (one summary line per modality); with
+    # missing_files="error" one dataset error naming row, column and path
+    pd.DataFrame({"case_id": ["a", "b"], "label": [1, 0], "cxr": ["gone.png", "img.png"], "note": ["x", "y"]}).to_csv(
+        tmp_path / "m.csv", index=False
+    )
     report = check_manifest(tmp_path / "m.csv", progress=False)
-    assert not report.ok and "row 'a'" in report.dataset_errors[0] and "gone.png" in report.dataset_errors[0]
+    assert "cxr: 1 of 2 file(s) do not exist; treated as missing (rows a)" in report.dataset_warnings[1]
+    report = check_manifest(tmp_path / "m.csv", progress=False, missing_files="error")
+    assert (
+        not report.ok and "row 'a', column 'cxr'" in report.dataset_errors[0] and "gone.png" in report.dataset_errors[0]
+    )
 
 
 # ------------------------------------------------------------------------------------------- configs

@@ -64,9 +64,13 @@ def test_synth_clinical_is_read_back(clinical_dir):
 
 
 def test_check_data_clean_is_exit_0(brats_dir, clinical_dir, capsys):
-    assert main(["check-data", str(brats_dir)]) == 0
+    assert main(["check-data", str(brats_dir), "--details"]) == 0
     out = capsys.readouterr().out
     assert "ok       BraTS2021_00001" in out and out.strip().splitlines()[-1].startswith("OK: brats")
+    assert main(["check-data", str(brats_dir)]) == 0  # summary only: no line per clean case
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"OK: brats dataset {brats_dir}: 2 case(s): 2 ok, 0 with warnings, 0 with errors"
+    ]
     assert main(["check-data", str(clinical_dir)]) == 0  # auto: a folder holding ehr/ is MIMIC-style
     out = capsys.readouterr().out
     assert "OK: mimic" in out and "no cxr file; treated as missing." in out  # warnings allowed
@@ -130,3 +134,38 @@ def test_synth_latent_writes_a_table_the_regression_runner_reads(tmp_path):
     runner = TabularMetaFusion(out / "table.csv", tmp_path / "models")
     assert runner.split_data("val").mask.shape == (16, 2)
     assert main(args) != 0  # an existing folder is not overwritten without --overwrite
+
+
+def test_check_data_manifest_with_kinds_tabular_columns_or_the_bundle(sparse_cohort, capsys):
+    """The check reads values by the kinds the bundle would use; given on the command line or taken from the bundle."""
+    import json
+
+    cols = sparse_cohort["columns"]
+    csv = sparse_cohort["manifest"]
+    common = ["--id-column", "image_id", "--label-column", "outcome", "--num-classes", "2"]
+    args = ["check-data", csv, "--kinds", "cxr=image,report=text", "--columns", "cxr=image_path,report=note",
+            "--tabular", "vitals=" + ",".join(cols["ehr"]), *common]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert (
+        "NOTE     modality kinds: cxr=image (column 'image_path'), report=text (column 'note'), vitals=tabular (9"
+        in out
+    )
+    assert "looks like a patient id" in out and len(out.splitlines()) < 15
+    assert main([*args, "--group-column", "patient_id"]) == 0
+    assert "looks like a patient id" not in capsys.readouterr().out
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "clinical_fusion"
+    overrides = [
+        "data_layout=manifest",
+        'modalities=["cxr", "report", "vitals"]',
+        "manifest_columns=" + json.dumps({"cxr": cols["image"], "report": cols["note"], "vitals": cols["ehr"]}),
+        "case_id_column=image_id",
+        "label_column=outcome",
+        "group_column=patient_id",
+    ]
+    assert main(["check-data", csv, "--bundle", str(bundle), "--override", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "cxr=image (column 'image_path'), report=text (column 'note'), vitals=tabular" in out
+    assert "no kind given" not in out and "looks like a patient id" not in out
+    with pytest.raises(SystemExit, match="--kinds: expected name=value"):
+        main(["check-data", csv, "--kinds", "cxr"])

@@ -68,6 +68,8 @@ _RESERVED = {
     "source",
     "image_4d",
     "image_4d_channels",
+    str(Keys.GROUP),
+    str(Keys.SPLIT),
 }
 
 
@@ -76,14 +78,23 @@ class CaseCheck:
     """Result for one case (sample).
 
     Attributes:
-        case_id: the case id (MIMIC: ``<split>/<stay>``).
+        case_id: the case id (MIMIC: ``<split>/<stay>``; manifest: the row id).
         errors: problems that make the case unusable.
         warnings: problems the pipeline tolerates (e.g. a missing modality, an empty report).
+        groups: ``{warning: group}``: warnings with the same group are summarised in one line by
+            :meth:`CheckReport.to_text` (``details=False``); a warning without a group is its own group.
     """
 
     case_id: str
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    groups: dict[str, str] = field(default_factory=dict)
+
+    def warn(self, message: str, group: str | None = None) -> None:
+        """Add a warning; ``group`` is the case-independent text it is summarised under."""
+        self.warnings.append(message)
+        if group is not None:
+            self.groups[message] = group
 
     @property
     def status(self) -> str:
@@ -96,6 +107,10 @@ class CaseCheck:
         return [f"error: {e}" for e in self.errors] + [f"warning: {w}" for w in self.warnings]
 
 
+def _id_list(ids: Sequence[str], n: int = 5) -> str:
+    return ", ".join(ids[:n]) + (f", ... (+{len(ids) - n} more)" if len(ids) > n else "")
+
+
 @dataclass
 class CheckReport:
     """Per-case result of a dataset check.
@@ -105,12 +120,16 @@ class CheckReport:
         root: the checked path (or ``"<datalist>"``).
         cases: one :class:`CaseCheck` per case, in discovery order.
         dataset_errors: problems not tied to one case (discovery failed, no cases found, ...).
+        dataset_warnings: dataset-level warnings (absent files per modality, repeated patient ids, ...).
+        notes: information lines (modality kinds used, presence per modality).
     """
 
     layout: str
     root: str
     cases: list[CaseCheck] = field(default_factory=list)
     dataset_errors: list[str] = field(default_factory=list)
+    dataset_warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -124,8 +143,8 @@ class CheckReport:
 
     @property
     def n_warnings(self) -> int:
-        """Number of warning messages."""
-        return sum(len(c.warnings) for c in self.cases)
+        """Number of warning messages (dataset-level + per case)."""
+        return len(self.dataset_warnings) + sum(len(c.warnings) for c in self.cases)
 
     def failing(self) -> list[CaseCheck]:
         """Cases with at least one error."""
@@ -135,25 +154,53 @@ class CheckReport:
         """One line: layout, root, counts of ok / warning / error cases."""
         counts = {s: sum(c.status == s for c in self.cases) for s in ("ok", "warning", "error")}
         extra = f", {len(self.dataset_errors)} dataset error(s)" if self.dataset_errors else ""
+        extra += f", {len(self.dataset_warnings)} dataset warning(s)" if self.dataset_warnings else ""
         return (
             f"{self.layout} dataset {self.root}: {len(self.cases)} case(s): {counts['ok']} ok, "
             f"{counts['warning']} with warnings, {counts['error']} with errors{extra}"
         )
 
-    def to_text(self, show_ok: bool = True) -> str:
-        """Human-readable report: one line per problem (or per clean case), then the summary.
+    def grouped_warnings(self, max_ids: int = 5) -> list[str]:
+        """Per-case warnings summarised: one line per group with the number of cases and the first ids.
+
+        A group with a single case is shown as that case's own message (``"<case>: <warning>"``).
+        """
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for c in self.cases:
+            for w in c.warnings:
+                members = groups.setdefault(c.groups.get(w, w), [])
+                if not members or members[-1][0] != c.case_id:
+                    members.append((c.case_id, w))
+        out = []
+        for g, members in groups.items():
+            if len(members) == 1:
+                out.append(f"{members[0][0]}: {members[0][1]}")
+            else:
+                out.append(f"{g} [{len(members)} case(s): {_id_list([i for i, _ in members], max_ids)}]")
+        return out
+
+    def to_text(self, show_ok: bool = True, details: bool = True) -> str:
+        """Human-readable report, then the summary line.
 
         Args:
-            show_ok: also list the clean cases.
+            show_ok: with ``details``, also list the clean cases.
+            details: one line per problem and case; ``False``: errors per case, but warnings summarised
+                per group (modality and kind of problem) with their case count and first ids.
         """
-        lines = [f"DATASET ERROR  {e}" for e in self.dataset_errors]
-        for c in self.cases:
-            if not c.errors and not c.warnings:
-                if show_ok:
-                    lines.append(f"ok       {c.case_id}")
-                continue
-            lines += [f"ERROR    {c.case_id}: {e}" for e in c.errors]
-            lines += [f"WARNING  {c.case_id}: {w}" for w in c.warnings]
+        lines = [f"NOTE     {n}" for n in self.notes]
+        lines += [f"DATASET ERROR  {e}" for e in self.dataset_errors]
+        lines += [f"WARNING  {w}" for w in self.dataset_warnings]
+        if details:
+            for c in self.cases:
+                if not c.errors and not c.warnings:
+                    if show_ok:
+                        lines.append(f"ok       {c.case_id}")
+                    continue
+                lines += [f"ERROR    {c.case_id}: {e}" for e in c.errors]
+                lines += [f"WARNING  {c.case_id}: {w}" for w in c.warnings]
+        else:
+            lines += [f"ERROR    {c.case_id}: {e}" for c in self.cases for e in c.errors]
+            lines += [f"WARNING  {g}" for g in self.grouped_warnings()]
         lines.append(("OK: " if self.ok else "FAILED: ") + self.summary())
         return "\n".join(lines)
 
@@ -162,6 +209,10 @@ class CheckReport:
         rows = [
             {"case_id": "<dataset>", "status": "error", "problems": e, "n_errors": 1, "n_warnings": 0}
             for e in self.dataset_errors
+        ]
+        rows += [
+            {"case_id": "<dataset>", "status": "warning", "problems": w, "n_errors": 0, "n_warnings": 1}
+            for w in self.dataset_warnings
         ]
         rows += [
             {
@@ -296,28 +347,51 @@ def _check_image(path: str, what: str) -> None:
         raise ValueError(f"{what} file {path} has size {size}; expected a non-empty image.")
 
 
-def _check_ehr(path: str, what: str) -> None:
-    from medfusion.data.ehr import discretize_ehr, read_ehr_csv
+def _check_ehr(path: str, what: str) -> str | None:
+    """Parse an EHR time series; return a warning when it holds no measurement in the first 48 h."""
+    from medfusion.data.ehr import EHR_CHANNELS, discretize_ehr, read_ehr_csv
 
-    discretize_ehr(read_ehr_csv(path), source=path)
-
-
-def _check_report(value: str, what: str) -> str | None:
-    """Return a warning when the report is empty; raise on undecodable files."""
-    from medfusion.data.text import load_report
-
-    if load_report(value, extract=False) is None:
-        src = value if _is_path_like(value) else "<inline text>"
-        return f"{what} {src} is empty; treated as missing."
+    steps = discretize_ehr(read_ehr_csv(path), source=path)
+    if not steps[:, -len(EHR_CHANNELS) :].any():
+        return f"{what} time series {path} has no measurement in the first 48 h; treated as missing."
     return None
 
 
-def _is_path_like(value: str) -> bool:
-    return "\n" not in value and len(value) < 4096 and (Path(value).exists() or _suffix(value) != "")
+def _check_report(value: str, what: str) -> str | None:
+    """Return a warning when the report is empty; raise on absent or undecodable files."""
+    from medfusion.data.text import _looks_like_path, load_report
+
+    if load_report(value, extract=False) is None:
+        if _looks_like_path(value):
+            return f"{what} file {value} is empty; treated as missing."
+        return f"{what}: empty report (inline text); treated as missing."
+    return None
 
 
-def _kind_of(modality: str, value: Any) -> str:
-    """Kind of one datalist value: volume, dicom, image, ehr, text, tabular or dicom_series."""
+def _check_image_file(path: str, what: str) -> None:
+    """A 2D image as the ``image`` kind loads it: PIL for PNG/JPG, pydicom for DICOM, else MONAI ``LoadImage``."""
+    suffix = _suffix(path)
+    if suffix in _IMAGE_SUFFIXES:
+        _check_image(path, what)
+        return
+    if suffix in _DICOM_SUFFIXES:
+        _check_dicom(path, what)
+        return
+    from monai.transforms import LoadImage
+
+    try:
+        arr = LoadImage(image_only=True, ensure_channel_first=True)(path)
+    except Exception as err:  # readers raise many types for unreadable/unsupported files
+        raise ValueError(f"{what} file {path} cannot be read as an image ({_err(err)}).") from None
+    if arr.ndim - 1 != 2:
+        raise ValueError(
+            f"{what} file {path} holds a {arr.ndim - 1}D array (shape {list(arr.shape[1:])}); modality {what!r} "
+            "is a 2D image (kind 'image'): give a 2D PNG/JPG/DICOM file, or declare the modality as kind 'volume'."
+        )
+
+
+def _guess_kind(modality: str, value: Any) -> str:
+    """Kind of a value when no kind is given (BraTS/MIMIC datalists): by type and file suffix."""
     if isinstance(value, (list, tuple)):
         return "tabular"
     s = str(value)
@@ -326,22 +400,103 @@ def _kind_of(modality: str, value: Any) -> str:
     suffix = _suffix(s)
     if suffix in _VOLUME_SUFFIXES:
         return "volume"
-    if suffix in _DICOM_SUFFIXES:
-        return "dicom"
-    if suffix in _IMAGE_SUFFIXES:
+    if suffix in _DICOM_SUFFIXES or suffix in _IMAGE_SUFFIXES:
         return "image"
-    if "\n" not in s and len(s) < 4096 and Path(s).is_dir():
-        return "dicom_series"
+    try:  # a DICOM series folder; only single-line values of path length reach the file system
+        if "\n" not in s and len(s) < 4096 and Path(s).is_dir():
+            return "volume"
+    except OSError:
+        pass
     return "text"
 
 
+def _missing_warning(m: str, kind: str) -> tuple[str, str]:
+    """Message (and group) for a modality whose value is absent, worded by kind."""
+    if kind == "text":
+        msg = f"{m}: empty report; treated as missing."
+    elif kind == "tabular":
+        msg = f"{m}: every feature is empty; treated as missing."
+    else:
+        msg = f"no {m} file; treated as missing."
+    return msg, msg
+
+
+def _check_label_value(label: Any, num_classes: int | None) -> str | None:
+    """Error text when ``label`` is not a class index in ``[0, num_classes)`` (any count when None)."""
+    values = list(label) if isinstance(label, (list, tuple)) else [label]
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = float("nan")
+        upper = f" < {num_classes}" if num_classes is not None else ""
+        if not np.isfinite(f) or f != round(f) or f < 0 or (num_classes is not None and f >= num_classes):
+            where = f"[0, {num_classes}) (num_classes {num_classes})" if num_classes is not None else ">= 0"
+            return f"label {v!r} is not a class index {where}; expected an integer 0 <= label{upper}."
+    return None
+
+
 # ------------------------------------------------------------------------------------------ per case
+def _check_path_exists(path: str, what: str) -> None:
+    p = Path(path)
+    if p.exists():
+        return
+    if p.is_symlink():
+        raise FileNotFoundError(f"{what} file {path} is a dangling symbolic link (to {os.readlink(p)!r}).")
+    raise FileNotFoundError(f"{what} file {path} does not exist.")
+
+
+def _check_value(m: str, kind: str, value: Any) -> _Volume | str | None:
+    """Read one present value as its kind is loaded; return a volume (grid checks), a warning, or None.
+
+    Raises:
+        ValueError / FileNotFoundError / OSError: the value cannot be used (the message names the file).
+    """
+    if kind == "tabular":
+        arr = np.asarray(value, dtype=np.float64)
+        if arr.ndim != 1 or np.isinf(arr).any():
+            raise ValueError(f"{m} values {list(value)} must be a flat list of numbers (NaN = not measured).")
+        if np.isnan(arr).all():
+            return f"{m}: every feature is empty; treated as missing."
+        return None
+    if kind == "text":
+        return _check_report(str(value), m)
+    path = str(value)
+    _check_path_exists(path, m)
+    if kind == "ehr":
+        return _check_ehr(path, m)
+    if kind == "image":
+        if Path(path).is_dir():
+            raise ValueError(f"{m} path {path} is a folder; modality {m!r} is a 2D image (kind 'image'): give a file.")
+        _check_image_file(path, m)
+        return None
+    if Path(path).is_dir():
+        vol = _read_other_volume(path, f"{m} DICOM series")
+    elif _suffix(path) in (".nii", ".nii.gz"):
+        vol = _read_nifti(path, m)
+    else:
+        vol = _read_other_volume(path, m)
+    _require_3d(vol, m)  # before it becomes a case's reference grid: one error, not a cascade
+    return vol
+
+
+def _warning_group(m: str, kind: str, warning: str) -> str:
+    if "empty" in warning and kind == "text":
+        return f"{m}: empty report; treated as missing."
+    if kind == "ehr" and "no measurement" in warning:
+        return f"{m}: time series without any measurement in the first 48 h; treated as missing."
+    return warning
+
+
 def _check_entry(
     entry: Mapping[str, Any],
     modalities: Sequence[str],
     require_label: bool,
     check_labels: bool,
     same_grid: bool,
+    kinds: Mapping[str, str] | None = None,
+    num_classes: int | None = None,
+    class_labels: bool = False,
 ) -> CaseCheck:
     case = str(entry.get(Keys.CASE_ID, entry.get(Keys.INDEX, "?")))
     res = CaseCheck(case)
@@ -372,45 +527,24 @@ def _check_entry(
             res.errors.append(f"datalist entry has no key {m!r} (a missing modality must be given as None).")
             continue
         value = entry[m]
+        kind = (kinds or {}).get(m) or (_guess_kind(m, value) if value is not None else "volume")
         if value is None or (isinstance(value, str) and not value.strip()):
-            res.warnings.append(f"no {m} file; treated as missing.")
+            res.warn(*_missing_warning(m, kind))
             continue
         if given_mask is not None and i < len(given_mask) and not bool(given_mask[i]):
             continue
-        kind = _kind_of(m, value)
-        if kind not in ("tabular", "text") and not Path(str(value)).exists():
-            res.errors.append(f"{m} file {value} does not exist.")
-            continue
         try:
-            if kind == "volume":
-                vol = (
-                    _read_nifti(str(value), m)
-                    if _suffix(str(value)) in (".nii", ".nii.gz")
-                    else (_read_other_volume(str(value), m))
-                )
-                _require_3d(vol, m)  # before it becomes a case's reference grid: one error, not a cascade
-                vols[m] = vol
-                res.warnings += _volume_warnings(vol, m, brain_mask is not None if same_grid else None)
-            elif kind == "dicom_series":
-                vols[m] = _read_other_volume(str(value), f"{m} DICOM series")
-            elif kind == "dicom":
-                _check_dicom(str(value), m)
-            elif kind == "image":
-                _check_image(str(value), m)
-            elif kind == "ehr":
-                _check_ehr(str(value), m)
-            elif kind == "tabular":
-                arr = np.asarray(value, dtype=np.float64)
-                if arr.ndim != 1 or not np.isfinite(arr).all():
-                    raise ValueError(f"{m} values {list(value)} must be a flat list of finite numbers.")
-            else:
-                warning = _check_report(str(value), m)
-                if warning:
-                    res.warnings.append(warning)
-                    continue
-            present.append(m)
+            result = _check_value(m, kind, value)
         except (ValueError, FileNotFoundError, OSError, TypeError) as err:
             res.errors.append(str(err))
+            continue
+        if isinstance(result, _Volume):
+            vols[m] = result
+            res.warnings += _volume_warnings(result, m, brain_mask is not None if same_grid else None)
+        elif result:
+            res.warn(result, _warning_group(m, kind, result))
+            continue
+        present.append(m)
     if not present and not res.errors:
         res.errors.append(f"none of the modalities {list(modalities)} is present; at least one is needed.")
     if same_grid and len(vols) > 1:
@@ -419,6 +553,10 @@ def _check_entry(
         _check_brain_mask(str(brain_mask), vols, res)
     label = entry.get(Keys.LABEL)
     conv_name = entry.get(Keys.LABEL_CONVENTION)
+    if conv_name is None and label is not None and not isinstance(label, str) and (class_labels or num_classes):
+        bad = _check_label_value(label, num_classes)
+        if bad:
+            res.errors.append(bad)
     if conv_name is not None and (label is None or isinstance(label, str)):
         if label is None:
             if require_label:
@@ -556,6 +694,9 @@ def check_datalist(
     root: str = "<datalist>",
     num_workers: int | None = None,
     progress: bool = True,
+    kinds: Mapping[str, str] | None = None,
+    num_classes: int | None = None,
+    class_labels: bool = False,
 ) -> CheckReport:
     """Check every entry of a MONAI datalist (from any medfusion discovery function).
 
@@ -571,6 +712,11 @@ def check_datalist(
         root: path shown in the report.
         num_workers: threads (``None``: ``min(4, cpu_count)``; 0 or 1: plain loop).
         progress: show a tqdm progress bar (only on a terminal).
+        kinds: ``{modality: kind}`` (:data:`medfusion.data.manifest.MODALITY_KINDS`): each value is read as
+            that kind is loaded (a 3D file in an ``image`` modality is an error). A modality without a kind is
+            read by its value's type and file suffix.
+        num_classes: labels (numbers, not label files) must be integer class indices in ``[0, num_classes)``.
+        class_labels: labels must be integer class indices ``>= 0`` (implied by ``num_classes``).
 
     Returns:
         The :class:`CheckReport`.
@@ -584,7 +730,7 @@ def check_datalist(
     report = CheckReport(layout, root)
 
     def one(entry: Mapping[str, Any]) -> CaseCheck:
-        return _check_entry(entry, mods, require_label, check_labels, same_grid)
+        return _check_entry(entry, mods, require_label, check_labels, same_grid, kinds, num_classes, class_labels)
 
     workers = min(4, os.cpu_count() or 1) if num_workers is None else int(num_workers)
     bar = tqdm(total=len(datalist), desc=f"check {layout}", unit="case", disable=not progress or None, leave=False)
@@ -787,32 +933,47 @@ def check_manifest(
     csv: str | os.PathLike,
     modalities: Mapping[str, str | Sequence[str]] | Sequence[str] | None = None,
     id_column: str = "case_id",
-    label_columns: Sequence[str] = ("label",),
+    label_columns: str | Sequence[str] = ("label",),
     label_values: Sequence[float] | None = None,
     num_workers: int | None = None,
     progress: bool = True,
+    kinds: Mapping[str, str] | None = None,
+    missing_files: str = "missing",
+    group_column: str | None = None,
+    split_column: str | None = None,
+    num_classes: int | None = None,
+    class_labels: bool = False,
 ) -> CheckReport:
-    """Check a CSV manifest and every file it refers to.
+    """Check a CSV manifest and every file it refers to, reading each value as its modality kind.
 
     Args:
         csv: the manifest.
-        modalities: as :func:`medfusion.data.manifest.discover_manifest` (``{name: column}``), or a list
-            of column names (each a modality named after its column), or ``None`` (every column except
-            id and labels).
+        modalities: as :func:`medfusion.data.manifest.read_manifest` (``{name: column or [columns]}``), or a
+            list of column names (each a modality named after its column), or ``None`` (every column except
+            id, labels, group and split).
         id_column: id column.
         label_columns: label columns (values must be finite numbers).
         label_values: allowed label values.
         num_workers: threads (see :func:`check_datalist`).
         progress: show a progress bar on a terminal.
+        kinds: ``{modality: kind}`` (the bundle's ``modality_kinds``); modalities without one get a kind guessed
+            from their values, reported as a warning.
+        missing_files: ``"missing"`` (absent files are summarised per modality as a warning) or ``"error"``.
+        group_column: patient (group) column of the split; without it, a column that looks like a patient id
+            and repeats is a warning.
+        split_column: split column (a group in two splits is a warning).
+        num_classes: labels must be integer class indices in ``[0, num_classes)``.
+        class_labels: labels must be integer class indices ``>= 0``.
 
     Returns:
-        The :class:`CheckReport` (``layout`` ``"manifest"``). A manifest that cannot be parsed (unknown
-        column, missing referenced file, non-numeric label, ...) gives one dataset error naming the row.
+        The :class:`CheckReport` (``layout`` ``"manifest"``): notes (kinds, presence per modality), dataset
+        warnings (absent files per modality, dropped rows, repeated patient ids), per-row results. A manifest that
+        cannot be parsed gives one dataset error naming the rows.
 
     Raises:
         FileNotFoundError: the manifest does not exist.
     """
-    from medfusion.data.manifest import discover_manifest
+    from medfusion.data.manifest import read_manifest
 
     path = Path(csv).expanduser()
     if not path.is_file():
@@ -820,17 +981,101 @@ def check_manifest(
     if modalities is not None and not isinstance(modalities, Mapping):
         modalities = {str(m): str(m) for m in modalities}
     report = CheckReport("manifest", str(path))
+    manifest_logger = logging.getLogger("medfusion.data.manifest")
+    prev = manifest_logger.level
+    manifest_logger.setLevel(logging.ERROR)  # what it would log is in the report
     try:
-        items = discover_manifest(path, modalities, id_column, label_columns, label_values)
+        man = read_manifest(
+            path, modalities, id_column, label_columns, label_values, kinds, missing_files, group_column, split_column
+        )
     except (ValueError, FileNotFoundError) as err:
         report.dataset_errors.append(str(err))
         return report
-    mods = (
-        list(modalities) if modalities is not None else [k for k in (items[0] if items else {}) if k not in _RESERVED]
+    finally:
+        manifest_logger.setLevel(prev)
+    kinds_text = ", ".join(
+        f"{m}={k}" + (f" ({len(c)} columns)" if isinstance(c, list) else f" (column {c!r})")
+        for (m, k), c in zip(man.kinds.items(), man.columns.values())
     )
-    part = check_datalist(items, mods, False, False, False, "manifest", str(path), num_workers, progress)
+    report.notes.append(f"modality kinds: {kinds_text}")
+    if man.guessed:
+        report.dataset_warnings.append(
+            f"no kind given for {man.guessed}; guessed {[man.kinds[m] for m in man.guessed]} from the values (pass "
+            "the bundle's modality kinds: --bundle, or --kinds name=kind / --tabular name=col1,col2)."
+        )
+    present = {m: sum(bool(it[Keys.MASK][j]) for it in man.items) for j, m in enumerate(man.columns)}
+    report.notes.append(
+        "present per modality (before reading the files): "
+        + ", ".join(f"{m} {n}/{man.n_rows}" for m, n in present.items())
+    )
+    if man.encodings:
+        report.notes.append(
+            "categorical columns encoded: "
+            + "; ".join(f"{c}: " + ", ".join(f"{k}={int(v)}" for k, v in e.items()) for c, e in man.encodings.items())
+        )
+    report.dataset_warnings += man.summary_lines()
+    by_mod: dict[str, list[str]] = {}
+    for m, msg in man.notes:
+        by_mod.setdefault(m, []).append(msg.split(":")[0].replace("row ", ""))
+    for m, rows in by_mod.items():
+        report.dataset_warnings.append(
+            f"{m}: {len(rows)} cell(s) look like file paths but do not end in .txt, so they are read as inline text "
+            f"(rows {_id_list(rows)})."
+        )
+    report.dataset_warnings += _group_warnings(man)
+    part = check_datalist(
+        man.items,
+        list(man.columns),
+        False,
+        False,
+        False,
+        "manifest",
+        str(path),
+        num_workers,
+        progress,
+        kinds=man.kinds,
+        num_classes=num_classes,
+        class_labels=class_labels,
+    )
     report.cases = part.cases
     return report
+
+
+def _group_warnings(man: Any) -> list[str]:
+    """Repeated ids in patient-id-like columns (without a group column) and groups split across a split column."""
+    from medfusion.data.manifest import looks_like_patient_id
+
+    table = pd.read_csv(man.path, dtype=str, keep_default_na=False, na_filter=False)
+    table.columns = [str(c).strip() for c in table.columns]
+    used = {man.id_column, *man.label_columns, man.split_column}
+    for cols in man.columns.values():
+        used.update([cols] if isinstance(cols, str) else cols)
+    out = []
+    for col in table.columns:
+        if col in used or not looks_like_patient_id(col):
+            continue
+        values = [v.strip() for v in table[col].tolist() if v.strip()]
+        counts = pd.Series(values).value_counts()
+        repeated = counts[counts > 1]
+        if col == man.group_column or repeated.empty:
+            continue
+        out.append(
+            f"column {col!r} looks like a patient id and {len(repeated)} of its {len(counts)} ids repeat (up to "
+            f"{int(counts.max())} rows each, e.g. {_id_list(list(map(str, repeated.index)), 3)}): a random row split "
+            f"puts rows of one patient in train and test; split by patient with group_column {col!r} "
+            f"(bundle: --group_column {col})."
+        )
+    if man.group_column and man.split_column:
+        splits: dict[str, set[str]] = {}
+        for it in man.items:
+            splits.setdefault(str(it[Keys.GROUP]), set()).add(str(it[Keys.SPLIT]))
+        leaked = sorted(g for g, sp in splits.items() if len(sp) > 1)
+        if leaked:
+            out.append(
+                f"{len(leaked)} group(s) of column {man.group_column!r} have rows in more than one split of column "
+                f"{man.split_column!r} ({_id_list(leaked)}); test results on them are optimistic."
+            )
+    return out
 
 
 def detect_check_layout(path: str | os.PathLike) -> str:
@@ -856,12 +1101,13 @@ def detect_check_layout(path: str | os.PathLike) -> str:
 def check_path(
     path: str | os.PathLike,
     layout: str = "auto",
-    modalities: Sequence[str] | None = None,
+    modalities: Sequence[str] | Mapping[str, str | Sequence[str]] | None = None,
     require_label: bool = True,
     check_labels: bool = True,
     num_workers: int | None = None,
     progress: bool = True,
     label_convention: Any = None,
+    **manifest_kwargs: Any,
 ) -> CheckReport:
     """Check a dataset given by path, choosing the checker from ``layout``.
 
@@ -869,12 +1115,15 @@ def check_path(
         path: BraTS/MSD folder, MIMIC-style dataset folder or CSV manifest.
         layout: one of :data:`CHECK_LAYOUTS` (``"auto"``: see :func:`detect_check_layout`).
         modalities: modality names (default per layout: BraTS four, MIMIC ``ehr, cxr, report``, manifest:
-            every non-id, non-label column).
-        require_label: BraTS: every case needs a label.
+            every non-id, non-label column); for a manifest also ``{name: column or [columns]}``.
+        require_label: BraTS: every case needs a label; manifest: read ``label_columns`` (default ``label``)
+            and check they hold integer class indices.
         check_labels: BraTS: check label values (``False``: skip reading labels' values).
         num_workers: threads.
         progress: progress bar on a terminal.
         label_convention: BraTS / volume manifest: the dataset's label convention (see :func:`check_brats`).
+        **manifest_kwargs: for a CSV manifest, :func:`check_manifest` arguments (``kinds``, ``id_column``,
+            ``label_columns``, ``group_column``, ``split_column``, ``missing_files``, ``num_classes``).
 
     Raises:
         ValueError: unknown layout or modality names.
@@ -886,17 +1135,17 @@ def check_path(
         raise FileNotFoundError(f"dataset path {path} does not exist.")
     kind = detect_check_layout(path) if layout == "auto" else layout
     if kind == "manifest":
-        return check_manifest(
-            path, modalities, label_columns=("label",) if require_label else (), num_workers=num_workers,
-            progress=progress,
-        )  # fmt: skip
+        kw = dict(manifest_kwargs)
+        if not require_label:
+            kw["label_columns"] = ()
+        kw.setdefault("class_labels", require_label)
+        return check_manifest(path, modalities, num_workers=num_workers, progress=progress, **kw)
+    mods = list(modalities) if modalities is not None else None
     if kind == "mimic":
-        return check_clinical(
-            path, modalities=modalities or CLINICAL_MODALITIES, num_workers=num_workers, progress=progress
-        )
+        return check_clinical(path, modalities=mods or CLINICAL_MODALITIES, num_workers=num_workers, progress=progress)
     return check_brats(
         path,
-        modalities or BRATS_MODALITIES,
+        mods or BRATS_MODALITIES,
         require_label and check_labels,
         check_labels,
         num_workers,
@@ -914,6 +1163,8 @@ def validate_before_training(
     max_problems: int = 10,
     num_workers: int | None = None,
     label_convention: Any = None,
+    kinds: Mapping[str, str] | None = None,
+    num_classes: int | None = None,
 ) -> CheckReport:
     """Check a dataset and raise ONE error summarising the failing cases (for a bundle's ``initialize``).
 
@@ -926,25 +1177,42 @@ def validate_before_training(
         max_problems: how many problems the error message quotes.
         num_workers: threads.
         label_convention: BraTS / volume manifest path: the dataset's label convention (see :func:`check_brats`).
+        kinds: ``{modality: kind}``: read each value as the bundle will (see :func:`check_datalist`).
+        num_classes: labels must be integer class indices in ``[0, num_classes)`` (classification bundles).
 
     Returns:
-        The report when there are no errors (warnings are logged).
+        The report when there are no errors (warnings are logged, one line per kind of warning).
 
     Raises:
         ValueError: the data has errors; the message gives the counts and the first ``max_problems``
             problems, each naming the case and the file/field.
     """
     if isinstance(datalist_or_dir, (str, os.PathLike)):
+        extra: dict[str, Any] = {"kinds": kinds, "num_classes": num_classes} if kinds or num_classes else {}
         report = check_path(
-            datalist_or_dir, layout, modalities, require_label, check_labels, num_workers, False, label_convention
+            datalist_or_dir,
+            layout,
+            modalities,
+            require_label,
+            check_labels,
+            num_workers,
+            False,
+            label_convention,
+            **extra,
         )
     else:
         report = check_datalist(
-            list(datalist_or_dir), modalities, require_label, check_labels, num_workers=num_workers, progress=False
+            list(datalist_or_dir),
+            modalities,
+            require_label,
+            check_labels,
+            num_workers=num_workers,
+            progress=False,
+            kinds=kinds,
+            num_classes=num_classes,
         )
-    for c in report.cases:
-        for w in c.warnings:
-            logger.warning("check-data: case %s: %s", c.case_id, w)
+    for w in report.dataset_warnings + report.grouped_warnings():
+        logger.warning("check-data: %s", w)
     if report.ok:
         logger.info("check-data: %s", report.summary())
         return report

@@ -9,13 +9,16 @@ ehr       mimic3-benchmarks timeseries CSV                float32 ``[T, 76]``
 image     2D PNG/JPG (PIL) or DICOM file (pydicom)        float32 ``[1, S, S]`` in [0, 1]
 volume    3D NIfTI (or DICOM series folder)               float32 ``[1, V, V, V]`` z-scored
 text      report ``.txt`` path or inline text             int64 ``[2, L]`` (ids, attention)
-tabular   list of floats                                  float32 ``[F]``
+tabular   list of floats (NaN = feature not measured)      float32 ``[F]`` (NaN kept)
 ========  ==============================================  ==============================
 
-A modality whose value is ``None`` (or a report that is empty) is missing: its key is kept with a
+A modality whose value is ``None`` (a report that is empty, an EHR time series without any measurement in
+the window, a tabular row whose every feature is NaN) is missing: its key is kept with a
 zero tensor of the same shape (MONAI's collate needs identical keys) and ``modality_mask`` (bool
 ``[M]`` in the order of ``modalities``) says which are present. Presence is decided from the
-datalist's ``None`` values, never from the zeros.
+values, never from the zeros. Single NaN features of a present tabular modality stay NaN: the ``tabular``
+encoder (:class:`medfusion.encoders.tabular.TabularEncoder`) imputes them with statistics fitted on the
+training split and adds missing-indicator features.
 
 Usage::
 
@@ -50,13 +53,13 @@ from monai.transforms import (
 )
 from monai.utils import MAX_SEED
 
-from medfusion.data.ehr import EHR_NUM_FEATURES, DiscretizeEHR, ehr_num_steps
+from medfusion.data.ehr import EHR_CHANNELS, EHR_NUM_FEATURES, DiscretizeEHR, ehr_num_steps
+from medfusion.data.manifest import MODALITY_KINDS
 from medfusion.data.text import TokenizeReport, load_report
 from medfusion.modality import Keys, validate_modalities
 
 __all__ = ["MODALITY_KINDS", "LoadModalitiesByKindd", "clinical_transforms"]
 
-MODALITY_KINDS = ("ehr", "image", "volume", "text", "tabular")
 _RGB_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL's convert("L")
 
 
@@ -236,7 +239,9 @@ class LoadModalitiesByKindd(Randomizable, MapTransform):
     def _load(self, key: str, value: Any, data: Mapping[Hashable, Any]) -> torch.Tensor | None:
         kind = self.modalities[key]
         if kind == "ehr":
-            return self._ehr(value)
+            steps = self._ehr(value)
+            # the last 17 features are the measurement masks: no measurement in the window = absent EHR
+            return steps if bool(steps[:, -len(EHR_CHANNELS) :].any()) else None
         if kind == "text":
             text = load_report(value, extract=True, max_words=self.max_words)
             return None if text is None else self._tokenizer(text)
@@ -254,9 +259,11 @@ class LoadModalitiesByKindd(Randomizable, MapTransform):
                     f"tabular modality {key!r} of case {data.get(Keys.CASE_ID, '?')!r}: expected "
                     f"{expected if expected is not None else 'a flat list of'} features, got shape {list(t.shape)}."
                 )
-            if not torch.isfinite(t).all():
-                raise ValueError(f"tabular modality {key!r} of case {data.get(Keys.CASE_ID, '?')!r}: non-finite value.")
-            return t
+            if torch.isinf(t).any():
+                raise ValueError(f"tabular modality {key!r} of case {data.get(Keys.CASE_ID, '?')!r}: infinite value.")
+            if bool(torch.isnan(t).all()):
+                return None  # every feature missing: the modality is absent
+            return t  # single missing features stay NaN: the "tabular" encoder imputes them
         return self._pipelines[key]({key: value})[key]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

@@ -1,16 +1,37 @@
 """Generic CSV manifest -> MONAI datalist (any task, any modalities).
 
-One row per sample: an id column, one or more label columns, and per modality either
+One row per sample: an id column, one or more label columns, optionally a group column (patient id)
+and a split column, and per modality either
 
-- one column holding a path (image, volume, DICOM file or folder, text file; relative paths are
-  resolved against the CSV's folder) or inline text, or
-- for a tabular modality, a group of named numeric feature columns.
+- one column holding a path (image, volume, DICOM file or folder, EHR time series, report file;
+  relative paths are resolved against the CSV's folder) or inline text, or
+- for a tabular modality, a group of named feature columns (sparse: any cell may be empty).
 
-An empty cell (all cells of a tabular group) means that modality is missing for that row.
+How a cell is read is decided by the modality's **kind** (:data:`MODALITY_KINDS`), never by probing the file
+system with the cell's text:
 
-A cell is read as a path when the resolved path exists, or when it is a single token (no
-whitespace) that ends in a file suffix (``.nii.gz``, ``.png``, ``.txt``, ...) or contains a ``/``;
-such a path must exist. Any other cell is inline text (e.g. a report).
+========  =====================================================================================
+kind      cell
+========  =====================================================================================
+image     path of a 2D image (PNG/JPG/DICOM file)
+volume    path of a 3D volume (NIfTI, ``.mha``/``.nrrd``, DICOM series folder)
+ehr       path of a mimic3-benchmarks time-series CSV
+text      inline text, or the path of a report file when the cell is one line ending in ``.txt``
+tabular   a number, a yes/no-like or M/F-like category, or empty (one cell per feature column)
+========  =====================================================================================
+
+Missing values: an empty cell (or one of :data:`NA_TOKENS` such as ``NA``) means "not there". A path or text
+modality with an empty cell is missing for that row; a tabular modality is missing only when EVERY one of its
+features is empty (single empty features become NaN and are imputed by the ``tabular`` encoder, see
+``medfusion.encoders.tabular``). A path whose file does not exist is, by default (``missing_files="missing"``),
+a missing modality too (summarised per modality in :attr:`Manifest.absent`); ``missing_files="error"`` raises
+one error listing every absent file. A dangling symbolic link is always an error. A row with no modality left
+is dropped (listed in :attr:`Manifest.dropped`).
+
+Categorical tabular columns: a column whose non-empty values are all in one of :data:`BINARY_CATEGORIES`
+(``no``/``yes``, ``n``/``y``, ``false``/``true``, ``F``/``M``, ``female``/``male``, ``negative``/``positive``,
+``absent``/``present``; any case) is encoded 0/1 (the first value of the pair is 0). Any other non-numeric
+value is an error naming the column and rows.
 """
 
 from __future__ import annotations
@@ -20,70 +41,153 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from medfusion.modality import validate_modalities
+from medfusion.modality import Keys, validate_modalities
 
-__all__ = ["discover_manifest"]
+__all__ = [
+    "MODALITY_KINDS",
+    "PATH_KINDS",
+    "NA_TOKENS",
+    "BINARY_CATEGORIES",
+    "MISSING_FILES",
+    "Manifest",
+    "read_manifest",
+    "discover_manifest",
+    "guess_kind",
+    "looks_like_patient_id",
+]
 
 logger = logging.getLogger(__name__)
 
-_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,5}(\.gz)?$")
+MODALITY_KINDS: tuple[str, ...] = ("ehr", "image", "volume", "text", "tabular")
+"""How a modality's value is read (see the module docstring and :mod:`medfusion.data.clinical`)."""
+PATH_KINDS: tuple[str, ...] = ("ehr", "image", "volume")
+"""Kinds whose cell is always a path."""
+MISSING_FILES: tuple[str, ...] = ("missing", "error")
+NA_TOKENS: frozenset[str] = frozenset(
+    {"", "na", "n/a", "nan", "-nan", "null", "none", "<na>", "#n/a", "#na", "missing", "?"}
+)
+"""Cell values (compared lower-case, stripped) that mean "no value" in path and tabular columns."""
+BINARY_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("no", "yes"),
+    ("n", "y"),
+    ("false", "true"),
+    ("f", "m"),
+    ("female", "male"),
+    ("negative", "positive"),
+    ("neg", "pos"),
+    ("absent", "present"),
+)
+"""Two-valued categories of tabular columns, encoded ``(0, 1)`` in this order (matched case-insensitively)."""
+TEXT_FILE_SUFFIXES: tuple[str, ...] = (".txt",)
+"""A ``text`` cell is a report file path when it is one line ending in one of these (case-insensitive)."""
+
+_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nrrd.gz")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+_PATIENT_ID = re.compile(r"(^|[^a-z])(patient|subject|person|mrn|pid|subj)([^a-z]|$)|^(patient|subject)", re.I)
+_MAX_LISTED = 5
 
 
-def _as_path_candidate(cell: str, base: Path) -> Path | None:
-    """Return the resolved path when ``cell`` should be read as a path, else ``None`` (inline text)."""
-    if "\n" in cell or len(cell) > 4096:
-        return None
-    p = Path(cell).expanduser()
-    if not p.is_absolute():
-        p = base / p
-    try:
-        if p.exists():
-            return p
-    except OSError:
-        return None
-    single_token = not any(ch.isspace() for ch in cell)
-    if single_token and (_SUFFIX.search(cell) or "/" in cell or "\\" in cell):
-        return p
-    return None
+def looks_like_patient_id(column: str) -> bool:
+    """True for column names such as ``patient_id``, ``subject_id``, ``PatientID``, ``mrn``."""
+    return bool(_PATIENT_ID.search(column.replace("ID", "_id")))
 
 
-def discover_manifest(
-    csv_path: str | os.PathLike,
-    modalities: Mapping[str, str | Sequence[str]] | None = None,
-    id_column: str = "case_id",
-    label_columns: Sequence[str] = ("label",),
-    label_values: Sequence[float] | None = None,
-) -> list[dict[str, Any]]:
-    """Read a CSV manifest into a datalist.
+def _is_na(cell: str) -> bool:
+    return cell.strip().lower() in NA_TOKENS
 
-    Args:
-        csv_path: the manifest.
-        modalities: ordered ``{modality name: column}`` for path/text modalities and
-            ``{modality name: [column, ...]}`` for tabular ones, e.g.
-            ``{"pet": "pet", "ct": "ct", "report": "report", "labs": ["lab_0", "lab_1"]}``.
-            ``None``: every column except the id and label columns is a single-column modality
-            named after the column.
-        id_column: column holding a unique sample id.
-        label_columns: one column (label = float) or several (label = list of floats); empty = no
-            ``label`` key (unlabelled data).
-        label_values: allowed label values (e.g. ``[0, 1]``); ``None`` accepts any finite number.
 
-    Returns:
-        One dict per row: ``case_id``, ``sample_index``, ``label`` (when label columns are given), one
-        key per modality (absolute path string, inline text, list of floats, or ``None`` when missing)
-        and ``modality_mask`` (list of bools in modality order).
+def _listing(ids: Sequence[str], n: int = _MAX_LISTED) -> str:
+    shown = ", ".join(str(i) for i in ids[:n])
+    return shown + (f", ... (+{len(ids) - n} more)" if len(ids) > n else "")
 
-    Raises:
-        FileNotFoundError: the manifest, or a path a row refers to (names row id, column and path).
-        ValueError: unknown columns, duplicate/empty ids, rows with every modality empty, partially
-            empty or non-numeric tabular groups, non-numeric labels or labels outside ``label_values``.
+
+def guess_kind(values: Sequence[str]) -> str:
+    """Guess a single-column modality's kind from its non-empty values (used only when no kind is given).
+
+    All numeric or one two-valued category (yes/no, M/F, ...) -> ``tabular``; most values ending in a volume
+    suffix -> ``volume``, an image/DICOM suffix ->
+    ``image``, ``.csv`` -> ``ehr``; anything else -> ``text``. Only the values' text is looked at.
     """
-    path = Path(csv_path)
+    vals = [v.strip() for v in values if not _is_na(v)]
+    if not vals:
+        return "text"
+    try:
+        [float(v) for v in vals]
+        return "tabular"
+    except ValueError:
+        pass
+    if any({v.lower() for v in vals} <= set(pair) for pair in BINARY_CATEGORIES):
+        return "tabular"
+    low = [v.lower() for v in vals if "\n" not in v]
+    votes = {
+        "volume": sum(v.endswith(_VOLUME_SUFFIXES) for v in low),
+        "image": sum(v.endswith(_IMAGE_SUFFIXES) for v in low),
+        "ehr": sum(v.endswith(".csv") for v in low),
+    }
+    best = max(votes, key=lambda k: votes[k])
+    return best if votes[best] * 2 > len(vals) else "text"
+
+
+@dataclass
+class Manifest:
+    """A parsed manifest.
+
+    Attributes:
+        path: the CSV.
+        items: the datalist (one dict per kept row, see :func:`read_manifest`).
+        columns: ``{modality: column or [columns]}``.
+        kinds: ``{modality: kind}`` used to read the cells.
+        guessed: modalities whose kind was guessed from the values (no kind given).
+        absent: ``{modality: [(row id, path), ...]}`` files that do not exist (treated as missing).
+        dropped: ids of rows left out because no modality was present.
+        encodings: ``{column: {category: code}}`` of categorical tabular columns.
+        notes: ``[(modality, message)]`` for things worth a warning (e.g. inline text that looks like a path).
+        n_rows: data rows in the CSV.
+        id_column: id column.
+        label_columns: label columns.
+        group_column: group (patient) column or ``None``.
+        split_column: split column or ``None``.
+    """
+
+    path: Path
+    items: list[dict[str, Any]]
+    columns: dict[str, str | list[str]]
+    kinds: dict[str, str]
+    guessed: list[str] = field(default_factory=list)
+    absent: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    encodings: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    n_rows: int = 0
+    id_column: str = "case_id"
+    label_columns: list[str] = field(default_factory=list)
+    group_column: str | None = None
+    split_column: str | None = None
+
+    def summary_lines(self) -> list[str]:
+        """One line per modality with absent files, one for dropped rows (what :func:`read_manifest` logs)."""
+        lines = []
+        for m, entries in self.absent.items():
+            if entries:
+                lines.append(
+                    f"{m}: {len(entries)} of {self.n_rows} file(s) do not exist; treated as missing "
+                    f"(rows {_listing([i for i, _ in entries])})."
+                )
+        if self.dropped:
+            lines.append(
+                f"{len(self.dropped)} row(s) have no modality present (empty cells or absent files) and are left "
+                f"out: {_listing(self.dropped)}."
+            )
+        return lines
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"Manifest {path} does not exist.")
     try:
@@ -91,96 +195,335 @@ def discover_manifest(
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ValueError(f"Manifest {path}: cannot be read as CSV ({err}).") from err
     df.columns = [str(c).strip() for c in df.columns]
+    if df.empty:
+        raise ValueError(
+            f"Manifest {path} has a header ({list(df.columns)}) but no data rows; expected one row per sample."
+        )
+    return df
+
+
+def _resolve(cell: str, base: Path) -> Path:
+    p = Path(cell).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _file_state(p: Path) -> str:
+    """``"ok"``, ``"absent"``, ``"dangling"`` (a symlink to nothing) or ``"invalid: <reason>"``."""
+    try:
+        if p.exists():
+            return "ok"
+        return "dangling" if p.is_symlink() else "absent"
+    except OSError as err:  # e.g. "File name too long": the cell is not a path
+        return f"invalid: {type(err).__name__}: {err.strerror or err}"
+
+
+def _text_is_path(cell: str) -> bool:
+    return "\n" not in cell and len(cell) < 4096 and cell.lower().endswith(TEXT_FILE_SUFFIXES)
+
+
+def _tabular_column(
+    df: pd.DataFrame, col: str, ids: Sequence[str], path: Path
+) -> tuple[list[float], dict[str, float] | None]:
+    """Parse one tabular feature column to floats (NaN = empty) and its categorical encoding (or None)."""
+    cells = [str(v).strip() for v in df[col].tolist()]
+    present = [(i, c) for i, c in enumerate(cells) if not _is_na(c)]
+    numeric: list[float | None] = []
+    for _, c in present:
+        try:
+            numeric.append(float(c))
+        except ValueError:
+            numeric.append(None)
+    out = [math.nan] * len(cells)
+    if all(v is not None for v in numeric):
+        bad = [(ids[i], c) for (i, c), v in zip(present, numeric) if not math.isfinite(v)]  # type: ignore[arg-type]
+        if bad:
+            raise ValueError(
+                f"Manifest {path}: column {col!r} holds non-finite value(s) in row(s) "
+                f"{_listing([f'{r!r} ({c!r})' for r, c in bad])}; expected finite numbers or empty cells."
+            )
+        for (i, _), v in zip(present, numeric):
+            out[i] = float(v)  # type: ignore[arg-type]
+        return out, None
+    values = {c.lower() for _, c in present}
+    for pair in BINARY_CATEGORIES:
+        if values <= set(pair):
+            enc = {pair[0]: 0.0, pair[1]: 1.0}
+            for i, c in present:
+                out[i] = enc[c.lower()]
+            return out, enc
+    bad_rows = [f"{ids[i]!r} ({c!r})" for (i, c), v in zip(present, numeric) if v is None]
+    raise ValueError(
+        f"Manifest {path}: tabular column {col!r} holds non-numeric value(s) in row(s) {_listing(bad_rows)}; "
+        f"expected numbers, empty cells, or one two-valued category such as {'/'.join(BINARY_CATEGORIES[0])} or "
+        f"{'/'.join(BINARY_CATEGORIES[3])} (found {sorted(values)[:8]})."
+    )
+
+
+def read_manifest(
+    csv_path: str | os.PathLike,
+    modalities: Mapping[str, str | Sequence[str]] | None = None,
+    id_column: str = "case_id",
+    label_columns: str | Sequence[str] = ("label",),
+    label_values: Sequence[float] | None = None,
+    kinds: Mapping[str, str] | None = None,
+    missing_files: str = "missing",
+    group_column: str | None = None,
+    split_column: str | None = None,
+) -> Manifest:
+    """Read a CSV manifest into a :class:`Manifest` (datalist + what was absent, dropped, guessed, encoded).
+
+    Args:
+        csv_path: the manifest.
+        modalities: ordered ``{modality name: column}`` for path/text modalities and
+            ``{modality name: [column, ...]}`` for tabular ones, e.g.
+            ``{"cxr": "image_path", "note": "note", "vitals": ["heart_rate", "sex", "lactate"]}``.
+            ``None``: every column except the id, label, group and split columns and columns that look like
+            a patient id (:func:`looks_like_patient_id`) is a single-column modality named after the column.
+        id_column: column holding a unique sample id.
+        label_columns: one column (label = float) or several (label = list of floats); empty = no
+            ``label`` key (unlabelled data).
+        label_values: allowed label values (e.g. ``[0, 1]``); ``None`` accepts any finite number.
+        kinds: ``{modality: kind}`` (:data:`MODALITY_KINDS`). A modality given as a list of columns is
+            ``tabular``; a single-column modality without a kind gets :func:`guess_kind` (reported in
+            :attr:`Manifest.guessed`). Pass the bundle's ``modality_kinds``.
+        missing_files: ``"missing"`` (an absent file = missing modality) or ``"error"`` (raise, listing all).
+        group_column: column of a group id (patient); copied into each item as ``group``.
+        split_column: column naming each row's split (``train``/``val``/``test``/``meta_val``); copied as ``split``.
+
+    Returns:
+        The :class:`Manifest`. Each item: ``case_id``, ``sample_index``, ``label`` (when label columns are
+        given), ``group``/``split`` (when those columns are given), one key per modality (absolute path string,
+        inline text, list of floats with NaN for empty features, or ``None`` when missing) and
+        ``modality_mask`` (list of bools in modality order).
+
+    Raises:
+        FileNotFoundError: the manifest does not exist; with ``missing_files="error"``, absent files (all listed).
+        ValueError: header-only manifest, unknown columns or kinds, duplicate/empty ids, empty group/split
+            cells, non-numeric labels or labels outside ``label_values`` (all offending rows named),
+            non-numeric tabular values that are not a two-valued category, dangling symbolic links, cells
+            of a path kind that are not valid paths.
+    """
+    path = Path(csv_path)
+    df = _read_csv(path)
     base = path.parent
-    label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
-    if modalities is None:
-        modalities = {c: c for c in df.columns if c != id_column and c not in label_columns}
+    label_cols = [label_columns] if isinstance(label_columns, str) else list(label_columns)
+    if missing_files not in MISSING_FILES:
+        raise ValueError(f"missing_files must be one of {list(MISSING_FILES)}, got {missing_files!r}.")
+    special = [id_column, *label_cols, *(c for c in (group_column, split_column) if c)]
+    if modalities is None:  # every other column, except columns that look like a patient id
+        modalities = {c: c for c in df.columns if c not in special and not looks_like_patient_id(c)}
     mods = validate_modalities(list(modalities), field=f"manifest {path} modalities")
     spec: dict[str, str | list[str]] = {
-        m: (modalities[m] if isinstance(modalities[m], str) else list(modalities[m]))  # type: ignore[arg-type]
+        m: (modalities[m] if isinstance(modalities[m], str) else [str(c) for c in modalities[m]])  # type: ignore[union-attr]
         for m in mods
     }
-    needed = [id_column, *label_columns]
+    needed = list(special)
     for cols in spec.values():
         needed.extend([cols] if isinstance(cols, str) else cols)
     unknown = [c for c in dict.fromkeys(needed) if c not in df.columns]
     if unknown:
         raise ValueError(f"Manifest {path}: unknown column(s) {unknown}; the CSV has columns {list(df.columns)}.")
+    given = dict(kinds or {})
+    bad_kinds = {m: k for m, k in given.items() if m in spec and k not in MODALITY_KINDS}
+    if bad_kinds:
+        raise ValueError(f"Manifest {path}: unknown modality kind(s) {bad_kinds}; expected one of {MODALITY_KINDS}.")
+    resolved: dict[str, str] = {}
+    guessed: list[str] = []
     for m, cols in spec.items():
-        if not isinstance(cols, str) and not cols:
-            raise ValueError(f"Manifest {path}: tabular modality {m!r} lists no columns.")
+        if not isinstance(cols, str):
+            if not cols:
+                raise ValueError(f"Manifest {path}: tabular modality {m!r} lists no columns.")
+            if given.get(m, "tabular") != "tabular":
+                raise ValueError(
+                    f"Manifest {path}: modality {m!r} is a group of columns {cols} but its kind is {given[m]!r}; "
+                    "a group of columns is a 'tabular' modality."
+                )
+            resolved[m] = "tabular"
+        elif m in given:
+            resolved[m] = given[m]
+        else:
+            resolved[m] = guess_kind([str(v) for v in df[cols].tolist()])
+            guessed.append(m)
+    if guessed:
+        logger.info(
+            "Manifest %s: no kind given for %s; guessed %s from the values (pass kinds= / --kinds to set them).",
+            path,
+            guessed,
+            {m: resolved[m] for m in guessed},
+        )
 
     ids = [str(v).strip() for v in df[id_column].tolist()]
     empty_ids = [i + 2 for i, v in enumerate(ids) if not v]
     if empty_ids:
         raise ValueError(f"Manifest {path}: empty {id_column!r} on line(s) {empty_ids[:10]}; every row needs an id.")
-    dup = sorted({v for v in ids if ids.count(v) > 1})
+    counts = pd.Series(ids).value_counts()
+    dup = sorted(counts[counts > 1].index.tolist())
     if dup:
         raise ValueError(f"Manifest {path}: duplicate {id_column!r} value(s) {dup[:10]}; ids must be unique.")
-    allowed = None if label_values is None else {float(v) for v in label_values}
+    for col in (group_column, split_column):
+        if col:
+            blank = [ids[i] for i, v in enumerate(df[col].tolist()) if not str(v).strip()]
+            if blank:
+                raise ValueError(f"Manifest {path}: column {col!r} is empty in row(s) {_listing(blank)}.")
 
+    labels = _labels(df, label_cols, ids, path, label_values)
+    # tabular modalities: parse column by column (a categorical column is recognised from all its values)
+    tab_values: dict[str, list[list[float]]] = {}
+    encodings: dict[str, dict[str, float]] = {}
+    for m, cols in spec.items():
+        if resolved[m] != "tabular":
+            continue
+        col_list = [cols] if isinstance(cols, str) else cols
+        parsed = []
+        for c in col_list:
+            vals, enc = _tabular_column(df, c, ids, path)
+            parsed.append(vals)
+            if enc is not None:
+                encodings[c] = enc
+        tab_values[m] = [list(row) for row in zip(*parsed)]
+
+    absent: dict[str, list[tuple[str, str]]] = {m: [] for m in mods}
+    broken: list[str] = []
+    notes: list[tuple[str, str]] = []
     items: list[dict[str, Any]] = []
-    for i, (_, row) in enumerate(df.iterrows()):
+    dropped: list[str] = []
+    for i in range(len(df)):
         rid = ids[i]
-        where = f"Manifest {path}, row {rid!r} (line {i + 2})"
-        item: dict[str, Any] = {"case_id": rid, "sample_index": i}
-        if label_columns:
-            labels = []
-            for c in label_columns:
-                cell = str(row[c]).strip()
-                try:
-                    v = float(cell)
-                except ValueError:
-                    raise ValueError(f"{where}: label column {c!r} holds {cell!r}; expected a number.") from None
-                if not math.isfinite(v):
-                    raise ValueError(f"{where}: label column {c!r} holds {cell!r}; expected a finite number.")
-                if allowed is not None and v not in allowed:
-                    raise ValueError(
-                        f"{where}: label value {cell!r} in column {c!r} is not one of {sorted(allowed)} (label_values)."
-                    )
-                labels.append(v)
-            item["label"] = labels[0] if len(labels) == 1 else labels
+        item: dict[str, Any] = {Keys.CASE_ID.value: rid, Keys.INDEX.value: len(items)}
+        if label_cols:
+            item[Keys.LABEL.value] = labels[i]
+        if group_column:
+            item[Keys.GROUP.value] = str(df[group_column].iat[i]).strip()
+        if split_column:
+            item[Keys.SPLIT.value] = str(df[split_column].iat[i]).strip()
         for m, cols in spec.items():
-            if isinstance(cols, str):
-                cell = str(row[cols]).strip()
+            kind = resolved[m]
+            if kind == "tabular":
+                row = tab_values[m][i]
+                item[m] = None if all(math.isnan(v) for v in row) else row
+                continue
+            cell = str(df[cols].iat[i]).strip()
+            if kind == "text":
                 if not cell:
                     item[m] = None
-                    continue
-                p = _as_path_candidate(cell, base)
-                if p is None:
-                    item[m] = cell
-                elif not p.exists():
-                    raise FileNotFoundError(
-                        f"{where}: column {cols!r} refers to {p}, which does not exist "
-                        "(relative paths are resolved against the manifest's folder)."
-                    )
+                elif _text_is_path(cell):
+                    item[m] = _path_value(m, cols, cell, base, rid, i, absent, broken)
                 else:
-                    item[m] = str(p.resolve())
-            else:
-                cells = [str(row[c]).strip() for c in cols]
-                empty = [c for c, v in zip(cols, cells) if not v]
-                if len(empty) == len(cols):
-                    item[m] = None
-                    continue
-                if empty:
-                    raise ValueError(
-                        f"{where}: tabular modality {m!r} is partially empty (columns {empty}); "
-                        "fill every column or leave all of them empty (missing modality)."
-                    )
-                values = []
-                for c, v in zip(cols, cells):
-                    try:
-                        x = float(v)
-                    except ValueError:
-                        raise ValueError(f"{where}: column {c!r} holds {v!r}; expected a number.") from None
-                    if not math.isfinite(x):
-                        raise ValueError(f"{where}: column {c!r} holds {v!r}; expected a finite number.")
-                    values.append(x)
-                item[m] = values
+                    if not any(ch.isspace() for ch in cell) and ("/" in cell or "\\" in cell):
+                        notes.append((m, f"row {rid!r}: {cell!r} looks like a file path but does not end in .txt; "
+                                         "read as inline text"))  # fmt: skip
+                    item[m] = cell
+                continue
+            item[m] = None if _is_na(cell) else _path_value(m, cols, cell, base, rid, i, absent, broken)
         mask = [item[m] is not None for m in mods]
         if not any(mask):
-            raise ValueError(f"{where}: every modality {list(mods)} is empty; at least one must be present.")
-        item["modality_mask"] = mask
+            dropped.append(rid)
+            continue
+        item[Keys.MASK.value] = mask
         items.append(item)
-    logger.info("discover_manifest: %d items from %s.", len(items), path)
-    return items
+    if broken:
+        raise ValueError(f"Manifest {path}: {len(broken)} path cell(s) cannot be used:\n  " + "\n  ".join(broken))
+    n_absent = sum(len(v) for v in absent.values())
+    if missing_files == "error" and n_absent:
+        listed = [f"row {rid!r}, column {spec[m]!r}: {p}" for m, v in absent.items() for rid, p in v]
+        raise FileNotFoundError(
+            f"Manifest {path}: {n_absent} referenced file(s) do not exist (missing_files='error'; relative paths "
+            f"are resolved against the manifest's folder; missing_files='missing' treats them as missing "
+            "modalities):\n  " + "\n  ".join(listed)
+        )
+    manifest = Manifest(
+        path=path,
+        items=items,
+        columns=spec,
+        kinds=resolved,
+        guessed=guessed,
+        absent={m: v for m, v in absent.items() if v},
+        dropped=dropped,
+        encodings=encodings,
+        notes=notes,
+        n_rows=len(df),
+        id_column=id_column,
+        label_columns=label_cols,
+        group_column=group_column,
+        split_column=split_column,
+    )
+    for line in manifest.summary_lines():
+        logger.warning("Manifest %s: %s", path, line)
+    if not items:
+        absent_rows = [
+            f"row {rid!r}, column {spec[m]!r}: {p} does not exist" for m, v in absent.items() for rid, p in v
+        ]
+        detail = (":\n  " + "\n  ".join(absent_rows[:20])) if absent_rows else "."
+        raise ValueError(f"Manifest {path}: no row has any modality present ({len(df)} row(s) read){detail}")
+    logger.info("read_manifest: %d items from %s.", len(items), path)
+    return manifest
+
+
+def _path_value(
+    modality: str,
+    column: str,
+    cell: str,
+    base: Path,
+    rid: str,
+    line: int,
+    absent: dict[str, list[tuple[str, str]]],
+    broken: list[str],
+) -> str | None:
+    p = _resolve(cell, base)
+    state = _file_state(p)
+    if state == "ok":
+        return str(p.resolve())
+    where = f"row {rid!r} (line {line + 2}), column {column!r}"
+    if state == "absent":
+        absent[modality].append((rid, str(p)))
+    elif state == "dangling":
+        broken.append(f"{where}: {p} is a dangling symbolic link (to {os.readlink(p)!r}, which does not exist).")
+    else:
+        shown = cell if len(cell) <= 80 else cell[:77] + "..."
+        broken.append(f"{where}: {shown!r} is not a usable path ({state[9:]}); is this column really a file column?")
+    return None
+
+
+def _labels(
+    df: pd.DataFrame, label_cols: Sequence[str], ids: Sequence[str], path: Path, label_values: Sequence[float] | None
+) -> list[float | list[float]]:
+    allowed = None if label_values is None else {float(v) for v in label_values}
+    out: list[float | list[float]] = []
+    bad: dict[str, list[str]] = {}
+    for i in range(len(df)):
+        vals = []
+        for c in label_cols:
+            cell = str(df[c].iat[i]).strip()
+            try:
+                v = float(cell)
+            except ValueError:
+                v = math.nan
+            if not math.isfinite(v):
+                bad.setdefault(f"label column {c!r}: expected a finite number", []).append(f"{ids[i]!r} ({cell!r})")
+            elif allowed is not None and v not in allowed:
+                bad.setdefault(f"label column {c!r}: expected one of {sorted(allowed)} (label_values)", []).append(
+                    f"{ids[i]!r} ({cell!r})"
+                )
+            vals.append(v)
+        out.append(vals[0] if len(vals) == 1 else vals)
+    if bad:
+        lines = [f"{what}; found in {len(rows)} row(s): {_listing(rows, 20)}" for what, rows in bad.items()]
+        raise ValueError(f"Manifest {path}: bad labels:\n  " + "\n  ".join(lines))
+    return out
+
+
+def discover_manifest(
+    csv_path: str | os.PathLike,
+    modalities: Mapping[str, str | Sequence[str]] | None = None,
+    id_column: str = "case_id",
+    label_columns: str | Sequence[str] = ("label",),
+    label_values: Sequence[float] | None = None,
+    kinds: Mapping[str, str] | None = None,
+    missing_files: str = "missing",
+    group_column: str | None = None,
+    split_column: str | None = None,
+) -> list[dict[str, Any]]:
+    """The datalist of :func:`read_manifest` (same arguments): ``read_manifest(...).items``."""
+    return read_manifest(
+        csv_path, modalities, id_column, label_columns, label_values, kinds, missing_files, group_column, split_column
+    ).items

@@ -70,14 +70,14 @@ def extract_findings(text: str, max_words: int | None = 150) -> str:
 
 
 def _looks_like_path(value: str) -> bool:
-    return "\n" not in value and value.strip().lower().endswith(".txt")
+    return "\n" not in value and len(value) < 4096 and value.strip().lower().endswith(".txt")
 
 
 def load_report(value: str | os.PathLike | None, extract: bool = True, max_words: int | None = 150) -> str | None:
     """Read a report given as a ``.txt`` path or as inline text.
 
-    A ``Path``, a string naming an existing file, or a single-line string ending in ``.txt`` is a
-    path; any other string is the report text itself.
+    A ``Path`` or a single-line string ending in ``.txt`` is a path; any other string is the report
+    text itself (decided from the text alone: the file system is never probed with a report's text).
 
     Args:
         value: path or text; ``None`` means missing.
@@ -95,7 +95,7 @@ def load_report(value: str | os.PathLike | None, extract: bool = True, max_words
     if value is None:
         return None
     source = "<inline text>"
-    if isinstance(value, os.PathLike) or (isinstance(value, str) and (_looks_like_path(value) or _is_file(value))):
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and _looks_like_path(value)):
         path = Path(value)
         if not path.is_file():
             raise FileNotFoundError(f"Report file {path} does not exist.")
@@ -115,13 +115,6 @@ def load_report(value: str | os.PathLike | None, extract: bool = True, max_words
         logger.info("Report %s is empty; treated as a missing modality.", source)
         return None
     return out
-
-
-def _is_file(value: str) -> bool:
-    try:
-        return "\n" not in value and len(value) < 4096 and Path(value).is_file()
-    except OSError:
-        return False
 
 
 def default_tokenizer_dir() -> str:

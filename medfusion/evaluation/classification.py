@@ -5,8 +5,11 @@ for every combination's mask, which equals running the model per combination bec
 read the mask (tested). Metrics per combination: AUROC (MONAI ``compute_roc_auc``), AUPRC,
 accuracy, F1, balanced accuracy (scikit-learn) and the expected calibration error
 (:mod:`medfusion.evaluation.calibration`), each with a percentile-bootstrap 95% CI over samples, plus a
-reliability diagram per combination. Per-sample method outputs found in the head's ``aux`` (QMF weights, OmniFuse omega,
-...) are exported beside the predictions.
+reliability diagram per combination. Accuracy, F1 and balanced accuracy use the argmax (0.5 for two
+classes); with a validation loader, binary tasks also get a threshold chosen per combination on the
+validation split (maximum Youden's J) and the thresholded metrics at it (``*_at_thr``), which stay
+meaningful when a model predicts one class at 0.5 (imbalanced labels). Per-sample method outputs found in
+the head's ``aux`` (QMF weights, OmniFuse omega, ...) are exported beside the predictions.
 """
 
 from __future__ import annotations
@@ -34,11 +37,28 @@ from medfusion.evaluation.calibration import (
 from medfusion.evaluation.report import plot_heatmap, to_markdown, write_record
 from medfusion.modality import Keys, combination_mask, combination_name, combinations, parse_combination
 
-__all__ = ["CLS_METRICS", "classification_metrics", "bootstrap_ci", "predict_combinations", "evaluate_classification"]
+__all__ = [
+    "CLS_METRICS",
+    "THR_METRICS",
+    "classification_metrics",
+    "choose_threshold",
+    "threshold_metrics",
+    "bootstrap_ci",
+    "predict_combinations",
+    "evaluate_classification",
+]
 
 logger = logging.getLogger(__name__)
 
 CLS_METRICS: tuple[str, ...] = ("auroc", "auprc", "accuracy", "f1", "balanced_accuracy", "ece")
+THR_METRICS: tuple[str, ...] = (
+    "accuracy_at_thr",
+    "f1_at_thr",
+    "balanced_accuracy_at_thr",
+    "sensitivity_at_thr",
+    "specificity_at_thr",
+)
+"""Binary metrics at the threshold chosen on the validation split (column ``threshold``)."""
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -76,17 +96,66 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     return out
 
 
+def choose_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Threshold on ``P(class 1)`` with the largest Youden's J (sensitivity + specificity - 1) on these samples.
+
+    Uses scikit-learn's ``roc_curve``; ties go to the first (highest) threshold. NaN when only one class is
+    present (no threshold can be chosen).
+
+    Args:
+        probs: ``[N, 2]`` probabilities (or ``[N]`` probabilities of class 1).
+        labels: ``[N]`` 0/1 labels.
+    """
+    from sklearn.metrics import roc_curve
+
+    score = probs[:, 1] if probs.ndim == 2 else probs
+    labels = labels.astype(int)
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    fpr, tpr, thr = roc_curve(labels, score)
+    j = tpr - fpr
+    best = int(np.argmax(j[1:])) + 1  # thr[0] is +inf (nothing predicted positive)
+    return float(min(thr[best], 1.0))
+
+
+def threshold_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """:data:`THR_METRICS` of a binary task when ``P(class 1) >= threshold`` is predicted positive (NaN thr -> NaN)."""
+    labels = labels.astype(int)
+    if not np.isfinite(threshold):
+        return {k: np.nan for k in THR_METRICS}
+    pred = (probs[:, 1] >= threshold).astype(int)
+    pos, neg = labels == 1, labels == 0
+    return {
+        "accuracy_at_thr": float(accuracy_score(labels, pred)),
+        "f1_at_thr": float(f1_score(labels, pred, average="binary", zero_division=0)),
+        "balanced_accuracy_at_thr": float(balanced_accuracy_score(labels, pred)) if pos.any() and neg.any() else np.nan,
+        "sensitivity_at_thr": float(pred[pos].mean()) if pos.any() else np.nan,
+        "specificity_at_thr": float(1 - pred[neg].mean()) if neg.any() else np.nan,
+    }
+
+
 def bootstrap_ci(
-    probs: np.ndarray, labels: np.ndarray, n_boot: int = 200, seed: int = 0, alpha: float = 0.05
+    probs: np.ndarray,
+    labels: np.ndarray,
+    n_boot: int = 200,
+    seed: int = 0,
+    alpha: float = 0.05,
+    threshold: float | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap ``(1 - alpha)`` CIs of :func:`classification_metrics` over samples."""
+    """Percentile bootstrap ``(1 - alpha)`` CIs of :func:`classification_metrics` over samples.
+
+    With ``threshold`` (binary), also the CIs of :func:`threshold_metrics` at that fixed threshold.
+    """
     rng = np.random.default_rng(seed)
     n = len(labels)
-    draws: dict[str, list[float]] = {m: [] for m in CLS_METRICS}
+    names = list(CLS_METRICS) + (list(THR_METRICS) if threshold is not None else [])
+    draws: dict[str, list[float]] = {m: [] for m in names}
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
         m = classification_metrics(probs[idx], labels[idx])
-        for k in CLS_METRICS:
+        if threshold is not None:
+            m.update(threshold_metrics(probs[idx], labels[idx], threshold))
+        for k in names:
             draws[k].append(m[k])
     out = {}
     for k, v in draws.items():
@@ -174,6 +243,8 @@ def evaluate_classification(
     seed: int = 0,
     temperatures: Mapping[str, float] | None = None,
     record: Mapping[str, Any] | None = None,
+    threshold_loader: Iterable[Mapping[str, Any]] | None = None,
+    notes: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Evaluate a classifier on every modality combination.
 
@@ -197,9 +268,13 @@ def evaluate_classification(
             ``softmax(log p / T)`` per combination before any metric (``None`` = uncalibrated).
         record: facts about the run written to ``evaluation.json`` (split, method, checkpoint, ...;
             ``medfusion compare`` checks that compared runs share them).
+        threshold_loader: validation batches (binary tasks): per combination, the threshold with the largest
+            Youden's J on them goes to column ``threshold`` and :data:`THR_METRICS` are computed at it.
+        notes: paragraphs written under the table of ``summary.md`` (e.g. the split rule).
 
     Returns:
-        Summary indexed by combination (+ ``mean``): metric columns, ``<metric>_lo``/``_hi`` CIs, ``n``.
+        Summary indexed by combination (+ ``mean``): metric columns, ``<metric>_lo``/``_hi`` CIs, ``n``
+        (with ``threshold_loader``: also ``threshold`` and :data:`THR_METRICS`).
     """
     dev = resolve_device(device)
     combos = (
@@ -219,6 +294,15 @@ def evaluate_classification(
         for name, part in preds.groupby("combination", sort=False):
             t = float(temperatures.get(str(name), 1.0))
             preds.loc[part.index, prob_cols] = apply_temperature(part[prob_cols].to_numpy(), t)
+    thresholds: dict[str, float] | None = None
+    if threshold_loader is not None and len(prob_cols) == 2:
+        val = predict_combinations(model, threshold_loader, modalities, masks, dev, cached=cached, progress=progress)
+        thresholds = {}
+        for name, part in val.groupby("combination", sort=False) if not val.empty else []:
+            p_val = part[prob_cols].to_numpy(dtype=float)
+            if temperatures:  # the threshold applies to the probabilities as reported (calibrated)
+                p_val = apply_temperature(p_val, float(temperatures.get(str(name), 1.0)))
+            thresholds[str(name)] = choose_threshold(p_val, part["label"].to_numpy())
     rows = {}
     curves = {}
     for name in [combination_name(c) for c in combos]:
@@ -228,8 +312,13 @@ def evaluate_classification(
         p, y = part[prob_cols].to_numpy(), part["label"].to_numpy()
         row: dict[str, float] = dict(classification_metrics(p, y))
         curves[name] = reliability_curve(p, y)
+        thr = None
+        if thresholds is not None:
+            thr = thresholds.get(name, float("nan"))
+            row["threshold"] = thr
+            row.update(threshold_metrics(p, y, thr))
         if n_bootstrap > 0:
-            for k, (lo, hi) in bootstrap_ci(p, y, n_bootstrap, seed).items():
+            for k, (lo, hi) in bootstrap_ci(p, y, n_bootstrap, seed, threshold=thr).items():
                 row[f"{k}_lo"], row[f"{k}_hi"] = lo, hi
         row["n"] = len(part)
         rows[name] = row
@@ -243,8 +332,11 @@ def evaluate_classification(
         out.mkdir(parents=True, exist_ok=True)
         preds.to_csv(out / "predictions.csv", index=False)
         summary.to_csv(out / "summary.csv")
-        md = to_markdown(summary, list(CLS_METRICS), digits=3)
-        (out / "summary.md").write_text(f"# {title}\n\n" + md)
+        shown = list(CLS_METRICS) + (["threshold", *THR_METRICS] if thresholds is not None else [])
+        md = to_markdown(summary, shown, digits=3, ci=n_bootstrap > 0)
+        (out / "summary.md").write_text(
+            f"# {title}\n\n" + md + "\n" + "\n\n".join(_summary_notes(summary, n_bootstrap, thresholds, notes)) + "\n"
+        )
         plot_heatmap(summary, list(CLS_METRICS), out / "heatmap.png", title=title)
         pd.concat(curves, names=["combination", "bin"]).to_csv(out / "reliability.csv")
         ece = {k: float(v) for k, v in summary["ece"].items() if k in curves}
@@ -259,3 +351,29 @@ def evaluate_classification(
             },
         )
     return summary
+
+
+def _summary_notes(
+    summary: pd.DataFrame, n_bootstrap: int, thresholds: Mapping[str, float] | None, notes: Sequence[str] | None
+) -> list[str]:
+    """The paragraphs under the table of ``summary.md``."""
+    n_combos = len(summary) - 1
+    out = [
+        "Each cell: the value on the evaluated split"
+        + (f" [95% percentile-bootstrap CI over samples, {n_bootstrap} resamples]." if n_bootstrap > 0 else ".")
+        + " n: samples that have every modality of the combination (a sample counts in every combination it can"
+        " form, with the other modalities masked).",
+        f"mean: unweighted mean of the {n_combos} combination rows (each combination counts once, whatever its n);"
+        " its CI columns are the means of the combinations' CI bounds (not a CI of the mean), and its n is the"
+        " smallest n of any combination.",
+        "accuracy, f1, balanced_accuracy: predicted class = argmax (P(class 1) >= 0.5 for two classes).",
+    ]
+    if thresholds is not None:
+        missing = [k for k, v in thresholds.items() if not np.isfinite(v)]
+        out.append(
+            "threshold, *_at_thr: per combination, the threshold on P(class 1) with the largest Youden's J"
+            " (sensitivity + specificity - 1) on the validation split, then the metrics on this split at that"
+            " threshold" + (f" (no threshold for {missing}: one class only in validation)." if missing else ".")
+        )
+    out += [str(n) for n in (notes or [])]
+    return out

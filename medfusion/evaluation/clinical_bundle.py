@@ -2,10 +2,16 @@
 
 The bundle's JSON stays declarative; what JSON cannot express cleanly lives here:
 
-* :func:`ordered_kinds`, :func:`select_encoders`: per-modality settings in the order of ``modalities``
-  (with one clear error for a modality without a setting);
-* :func:`clinical_splits` / :func:`clinical_datalist`: datalists of the MIMIC-style layout (listfile
-  splits, a meta-validation part carved out of train) or a CSV manifest (seeded random split);
+* :func:`ordered_kinds`, :func:`resolve_kinds`, :func:`tabular_sizes`, :func:`select_encoders`: per-modality
+  settings in the order of ``modalities`` (kinds from ``modality_kinds``, a manifest column group is
+  ``tabular``; encoders from ``encoders`` or the kind's default in ``kind_encoders``), with one clear error for
+  a modality without a setting;
+* :func:`fit_tabular`: fit the tabular encoders' imputation/standardisation on the training split;
+* :func:`clinical_splits` / :func:`clinical_datalist` / :func:`split_rule`: datalists of the MIMIC-style
+  layout (listfile splits, a meta-validation part carved out of train) or a CSV manifest (split by patient
+  with ``group_column`` and stratified by label, or as given by ``split_column``), and the rule in words;
+* :func:`class_sampler`: ``class_weights`` (``"auto"``: class-balanced sampling of the training rows);
+* :class:`RestrictToCombinationd`: inference with ``--combination``; rows lacking it get a line, not an abort;
 * :class:`ModalityBatch`: ``prepare_batch`` for MONAI evaluators (dict inputs + ``modality_mask``);
 * :func:`auroc_output`: ``output_transform`` of MONAI's ``ROCAUC`` handler;
 * :class:`PredictionWriter`: inference handler writing per-sample probabilities to CSV;
@@ -25,6 +31,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from ignite.engine import Events
+from monai.transforms import MapTransform
 
 from medfusion.data.splits import random_split, renumber
 from medfusion.engines.method import model_inputs, to_device, unwrap
@@ -34,8 +41,18 @@ from medfusion.modality import Keys, combination_name, validate_modalities
 
 __all__ = [
     "DATA_LAYOUTS",
+    "ENCODER_KINDS",
     "ordered_kinds",
+    "resolve_kinds",
+    "tabular_sizes",
     "select_encoders",
+    "fit_tabular",
+    "split_rule",
+    "class_sampler",
+    "val_score",
+    "no_class_weights_in_ddp",
+    "bundle_check_settings",
+    "RestrictToCombinationd",
     "clinical_preprocessing",
     "checkpoint_num_samples",
     "clinical_datalist",
@@ -73,13 +90,122 @@ def ordered_kinds(modalities: Sequence[str], kinds: Mapping[str, str]) -> dict[s
     return _per_modality("modality_kinds", modalities, kinds)
 
 
-def select_encoders(modalities: Sequence[str], encoders: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{modality: encoder spec}`` in the order of ``modalities`` (for ``Classifier(encoders=...)``).
+ENCODER_KINDS: dict[str, tuple[str, ...]] = {
+    "gru": ("ehr",),
+    "mlp": ("ehr", "tabular"),
+    "tabular": ("tabular",),
+    "bert": ("text",),
+    "bert_tiny": ("text",),
+    "unet3d": ("volume",),
+}
+"""Registered encoder name -> modality kinds it reads (ResNets read ``image`` or ``volume`` by ``spatial_dims``)."""
+
+
+def resolve_kinds(
+    modalities: Sequence[str], kinds: Mapping[str, str], manifest_columns: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """``{modality: kind}`` in the order of ``modalities``; a manifest column group (a list) is ``tabular``.
+
+    Args:
+        modalities: ordered modality names.
+        kinds: the bundle's ``modality_kinds`` (may hold more modalities).
+        manifest_columns: the manifest layout's ``{modality: column or [columns]}`` (``None`` for MIMIC).
 
     Raises:
-        ValueError: a modality without an encoder spec (names it and the config key ``encoders``).
+        ValueError: a modality without a kind (and not a column group), or an unknown kind.
     """
-    return {m: dict(v) for m, v in _per_modality("encoders", modalities, encoders).items()}
+    from medfusion.data.manifest import MODALITY_KINDS
+
+    groups = {m for m, c in (manifest_columns or {}).items() if not isinstance(c, str)}
+    merged = {**dict(kinds), **{m: "tabular" for m in groups}}
+    out = _per_modality("modality_kinds", modalities, merged)
+    bad = {m: k for m, k in out.items() if k not in MODALITY_KINDS}
+    if bad:
+        raise ValueError(f"clinical_fusion bundle: unknown modality kind(s) {bad}; expected one of {MODALITY_KINDS}.")
+    return out
+
+
+def tabular_sizes(
+    kinds: Mapping[str, str],
+    tabular_features: Mapping[str, int] | None = None,
+    manifest_columns: Mapping[str, Any] | None = None,
+) -> dict[str, int]:
+    """``{modality: F}`` of the tabular modalities: the manifest column group's length, else ``tabular_features``.
+
+    Raises:
+        ValueError: a tabular modality whose size is known from neither, or given twice differently.
+    """
+    out: dict[str, int] = {}
+    for m, kind in kinds.items():
+        if kind != "tabular":
+            continue
+        cols = (manifest_columns or {}).get(m)
+        from_cols = (1 if isinstance(cols, str) else len(cols)) if cols is not None else None
+        given = (tabular_features or {}).get(m)
+        if from_cols is not None and given is not None and int(given) != from_cols:
+            raise ValueError(
+                f"clinical_fusion bundle: tabular modality {m!r} has {from_cols} manifest column(s) but "
+                f"tabular_features says {given}; drop tabular_features#{m} (it is derived from manifest_columns)."
+            )
+        size = from_cols if from_cols is not None else given
+        if size is None:
+            raise ValueError(
+                f"clinical_fusion bundle: the feature count of tabular modality {m!r} is unknown; give its columns "
+                f"in manifest_columns or set tabular_features#{m}."
+            )
+        out[m] = int(size)
+    return out
+
+
+def select_encoders(
+    modalities: Sequence[str],
+    encoders: Mapping[str, Mapping[str, Any]],
+    kinds: Mapping[str, str] | None = None,
+    sizes: Mapping[str, int] | None = None,
+    kind_encoders: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """``{modality: encoder spec}`` in the order of ``modalities`` (for ``Classifier(encoders=...)``).
+
+    A modality without an entry in ``encoders`` gets its kind's default from ``kind_encoders``. A tabular
+    modality's ``in_features`` is filled in from ``sizes`` (the number of its columns).
+
+    Raises:
+        ValueError: a modality without an encoder spec, an encoder that cannot read the modality's kind, or an
+            ``in_features`` that differs from the number of columns (the message names the config keys).
+    """
+    kinds = dict(kinds or {})
+    defaults = dict(kind_encoders or {})
+    merged = {**{m: defaults[k] for m, k in kinds.items() if k in defaults and m not in encoders}, **encoders}
+    out = {m: dict(v) for m, v in _per_modality("encoders", modalities, merged).items()}
+    for m, spec in out.items():
+        kind = kinds.get(m)
+        name = str(spec.get("name", ""))
+        readable = ENCODER_KINDS.get(name)
+        if kind is not None and readable is not None and kind not in readable:
+            raise ValueError(
+                f"clinical_fusion bundle: modality {m!r} is of kind {kind!r} but encoders#{m} is {name!r}, which reads "
+                f"{list(readable)}; set --encoders#{m} (e.g. the kind's default {dict(defaults.get(kind, {}))})."
+            )
+        if kind == "tabular" and sizes and m in sizes:
+            given = spec.get("in_features")
+            if given is not None and int(given) != int(sizes[m]):
+                raise ValueError(
+                    f"clinical_fusion bundle: encoders#{m}#in_features is {given} but modality {m!r} has {sizes[m]} "
+                    "column(s); leave in_features out (it is derived from the columns)."
+                )
+            spec["in_features"] = int(sizes[m])
+    return out
+
+
+def fit_tabular(network: torch.nn.Module, datalist: Sequence[Mapping[str, Any]]) -> torch.nn.Module:
+    """Fit the imputation/indicator/standardisation of every ``tabular`` encoder on ``datalist``; return ``network``.
+
+    The bundle calls this on ``split["train"]`` only; the statistics are buffers of the network, so they are
+    saved in ``model.pt`` and reused by evaluation, inference and ``medfusion.load_encoder``.
+    """
+    from medfusion.encoders.tabular import fit_tabular_preprocessing
+
+    return fit_tabular_preprocessing(network, datalist)
 
 
 def clinical_preprocessing(
@@ -141,6 +267,12 @@ def clinical_datalist(
     manifest_csv: str | Path | None = None,
     manifest_columns: Mapping[str, Any] | None = None,
     label_columns: Sequence[str] = ("label",),
+    kinds: Mapping[str, str] | None = None,
+    case_id_column: str = "case_id",
+    group_column: str | None = None,
+    split_column: str | None = None,
+    missing_files: str = "missing",
+    labels_optional: bool = False,
 ) -> list[dict[str, Any]]:
     """One datalist of a dataset, without splitting (inference).
 
@@ -158,6 +290,12 @@ def clinical_datalist(
         manifest_csv: manifest path (default ``<dataset_dir>/manifest/manifest.csv``).
         manifest_columns: ``{modality: column or [columns]}`` (default: the modality's own column).
         label_columns: label column(s) of the manifest (``[]`` for unlabelled data).
+        kinds: ``{modality: kind}``: how each manifest cell is read (see :mod:`medfusion.data.manifest`).
+        case_id_column: the manifest's row id column.
+        group_column: the manifest's patient (group) column (items get ``group``).
+        split_column: the manifest's split column (items get ``split``).
+        missing_files: ``"missing"`` or ``"error"`` for manifest paths whose file does not exist.
+        labels_optional: a manifest without the label column(s) is read unlabelled (inference) instead of failing.
 
     Raises:
         ValueError: unknown layout (the data layers raise for malformed data).
@@ -178,7 +316,22 @@ def clinical_datalist(
         from medfusion.data.manifest import discover_manifest
 
         csv = Path(manifest_csv) if manifest_csv is not None else root / "manifest" / "manifest.csv"
-        return discover_manifest(csv, _manifest_spec(modalities, manifest_columns), label_columns=label_columns)
+        labels = [label_columns] if isinstance(label_columns, str) else list(label_columns)
+        if labels_optional and labels and csv.is_file():
+            header = pd.read_csv(csv, nrows=0).columns.str.strip().tolist()
+            if any(c not in header for c in labels):
+                logger.info("clinical_fusion: %s has no label column %s; predicting without labels.", csv, labels)
+                labels = []
+        return discover_manifest(
+            csv,
+            _manifest_spec(modalities, manifest_columns),
+            id_column=case_id_column,
+            label_columns=labels,
+            kinds=kinds,
+            missing_files=missing_files,
+            group_column=group_column,
+            split_column=split_column,
+        )
     raise ValueError(f"clinical_fusion bundle: data_layout must be one of {DATA_LAYOUTS}, got {layout!r}.")
 
 
@@ -195,8 +348,10 @@ def clinical_splits(
 
     * ``"mimic"``: ``val``/``test`` are the listfiles' splits; ``meta_val`` (MetaKD's held-out
       meta-validation part, ``meta_fraction`` of the train listfile) is carved out of ``train`` with ``seed``.
-    * ``"manifest"``: a seeded random split of every row by ``split_fractions`` (default
-      ``{"meta_val": 0.1, "val": 0.1, "test": 0.2}``, the rest is train).
+    * ``"manifest"``: with ``split_column``, the parts it names; otherwise a seeded split of the rows by
+      ``split_fractions`` (default ``{"meta_val": 0.1, "val": 0.1, "test": 0.2}``, the rest is train) that keeps
+      every group of ``group_column`` (patient) in one part and is stratified by label
+      (:func:`medfusion.data.splits.group_split`; without ``group_column`` every row is its own group).
 
     Args:
         layout: ``"mimic"`` or ``"manifest"``.
@@ -205,30 +360,152 @@ def clinical_splits(
         split_fractions: fractions of the manifest split.
         meta_fraction: MIMIC layout: fraction of the train listfile held out as ``meta_val`` (0 = empty).
         seed: split seed.
-        **kwargs: passed to :func:`clinical_datalist` (roots, task, manifest columns).
+        **kwargs: passed to :func:`clinical_datalist` (roots, task, manifest columns, kinds, id/label/group/split
+            columns, ``missing_files``).
 
     Raises:
-        ValueError: unknown layout, bad fractions, an empty split.
+        ValueError: unknown layout, bad fractions, an empty split, unknown split values.
     """
+    from medfusion.data.splits import group_split, groups_in_several_parts, split_by_column
+
     if layout == "mimic":
         train = clinical_datalist(layout, dataset_dir, modalities, split="train", **kwargs)
         parts = random_split(train, {"meta_val": float(meta_fraction)}, seed=seed)
         parts["val"] = renumber(clinical_datalist(layout, dataset_dir, modalities, split="val", **kwargs))
         parts["test"] = renumber(clinical_datalist(layout, dataset_dir, modalities, split="test", **kwargs))
     elif layout == "manifest":
-        fractions = dict(split_fractions) if split_fractions else {"meta_val": 0.1, "val": 0.1, "test": 0.2}
-        parts = random_split(clinical_datalist(layout, dataset_dir, modalities, **kwargs), fractions, seed=seed)
+        items = clinical_datalist(layout, dataset_dir, modalities, **kwargs)
+        if kwargs.get("split_column"):
+            parts = split_by_column(items)
+            leaked = groups_in_several_parts(parts)
+            if leaked:
+                logger.warning(
+                    "clinical_fusion: %d group(s) of %r are in more than one split of %r (e.g. %s); test results on "
+                    "them are optimistic.",
+                    len(leaked),
+                    kwargs.get("group_column"),
+                    kwargs.get("split_column"),
+                    dict(list(leaked.items())[:3]),
+                )
+        else:
+            fractions = dict(split_fractions) if split_fractions else {"meta_val": 0.1, "val": 0.1, "test": 0.2}
+            parts = group_split(items, fractions, seed=seed)
     else:
         raise ValueError(f"clinical_fusion bundle: data_layout must be one of {DATA_LAYOUTS}, got {layout!r}.")
     for name in ("train", "val", "test"):
         if not parts.get(name):
             raise ValueError(
                 f"clinical_fusion bundle: the {name!r} split of {dataset_dir} ({layout} layout) is empty; "
-                "check dataset_dir / split_fractions."
+                "check dataset_dir / split_fractions / split_column."
             )
     parts.setdefault("meta_val", [])
     logger.info("clinical_fusion splits: %s", {k: len(v) for k, v in parts.items()})
     return parts
+
+
+def split_rule(
+    layout: str,
+    parts: Mapping[str, Sequence[Mapping[str, Any]]],
+    split_fractions: Mapping[str, float] | None = None,
+    seed: int = 0,
+    group_column: str | None = None,
+    split_column: str | None = None,
+) -> str:
+    """The split rule in one paragraph, with each part's rows, groups and label balance (for ``summary.md``)."""
+    from medfusion.data.splits import groups_in_several_parts
+
+    if layout == "mimic":
+        rule = (
+            "MIMIC-style listfiles: train/val/test as given by the listfiles (mimic3-benchmarks split by patient); "
+            f"meta_val drawn at random from the train listfile (seed {seed})."
+        )
+    elif split_column:
+        rule = f"given by the manifest column {split_column!r}."
+    else:
+        fractions = dict(split_fractions) if split_fractions else {"meta_val": 0.1, "val": 0.1, "test": 0.2}
+        unit = f"patient (group_column {group_column!r})" if group_column else "row (no group_column set)"
+        rule = (
+            f"manifest split by {unit}: no {'patient' if group_column else 'row'} in two parts, stratified by label, "
+            f"fractions {fractions} (rest train), seed {seed}."
+        )
+    counts = []
+    for name in ("train", "meta_val", "val", "test"):
+        part = parts.get(name, [])
+        if not part:
+            continue
+        labels = [e.get(Keys.LABEL) for e in part if isinstance(e.get(Keys.LABEL), (int, float))]
+        pos = f", {100 * float(np.mean([float(v) > 0 for v in labels])):.0f}% label > 0" if labels else ""
+        groups = {e[Keys.GROUP] for e in part if Keys.GROUP in e}
+        grp = f", {len(groups)} groups" if groups else ""
+        counts.append(f"{name} {len(part)} rows{grp}{pos}")
+    leaked = groups_in_several_parts(parts)
+    leak = f" WARNING: {len(leaked)} group(s) are in more than one part." if leaked else ""
+    return f"Split: {rule} Parts: {'; '.join(counts)}.{leak}"
+
+
+def class_sampler(
+    datalist: Sequence[Mapping[str, Any]], class_weights: str | Sequence[float] | None, num_classes: int
+) -> torch.utils.data.WeightedRandomSampler | None:
+    """Training sampler for ``class_weights`` (``None`` = plain shuffling).
+
+    ``"auto"`` weighs class ``k`` by ``n / (K n_k)`` (scikit-learn's ``"balanced"``); a list gives the weights.
+    Each epoch draws ``len(datalist)`` rows with replacement, with probability proportional to their class
+    weight: in expectation the same gradient as a class-weighted cross-entropy, and it works for every method,
+    including those that compute their own losses (QMF, OmniFuse, MetaKD). It draws from torch's global generator,
+    which the bundle re-seeds every epoch (exact resume).
+
+    Raises:
+        ValueError: unknown ``class_weights``, a weight list of the wrong length, or labels that are not class
+            indices in ``[0, num_classes)``.
+    """
+    if class_weights is None:
+        return None
+    labels = []
+    for e in datalist:
+        v = e.get(Keys.LABEL)
+        v = v[0] if isinstance(v, (list, tuple)) else v
+        if v is None or float(v) != int(float(v)) or not 0 <= int(float(v)) < int(num_classes):
+            raise ValueError(
+                f"class_weights: row {e.get(Keys.CASE_ID, '?')!r} has label {v!r}; expected a class index in "
+                f"[0, {num_classes})."
+            )
+        labels.append(int(float(v)))
+    counts = np.bincount(labels, minlength=int(num_classes)).astype(float)
+    if isinstance(class_weights, str):
+        if class_weights != "auto":
+            raise ValueError(
+                f"class_weights must be null, 'auto' or a list of {num_classes} numbers, got {class_weights!r}."
+            )
+        weights = np.where(counts > 0, len(labels) / (int(num_classes) * np.maximum(counts, 1)), 0.0)
+    else:
+        weights = np.asarray([float(w) for w in class_weights])
+        if weights.shape != (int(num_classes),) or (weights < 0).any() or not np.isfinite(weights).all():
+            raise ValueError(f"class_weights: expected {num_classes} non-negative numbers, got {list(class_weights)}.")
+    logger.info(
+        "class_weights: class counts %s, weights %s", counts.astype(int).tolist(), np.round(weights, 3).tolist()
+    )
+    return torch.utils.data.WeightedRandomSampler(
+        torch.as_tensor(weights[labels], dtype=torch.double), num_samples=len(labels), replacement=True
+    )
+
+
+def no_class_weights_in_ddp(class_weights: Any) -> None:
+    """Refuse ``class_weights`` in ``multi_gpu_train.json`` (its ``DistributedSampler`` does not weigh classes).
+
+    Raises:
+        ValueError: ``class_weights`` is set.
+    """
+    if class_weights is not None:
+        raise ValueError(
+            "clinical_fusion bundle: class_weights is not supported with multi_gpu_train.json yet (the distributed "
+            "sampler draws every row equally); train on one process or drop --class_weights."
+        )
+
+
+def val_score(engine: Any) -> float:
+    """``score_function`` of MONAI's ``EarlyStopHandler``: the evaluator's key metric (validation AUROC)."""
+    value = engine.state.metrics[engine.state.key_metric_name]
+    return float(value) if np.isfinite(value) else -1.0
 
 
 class ModalityBatch:
@@ -268,11 +545,64 @@ def auroc_output(output: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]
     return probs, F.one_hot(label, probs.shape[1])
 
 
+MISSING_KEY = "missing_modalities"
+"""Batch key (str per sample): requested modalities the sample does not have, joined with ``+``."""
+PREDICTABLE_KEY = "predictable"
+"""Batch key (bool per sample): the sample has at least one requested modality."""
+
+
+class RestrictToCombinationd(MapTransform):
+    """Inference with a modality combination: keep only its modalities; never fail on a sample lacking all of them.
+
+    The mask becomes ``modality_mask & combination`` and the dropped modalities' inputs are zeroed. A sample with
+    none of the requested modalities keeps its own mask (so the batch can still run) and gets
+    ``predictable = False``; :class:`PredictionWriter` writes a line without probabilities for it. Every sample
+    gets ``missing_modalities``: the requested modalities it does not have (``""`` when none is missing).
+
+    Args:
+        modalities: the network's ordered modality names.
+        combination: requested modality names; ``None`` or ``"all"`` = every modality.
+        mask_key: where the mask lives.
+    """
+
+    def __init__(
+        self, modalities: Sequence[str], combination: Sequence[str] | str | None = None, mask_key: str = Keys.MASK
+    ) -> None:
+        from medfusion.modality import parse_combination
+
+        self.modalities = validate_modalities(modalities)
+        MapTransform.__init__(self, list(self.modalities))
+        if combination is None or combination == "all":
+            combo = self.modalities
+        elif isinstance(combination, str):
+            combo = parse_combination(combination, self.modalities)
+        else:
+            combo = tuple(parse_combination("+".join(combination), self.modalities))
+        self.requested = torch.tensor([m in combo for m in self.modalities], dtype=torch.bool)
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        """Restrict one sample's mask; add ``missing_modalities`` and ``predictable``."""
+        d = dict(data)
+        have = torch.as_tensor(d[self.mask_key], dtype=torch.bool).reshape(-1)
+        keep = have & self.requested
+        d[MISSING_KEY] = combination_name(m for m, r, h in zip(self.modalities, self.requested, have) if r and not h)
+        d[PREDICTABLE_KEY] = bool(keep.any())
+        if d[PREDICTABLE_KEY]:
+            for m, k, h in zip(self.modalities, keep, have):
+                if h and not k:
+                    d[m] = torch.zeros_like(torch.as_tensor(d[m]))
+            d[self.mask_key] = keep
+        return d
+
+
 class PredictionWriter:
     """Inference handler: per-sample class probabilities with the modalities used, written as one CSV.
 
-    Columns: ``case_id``, ``modalities`` (the combination the model saw), ``prob_0 .. prob_{K-1}``,
-    ``pred`` (argmax) and ``label`` when the data has labels.
+    Columns: ``case_id``, ``modalities`` (the combination the model saw), ``missing_modalities`` (requested
+    modalities the sample does not have), ``prob_0 .. prob_{K-1}``, ``pred`` (argmax), ``note`` and ``label`` when
+    the data has labels. A sample with none of the requested modalities (see :class:`RestrictToCombinationd`)
+    gets a line with empty probabilities and a note instead of stopping the run.
 
     Args:
         output_csv: the CSV file (parent folders are created).
@@ -303,28 +633,88 @@ class PredictionWriter:
     def _collect(self, engine: Any) -> None:
         batch = engine.state.batch
         logits = engine.state.output[Keys.PRED].detach().float().cpu()
-        mask = batch[Keys.MASK].bool().cpu().numpy().reshape(logits.shape[0], -1)
+        n = logits.shape[0]
+        mask = batch[Keys.MASK].bool().cpu().numpy().reshape(n, -1)
         if self.temperatures:
             names = [combination_name(m for m, f in zip(self.modalities, row) if f) for row in mask]
-            logits = logits / torch.tensor([[self.temperatures.get(n, 1.0)] for n in names])
+            logits = logits / torch.tensor([[self.temperatures.get(c, 1.0)] for c in names])
         probs = torch.softmax(logits, dim=1).numpy()
-        ids = batch.get(Keys.CASE_ID, [str(len(self.rows) + i) for i in range(probs.shape[0])])
+        ids = batch.get(Keys.CASE_ID, [str(len(self.rows) + i) for i in range(n)])
         labels = batch.get(Keys.LABEL)
-        for i in range(probs.shape[0]):
-            row: dict[str, Any] = {
-                "case_id": str(ids[i]),
-                "modalities": combination_name(m for m, f in zip(self.modalities, mask[i]) if f),
-            }
-            row.update({f"prob_{k}": float(probs[i, k]) for k in range(probs.shape[1])})
-            row["pred"] = int(probs[i].argmax())
+        missing = batch.get(MISSING_KEY, [""] * n)
+        ok = batch.get(PREDICTABLE_KEY, torch.ones(n, dtype=torch.bool))
+        ok = torch.as_tensor(ok).bool().reshape(-1).cpu().numpy()
+        for i in range(n):
+            row: dict[str, Any] = {"case_id": str(ids[i])}
+            if ok[i]:
+                row["modalities"] = combination_name(m for m, f in zip(self.modalities, mask[i]) if f)
+                row["missing_modalities"] = str(missing[i])
+                row.update({f"prob_{k}": float(probs[i, k]) for k in range(probs.shape[1])})
+                row["pred"] = int(probs[i].argmax())
+                row["note"] = ""
+            else:
+                row["modalities"] = ""
+                row["missing_modalities"] = str(missing[i])
+                row.update({f"prob_{k}": float("nan") for k in range(probs.shape[1])})
+                row["pred"] = pd.NA
+                row["note"] = f"no prediction: none of the requested modalities ({missing[i]}) is present"
             if isinstance(labels, torch.Tensor):
-                row["label"] = float(labels.reshape(probs.shape[0], -1)[i, 0])
+                row["label"] = float(labels.reshape(n, -1)[i, 0])
             self.rows.append(row)
 
     def _write(self, engine: Any) -> None:
         self.output_csv.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(self.rows).to_csv(self.output_csv, index=False)
-        logger.info("clinical_fusion inference: %d predictions written to %s", len(self.rows), self.output_csv)
+        table = pd.DataFrame(self.rows)
+        if "pred" in table:
+            table["pred"] = table["pred"].astype("Int64")
+        table.to_csv(self.output_csv, index=False)
+        skipped = int((table.get("modalities", pd.Series(dtype=str)) == "").sum())
+        logger.info(
+            "clinical_fusion inference: %d predictions written to %s (%d row(s) without any requested modality)",
+            len(self.rows) - skipped,
+            self.output_csv,
+            skipped,
+        )
+
+
+def bundle_check_settings(
+    bundle_dir: str | Path, overrides: Mapping[str, Any] | None = None, config: str = "train.json"
+) -> dict[str, Any]:
+    """What ``medfusion check-data --bundle`` needs from a clinical bundle config (manifest layout).
+
+    Returns:
+        ``{"modalities": {name: column or [columns]}, "kinds": {name: kind}, "id_column", "label_columns",
+        "group_column", "split_column", "missing_files", "num_classes"}``.
+
+    Raises:
+        FileNotFoundError: no ``configs/<config>`` in ``bundle_dir``.
+    """
+    from monai.bundle import ConfigParser
+
+    cfg = Path(bundle_dir) / "configs" / config
+    if not cfg.is_file():
+        raise FileNotFoundError(f"bundle config {cfg} does not exist.")
+    parser = ConfigParser()
+    parser.read_config(str(cfg))
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+
+    def get(key: str, default: Any = None) -> Any:
+        return parser.get_parsed_content(key) if key in parser else default
+
+    modalities = list(get("modalities"))
+    columns = _manifest_spec(modalities, get("manifest_columns"))
+    label = get("label_column", "label")
+    return {
+        "modalities": columns,
+        "kinds": resolve_kinds(modalities, get("modality_kinds", {}), columns),
+        "id_column": get("case_id_column", "case_id"),
+        "label_columns": [] if label is None else [label],
+        "group_column": get("group_column"),
+        "split_column": get("split_column"),
+        "missing_files": get("missing_files", "missing"),
+        "num_classes": get("num_classes"),
+    }
 
 
 @torch.no_grad()

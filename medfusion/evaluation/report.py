@@ -71,17 +71,28 @@ def summarize(per_case: pd.DataFrame, metrics: Sequence[str], modalities: Sequen
     return table
 
 
-def to_markdown(summary: pd.DataFrame, metrics: Sequence[str], scale: float = 1.0, digits: int = 2) -> str:
-    """Markdown table (rows = combinations + mean); values multiplied by ``scale`` (100 for %)."""
+def to_markdown(
+    summary: pd.DataFrame, metrics: Sequence[str], scale: float = 1.0, digits: int = 2, ci: bool = False
+) -> str:
+    """Markdown table (rows = combinations + mean); values multiplied by ``scale`` (100 for %).
+
+    With ``ci``, a metric with ``<metric>_lo``/``<metric>_hi`` columns is shown as ``value [lo, hi]``.
+    """
     cols = list(metrics)
     header = "| combination | " + " | ".join(cols) + " | n |"
     sep = "|---|" + "---|" * (len(cols) + 1)
     lines = [header, sep]
+
+    def fmt(v: float) -> str:
+        return "nan" if pd.isna(v) else f"{v * scale:.{digits}f}"
+
     for name, row in summary.iterrows():
         vals = []
         for c in cols:
-            v = row[c]
-            vals.append("nan" if pd.isna(v) else f"{v * scale:.{digits}f}")
+            cell = fmt(row[c])
+            if ci and f"{c}_lo" in row.index and f"{c}_hi" in row.index and not pd.isna(row[c]):
+                cell += f" [{fmt(row[f'{c}_lo'])}, {fmt(row[f'{c}_hi'])}]"
+            vals.append(cell)
         label = f"**{name}**" if name == "mean" else str(name)
         lines.append(f"| {label} | " + " | ".join(vals) + f" | {int(row['n'])} |")
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -63,6 +64,31 @@ def test_report_status_counts_text_and_frame():
     warn_only = CheckReport("mimic", "/m", [CaseCheck("x", warnings=["empty report"])])
     assert warn_only.ok
     assert not CheckReport("mimic", "/m", dataset_errors=["no listfile"]).ok
+
+
+def test_report_summarises_warnings_per_group():
+    rep = CheckReport(
+        "brats",
+        "/d",
+        [CaseCheck("a"), CaseCheck("b", warnings=["w1"]), CaseCheck("c", errors=["e1", "e2"], warnings=["w2"])],
+    )
+    # summarised: errors per case, warnings one line per group with the case count and ids
+    rep.cases.append(CaseCheck("d", warnings=["w1"]))
+    rep.cases[1].warn("no cxr file; treated as missing.", "cxr: file absent")
+    rep.cases[3].warn("no cxr file (other path); treated as missing.", "cxr: file absent")
+    rep.dataset_warnings.append("column 'pid' repeats")
+    rep.notes.append("kinds: cxr=image")
+    assert rep.to_text(details=False).splitlines() == [
+        "NOTE     kinds: cxr=image",
+        "WARNING  column 'pid' repeats",
+        "ERROR    c: e1",
+        "ERROR    c: e2",
+        "WARNING  w1 [2 case(s): b, d]",
+        "WARNING  cxr: file absent [2 case(s): b, d]",
+        "WARNING  c: w2",
+        "FAILED: brats dataset /d: 4 case(s): 1 ok, 2 with warnings, 1 with errors, 1 dataset warning(s)",
+    ]
+    assert rep.n_warnings == 6 and rep.to_frame()["status"].tolist()[0] == "warning"
 
 
 def test_clean_cohort_threaded_and_serial_agree(cohort):
@@ -135,15 +161,23 @@ def test_manifest_tabular_text_and_volumes(tmp_path):
         }
     ).to_csv(tmp_path / "m.csv", index=False)
     mods = {"pet": "pet", "ct": "ct", "report": "report", "labs": ["lab_0"]}
-    rep = check_manifest(tmp_path / "m.csv", mods, progress=False)
+    kinds = {"pet": "volume", "ct": "volume", "report": "text"}
+    rep = check_manifest(tmp_path / "m.csv", mods, progress=False, kinds=kinds)
     assert rep.ok
     a, b = rep.cases
     assert a.status == "ok"
     assert b.warnings == [
         "no pet file; treated as missing.",
         "no ct file; treated as missing.",
-        f"report {(tmp_path / 'r.txt').resolve()} is empty; treated as missing.",
+        f"report file {(tmp_path / 'r.txt').resolve()} is empty; treated as missing.",
     ]
+    assert rep.notes[0] == (
+        "modality kinds: pet=volume (column 'pet'), ct=volume (column 'ct'), report=text (column 'report'), "
+        "labs=tabular (1 columns)"
+    )
+    assert not rep.dataset_warnings
+    guessed = check_manifest(tmp_path / "m.csv", mods, progress=False)  # no kinds: guessed, and said so
+    assert "no kind given for ['pet', 'ct', 'report']" in guessed.dataset_warnings[0]
     assert check_path(tmp_path / "m.csv", progress=False).layout == "manifest"
 
 
@@ -174,3 +208,124 @@ def test_validate_before_training(cohort, tmp_path):
     from medfusion.data.brats import discover_brats
 
     assert validate_before_training(discover_brats(cohort), modalities=["flair", "t1", "t1ce", "t2"]).ok
+
+
+# ------------------------------------------------------------------------- manifests read by modality kind
+def test_generated_cohort_summary_is_short_and_names_what_matters(sparse_cohort):
+    """Long notes, repeated patients, sparse columns, absent files: one line per kind of warning, not per row."""
+    from medfusion.data.synth_manifest import cohort_bundle_overrides
+
+    ov = cohort_bundle_overrides(sparse_cohort)
+    kw = dict(
+        modalities=ov["manifest_columns"],
+        id_column="image_id",
+        label_columns=["outcome"],
+        kinds={"cxr": "image", "report": "text", "vitals": "tabular"},
+        num_classes=2,
+        progress=False,
+    )
+    rep = check_manifest(ov["manifest_csv"], **kw)
+    assert rep.ok, rep.to_text()
+    text = rep.to_text(details=False)
+    lines = text.splitlines()
+    assert len(lines) < 15, text  # 60 rows, but a summary
+    assert any(
+        line.startswith(f"WARNING  cxr: {sparse_cohort['absent_files']} of 60 file(s) do not exist") for line in lines
+    )
+    patient = [line for line in lines if "looks like a patient id" in line]
+    assert len(patient) == 1 and "'patient_id'" in patient[0] and "--group_column patient_id" in patient[0]
+    assert any("no cxr file; treated as missing." in line and "case(s)" in line for line in lines)
+    assert any(line.startswith("WARNING  report: empty report; treated as missing.") for line in lines)
+    assert any("present per modality" in line for line in lines)
+    grouped = check_manifest(ov["manifest_csv"], **kw, group_column="patient_id")
+    assert not any("looks like a patient id" in w for w in grouped.dataset_warnings)
+
+
+def test_values_are_read_by_kind_and_errors_name_file_and_row(tmp_path):
+    """Issue #12.7: a 3D file in a 2D image column, or a suffix-less path, fails in the check naming file and row."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ok.png")
+    vol3d = _nii(tmp_path / "ct_in_cxr.nii.gz", np.ones((6, 6, 6), np.float32))
+    img2d = _nii(tmp_path / "flat.nii.gz", np.ones((6, 6), np.float32))
+    os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
+    pd.DataFrame(
+        {
+            "case_id": ["a", "b", "c", "d", "e"],
+            "label": [0, 1, 0, 1, 0],
+            "cxr": ["ok.png", "ct_in_cxr.nii.gz", "scan_without_suffix", "ok.png", "ok.png"],
+            "pet": ["", "", "", "flat.nii.gz", ""],
+            "note": ["fine", "fine", "fine", "fine", "fine"],
+        }
+    ).to_csv(tmp_path / "m.csv", index=False)
+    mods = {"cxr": "cxr", "pet": "pet", "note": "note"}
+    kinds = {"cxr": "image", "pet": "volume", "note": "text"}
+    rep = check_manifest(tmp_path / "m.csv", mods, kinds=kinds, progress=False)
+    errors = {c.case_id: c.errors for c in rep.cases if c.errors}
+    assert set(errors) == {"b", "d"}
+    assert vol3d in errors["b"][0] and "3D array" in errors["b"][0] and "2D image (kind 'image')" in errors["b"][0]
+    assert img2d in errors["d"][0] and "3D volume (kind 'volume')" in errors["d"][0]
+    assert any("cxr: 1 of 5 file(s) do not exist" in w and "(rows c)" in w for w in rep.dataset_warnings)
+    strict = check_manifest(tmp_path / "m.csv", mods, kinds=kinds, progress=False, missing_files="error")
+    assert not strict.ok and "row 'c', column 'cxr'" in strict.dataset_errors[0]
+    pd.DataFrame({"case_id": ["a"], "label": [0], "cxr": ["dangling.png"], "note": ["x"]}).to_csv(
+        tmp_path / "s.csv", index=False
+    )
+    dangling = check_manifest(tmp_path / "s.csv", {"cxr": "cxr", "note": "note"}, kinds=kinds, progress=False)
+    assert not dangling.ok and "dangling symbolic link" in dangling.dataset_errors[0]
+    # a datalist entry pointing at a dangling link (e.g. a BraTS folder) is an error too, not "treated as missing"
+    (c,) = check_datalist([{"case_id": "x", "cxr": str(tmp_path / "dangling.png")}], ["cxr"], progress=False).cases
+    assert "dangling symbolic link" in c.errors[0]
+
+
+def test_labels_are_checked_against_the_task_naming_rows(tmp_path):
+    """Issue #12.6: 0.5 / -1 were truncated to 0, 2 with num_classes 2 crashed mid-training."""
+    pd.DataFrame(
+        {"case_id": ["a", "b", "c", "d"], "label": ["1", "0.5", "-1", "2"], "note": ["x", "y", "z", "w"]}
+    ).to_csv(tmp_path / "m.csv", index=False)
+    rep = check_manifest(tmp_path / "m.csv", {"note": "note"}, kinds={"note": "text"}, num_classes=2, progress=False)
+    errors = {c.case_id: c.errors for c in rep.cases if c.errors}
+    assert set(errors) == {"b", "c", "d"}
+    assert "label 0.5 is not a class index [0, 2) (num_classes 2)" in errors["b"][0]
+    assert "label -1.0" in errors["c"][0] and "label 2.0" in errors["d"][0]
+    open_ended = check_manifest(tmp_path / "m.csv", {"note": "note"}, kinds={"note": "text"}, class_labels=True)
+    assert {c.case_id for c in open_ended.cases if c.errors} == {"b", "c"}  # no upper bound without num_classes
+    bad_entry = {"case_id": "b", "note": "x", "label": 0.5, "modality_mask": [True]}
+    with pytest.raises(ValueError, match=r"case b: label 0.5 is not a class index"):
+        validate_before_training([bad_entry], modalities=["note"], kinds={"note": "text"}, num_classes=2)
+
+
+def test_empty_reports_ehr_without_measurement_and_header_only(tmp_path, tmp_path_factory):
+    from medfusion.data.synth_clinical import EHR_VARIABLES
+
+    ehr = tmp_path / "stay.csv"
+    table = pd.DataFrame({"Hours": ["1.0", "60.0"], **{v: ["", ""] for v in EHR_VARIABLES}})
+    table.assign(**{"Heart Rate": ["", "80"]}).to_csv(ehr, index=False)  # a value only after 48 h
+    table.assign(**{"Heart Rate": ["80", ""]}).to_csv(tmp_path / "measured.csv", index=False)
+    pd.DataFrame(
+        {"case_id": ["a", "b"], "label": [0, 1], "ehr": ["measured.csv", "stay.csv"], "note": [" ", "ok"]}
+    ).to_csv(tmp_path / "m.csv", index=False)
+    rep = check_manifest(tmp_path / "m.csv", {"ehr": "ehr", "note": "note"}, kinds={"ehr": "ehr", "note": "text"})
+    a, b = rep.cases
+    assert a.warnings == ["note: empty report; treated as missing."]  # not "no note file"
+    assert b.warnings == [f"ehr time series {ehr.resolve()} has no measurement in the first 48 h; treated as missing."]
+    assert rep.ok
+    (tmp_path / "h.csv").write_text("case_id,label,note\n")
+    header_only = check_manifest(tmp_path / "h.csv", progress=False)
+    assert not header_only.ok and "no data rows" in header_only.dataset_errors[0]
+
+
+def test_validate_before_training_logs_one_line_per_kind_of_warning(sparse_cohort, caplog):
+    from medfusion.data.synth_manifest import cohort_bundle_overrides
+    from medfusion.evaluation.clinical_bundle import clinical_datalist
+
+    ov = cohort_bundle_overrides(sparse_cohort)
+    kinds = {"cxr": "image", "report": "text", "vitals": "tabular"}
+    items = clinical_datalist(
+        "manifest", ".", ov["modalities"], manifest_csv=ov["manifest_csv"], manifest_columns=ov["manifest_columns"],
+        label_columns=["outcome"], kinds=kinds, case_id_column="image_id",
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="medfusion.data.check"):
+        validate_before_training(items, modalities=ov["modalities"], kinds=kinds, num_classes=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "medfusion.data.check"]
+    assert 1 <= len(lines) <= 5 and any("case(s):" in line for line in lines)

@@ -24,6 +24,7 @@ TINY: dict[str, tuple[dict, int]] = {
     "bert": ({"pooling": "mean"}, 12),
     "bert_tiny": ({"pooling": "cls", "out_dim": 8}, 12),
     "mlp": ({"in_features": 12, "hidden": [8, 8], "out_dim": 6, "dropout": 0.1}, 16),
+    "tabular": ({"in_features": 4, "hidden": [8], "out_dim": 6, "impute": "mean"}, 16),
     "gru": ({"in_features": 5, "hidden": 6, "num_layers": 2, "bidirectional": True, "dropout": 0.1}, 7),
 }
 INPUT_KINDS = {"image", "volume", "text", "tabular", "sequence"}

@@ -76,3 +76,51 @@ def test_gru_is_causal_and_checks_input() -> None:
         enc(torch.randn(1, 6, 3))
     with pytest.raises(ValueError, match=r"\[B, T, 2\]"):
         enc(torch.randn(1, 2))
+
+
+# ------------------------------------------------------------------------------- tabular (sparse, raw units)
+def test_tabular_preprocessing_median_indicators_standardisation_by_hand() -> None:
+    from medfusion.encoders.tabular import TabularPreprocessing
+
+    nan = float("nan")
+    train = [[1.0, 10.0, nan], [3.0, nan, nan], [5.0, 30.0, nan], [nan, 20.0, nan]]
+    pre = TabularPreprocessing(3, "median").fit(train)
+    # feature 0: median of 1,3,5 = 3 -> imputed column 1,3,5,3: mean 3, std sqrt(2); feature 1: median 20 ->
+    # 10,20,30,20: mean 20, std sqrt(50); feature 2 never measured: fill 0, centre 0, scale 1
+    torch.testing.assert_close(pre.fill, torch.tensor([3.0, 20.0, 0.0]))
+    torch.testing.assert_close(pre.center, torch.tensor([3.0, 20.0, 0.0]))
+    torch.testing.assert_close(pre.scale, torch.tensor([2.0**0.5, 50.0**0.5, 1.0]))
+    out = pre(torch.tensor([[5.0, nan, 7.0], [nan, 30.0, nan]]))
+    expected = torch.tensor(
+        [[2 / 2**0.5, 0.0, 7.0, 0.0, 1.0, 0.0], [0.0, 10 / 50**0.5, 0.0, 1.0, 0.0, 1.0]], dtype=torch.float32
+    )
+    torch.testing.assert_close(out, expected)
+    mean = TabularPreprocessing(1, "mean").fit([[1.0], [2.0], [6.0], [nan]])
+    assert float(mean.fill) == 3.0  # mean of 1, 2, 6
+    assert TabularPreprocessing(2, indicators=False).out_features == 2
+    with pytest.raises(ValueError, match="expected rows"):
+        pre.fit([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="strategy"):
+        TabularPreprocessing(2, "mode")
+
+
+def test_tabular_encoder_state_travels_and_mlp_refuses_nan() -> None:
+    from medfusion.encoders.tabular import fit_tabular_preprocessing
+    from medfusion.models.classifier import Classifier
+
+    model = Classifier({"labs": {"name": "tabular", "in_features": 2, "hidden": [4], "out_dim": 3}}, "concat", 2)
+    rows = [{"case_id": "a", "labs": [1.0, float("nan")]}, {"case_id": "b", "labs": [3.0, 4.0]}, {"labs": None}]
+    fit_tabular_preprocessing(model, rows)
+    pre = model.encoders["labs"].preprocess
+    assert bool(pre.fitted) and pre.fill.tolist() == [2.0, 4.0]
+    state = model.state_dict()
+    assert {"encoders.labs.preprocess.fill", "encoders.labs.preprocess.center"} <= set(state)
+    clone = Classifier({"labs": {"name": "tabular", "in_features": 2, "hidden": [4], "out_dim": 3}}, "concat", 2)
+    clone.load_state_dict(state)
+    x = torch.tensor([[float("nan"), 5.0]])
+    torch.testing.assert_close(clone.encoders["labs"](x).pooled, model.encoders["labs"](x).pooled)
+    assert torch.isfinite(clone.encoders["labs"](x).pooled).all()
+    with pytest.raises(ValueError, match="different number"):
+        fit_tabular_preprocessing(model, [{"case_id": "z", "labs": [1.0, 2.0, 3.0]}])
+    with pytest.raises(ValueError, match="'tabular' encoder"):
+        create_encoder("mlp", in_features=2)(torch.tensor([[1.0, float("nan")]]))

@@ -13,9 +13,12 @@ Arms (per cohort seed):
   * ``logreg``: scikit-learn ``LogisticRegression`` on the EHR columns (median imputation + missing indicators +
     standardisation, all fitted on the bundle's train split), test AUROC on the same test rows;
   * every head (``--heads``, default all six ``method_name`` values + ``meta_fusion``) trained with
-    ``bundles/clinical_fusion/configs/train.json`` and ONLY the data overrides above plus ``--image_size`` (default
-    64 instead of 224, CPU time) and the device; everything else (learning rate, epochs, early stopping on
-    validation AUROC, encoders, batch size) is the bundle default; then ``evaluate.json`` on the test split.
+    ``bundles/clinical_fusion/configs/train.json`` and ONLY the data overrides above, ``--image_size`` (default
+    64 instead of 224) and the report encoder (``--report_encoder``, default ``bert_tiny`` instead of the frozen
+    MiniLM: a frozen MiniLM forward of every note every epoch costs ~50 s per epoch on 2 CPU cores) - CPU time;
+    everything else (learning rate, epochs, early stopping on validation AUROC, the other encoders, batch size)
+    is the bundle default; then ``evaluate.json`` on the test split. ``--minilm_check`` also trains ``concat``
+    with the default MiniLM report encoder on the first seed.
     Reported: test AUROC with all three modalities (``cxr+report+vitals``) and on the ``vitals`` combination (the
     same features as the logistic regression), 95 % bootstrap CIs (200 resamples), epochs run (early stopping), the
     best validation AUROC and its epoch, and how far the weights moved from initialisation (relative L2 change of
@@ -151,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=250)
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
+    parser.add_argument("--report_encoder", default="bert_tiny", help="encoder of the notes (bundle default: bert)")
     parser.add_argument("--old_defaults", action="store_true", help="also the previous defaults on the first seed")
+    parser.add_argument("--minilm_check", action="store_true", help="concat with the default MiniLM, first seed")
     parser.add_argument("--quick", action="store_true", help="smoke run: 80 rows, concat + qmf, 2 epochs")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS / "clinical_defaults")
@@ -183,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             "image_size": args.image_size,
             "device": "$torch.device('cpu')",
             "seed": seed,
+            "encoders#report": {
+                "name": args.report_encoder,
+                **({"freeze": True} if args.report_encoder == "bert" else {}),
+            },
         }
         wf = bundle_workflow(BUNDLE, ["train.json"], "train", {**overrides, "ckpt_dir": str(work / "x")})
         split = wf.parser.get_parsed_content("split")
@@ -202,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.old_defaults and seed == seeds[0]:
             old = {"learning_rate": 1e-4, "max_epochs": 30, "early_stop_patience": 10_000}
             arms += [("old", head, {**old, **extra}) for head in heads]
+        if args.minilm_check and seed == seeds[0]:
+            arms.append(("new, MiniLM", "concat", {**extra, "encoders#report": {"name": "bert", "freeze": True}}))
         for defaults, head, ov_extra in arms:
-            hdir = work / f"s{seed}_{defaults}_{head}"
+            hdir = work / f"s{seed}_{defaults.replace(', ', '_')}_{head}"
             if hdir.exists():
                 shutil.rmtree(hdir)
             res = run_head(head, overrides, hdir, ov_extra)
@@ -221,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join([Path(sys.argv[0]).name if argv is None else "clinical_defaults.py", *(argv or sys.argv[1:])]),
         "rows": rows,
         "image_size": args.image_size,
+        "report_encoder": args.report_encoder,
         "seeds": seeds,
         "heads": heads,
         "cohorts": cohorts,
@@ -260,7 +272,9 @@ def _markdown(table: pd.DataFrame, meta: dict[str, Any]) -> str:
         "",
         f"Cohort: `write_manifest_cohort(rows={meta['rows']}, seed=s, image_size={meta['image_size']})` per seed "
         "(signal shares ehr 0.5 / cxr 0.3 / note 0.2). Bundle: `train.json` defaults + the data overrides of "
-        "`cohort_bundle_overrides` + `image_size`; `evaluate.json` on the test split. AUROC [95% bootstrap CI].",
+        f"`cohort_bundle_overrides` + `image_size` {meta['image_size']} + `encoders#report` "
+        f"`{meta['report_encoder']}` (CPU time; the 'MiniLM' row uses the default frozen MiniLM); `evaluate.json` "
+        "on the test split. AUROC [95% bootstrap CI].",
         "",
     ]
     for seed, c in meta["cohorts"].items():

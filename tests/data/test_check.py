@@ -264,7 +264,7 @@ def test_values_are_read_by_kind_and_errors_name_file_and_row(tmp_path):
     errors = {c.case_id: c.errors for c in rep.cases if c.errors}
     assert set(errors) == {"b", "d"}
     assert vol3d in errors["b"][0] and "3D array" in errors["b"][0] and "2D image (kind 'image')" in errors["b"][0]
-    assert img2d in errors["d"][0] and "3D volume (kind 'volume')" in errors["d"][0]
+    assert img2d in errors["d"][0] and "expected a 3D volume" in errors["d"][0]
     assert any("cxr: 1 of 5 file(s) do not exist" in w and "(rows c)" in w for w in rep.dataset_warnings)
     strict = check_manifest(tmp_path / "m.csv", mods, kinds=kinds, progress=False, missing_files="error")
     assert not strict.ok and "row 'c', column 'cxr'" in strict.dataset_errors[0]

@@ -70,3 +70,59 @@ def test_cached_equals_naive_and_outputs(tmp_path):
     preds = pd.read_csv(tmp_path / "predictions.csv")
     assert {"sample_index", "combination", "label", "prob_0", "prob_1"} <= set(preds.columns)
     assert (tmp_path / "heatmap.png").exists() and "| **mean** |" in (tmp_path / "summary.md").read_text()
+
+
+def test_threshold_chosen_by_youden_and_metrics_at_it_by_hand():
+    from medfusion.evaluation.classification import choose_threshold, threshold_metrics
+
+    # P(class 1): negatives 0.05, 0.10, 0.20, 0.30; positives 0.15, 0.25, 0.35 (all below 0.5: argmax predicts 0)
+    p1 = np.array([0.05, 0.10, 0.20, 0.30, 0.15, 0.25, 0.35])
+    y = np.array([0, 0, 0, 0, 1, 1, 1])
+    probs = np.stack([1 - p1, p1], axis=1)
+    # thresholds 0.35: J = 1/3 - 0; 0.25: 2/3 - 1/4 = 5/12; 0.15: 1 - 2/4 = 1/2 (the best); 0.05: 0
+    assert choose_threshold(probs, y) == pytest.approx(0.15)
+    m = threshold_metrics(probs, y, 0.15)
+    # predicted positive: 0.20, 0.30, 0.15, 0.25, 0.35 -> TP 3, FP 2, TN 2, FN 0
+    assert m["sensitivity_at_thr"] == pytest.approx(1.0) and m["specificity_at_thr"] == pytest.approx(0.5)
+    assert m["accuracy_at_thr"] == pytest.approx(5 / 7) and m["balanced_accuracy_at_thr"] == pytest.approx(0.75)
+    assert m["f1_at_thr"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 0))
+    assert classification_metrics(probs, y)["balanced_accuracy"] == pytest.approx(0.5)  # 0.5: one class only
+    assert np.isnan(choose_threshold(probs[:4], y[:4]))
+    assert all(np.isnan(v) for v in threshold_metrics(probs, y, float("nan")).values())
+
+
+def test_threshold_from_validation_loader_and_summary_notes(tmp_path):
+    torch.manual_seed(0)
+    enc = {"ehr": _Lin(4), "cxr": _Lin(6), "report": _Lin(3)}
+    head = MetaKDHead(MODS, {m: 5 for m in MODS}, num_classes=2, embed_dim=4)
+    model = FusionModel(enc, head).eval()
+    g = torch.Generator().manual_seed(2)
+
+    def batch(n: int) -> dict:
+        return {
+            "ehr": torch.randn(n, 4, generator=g),
+            "cxr": torch.randn(n, 6, generator=g),
+            "report": torch.randn(n, 3, generator=g),
+            "modality_mask": torch.ones(n, 3, dtype=torch.bool),
+            "label": torch.tensor([0, 1] * (n // 2)),
+            "sample_index": torch.arange(n),
+        }
+
+    val, test = [batch(20)], [batch(24)]
+    summary = evaluate_classification(
+        model, test, MODS, tmp_path, n_bootstrap=10, progress=False, threshold_loader=val, notes=["Split: rule."]
+    )
+    val_preds = evaluate_classification(model, val, MODS, None, n_bootstrap=0, progress=False)
+    assert set(val_preds.index) == set(summary.index)
+    from medfusion.evaluation.classification import choose_threshold, predict_combinations
+
+    masks = torch.ones(1, 3, dtype=torch.bool)
+    vp = predict_combinations(model, val, MODS, masks, torch.device("cpu"), progress=False)
+    expected = choose_threshold(vp[["prob_0", "prob_1"]].to_numpy(), vp["label"].to_numpy())
+    assert summary.loc["ehr+cxr+report", "threshold"] == pytest.approx(expected)
+    assert {"accuracy_at_thr_lo", "f1_at_thr_hi"} <= set(summary.columns)
+    md = (tmp_path / "summary.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| ehr+cxr+report |"))
+    assert f"{summary.loc['ehr+cxr+report', 'auroc']:.3f} [" in row
+    assert "Split: rule." in md and "mean: unweighted mean of the 7 combination rows" in md
+    assert "largest Youden's J" in md

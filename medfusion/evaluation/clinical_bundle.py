@@ -92,7 +92,7 @@ def ordered_kinds(modalities: Sequence[str], kinds: Mapping[str, str]) -> dict[s
 
 ENCODER_KINDS: dict[str, tuple[str, ...]] = {
     "gru": ("ehr",),
-    "mlp": ("ehr", "tabular"),
+    "mlp": ("ehr", "tabular", "image", "volume"),  # flattens any numeric input
     "tabular": ("tabular",),
     "bert": ("text",),
     "bert_tiny": ("text",),

@@ -59,27 +59,35 @@ VOLUME_MANIFEST_COLUMNS: tuple[str, ...] = (
 MISSING_FILES = ("missing", "error")
 
 
-def _header(path: Path) -> list[str]:
+def _head(path: Path, rows: int = 20) -> pd.DataFrame | None:
     try:
-        return [str(c).strip() for c in pd.read_csv(path, nrows=0).columns]
+        df = pd.read_csv(path, nrows=rows, dtype=str, keep_default_na=False, na_filter=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError):
-        return []
+        return None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
 
 
 def is_volume_manifest(path: str | os.PathLike) -> bool:
-    """True for a ``.csv`` whose columns are ``case_id``, at least one BraTS modality, and only volume-manifest columns.
+    """True for a ``.csv`` laid out as a volume manifest.
 
-    A CSV with any other column is a generic manifest (:mod:`medfusion.data.manifest`).
+    Its columns are ``case_id``, at least one BraTS modality and only volume-manifest columns, and the
+    ``label`` cells of its first rows are empty or NIfTI paths. Anything else (another column, a numeric
+    ``label`` as in a classification manifest) is a generic manifest (:mod:`medfusion.data.manifest`).
     """
     p = Path(path)
     if p.suffix.lower() != ".csv" or not p.is_file():
         return False
-    cols = _header(p)
-    return (
-        str(Keys.CASE_ID) in cols
-        and any(m in cols for m in BRATS_MODALITIES)
-        and set(cols) <= set(VOLUME_MANIFEST_COLUMNS)
-    )
+    df = _head(p)
+    if df is None:
+        return False
+    cols = list(df.columns)
+    if not (str(Keys.CASE_ID) in cols and any(m in cols for m in BRATS_MODALITIES)):
+        return False
+    if not set(cols) <= set(VOLUME_MANIFEST_COLUMNS):
+        return False
+    labels = [str(v).strip().lower() for v in df.get(str(Keys.LABEL), [])]
+    return all(not v or v.endswith((".nii", ".nii.gz")) for v in labels)
 
 
 def read_volume_rows(

@@ -133,4 +133,7 @@ def test_detection_of_volume_manifests(export2015, tmp_path):
     generic = tmp_path / "generic.csv"
     pd.DataFrame([{"case_id": "a", "flair": "x.nii.gz", "report": "text", "label": 1}]).to_csv(generic, index=False)
     assert not is_volume_manifest(generic)
+    classification = tmp_path / "classification.csv"  # a FLAIR classifier's manifest: numeric labels
+    pd.DataFrame([{"case_id": "a", "flair": "a.nii.gz", "label": "1"}]).to_csv(classification, index=False)
+    assert not is_volume_manifest(classification)
     assert not is_volume_manifest(export2015)

@@ -34,6 +34,7 @@ from typing import Any
 
 import pandas as pd
 
+from medfusion.data.manifest import _read_csv
 from medfusion.modality import BRATS_MODALITIES, Keys, validate_modalities
 
 __all__ = [
@@ -112,8 +113,8 @@ def read_volume_rows(
 
     Raises:
         FileNotFoundError: the manifest does not exist.
-        ValueError: unreadable CSV, no ``case_id`` column, no modality column, unknown columns, an invalid
-            ``label_convention`` argument or ``missing_files`` value (problems of the file as a whole).
+        ValueError: unreadable or header-only CSV, no ``case_id`` column, no modality column, unknown columns,
+            an invalid ``label_convention`` argument or ``missing_files`` value (problems of the file as a whole).
     """
     from medfusion.data.labels import convention_key
 
@@ -121,13 +122,7 @@ def read_volume_rows(
     if missing_files not in MISSING_FILES:
         raise ValueError(f"missing_files must be one of {list(MISSING_FILES)}, got {missing_files!r}.")
     path = Path(csv_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Volume manifest {path} does not exist.")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ValueError(f"Volume manifest {path}: cannot be read as CSV ({err}).") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    df = _read_csv(path)  # the generic manifest's reader: all cells as strings, header-only is an error
     unknown = [c for c in df.columns if c not in VOLUME_MANIFEST_COLUMNS]
     if unknown or str(Keys.CASE_ID) not in df.columns or not any(m in df.columns for m in BRATS_MODALITIES):
         raise ValueError(

@@ -137,3 +137,10 @@ def test_detection_of_volume_manifests(export2015, tmp_path):
     pd.DataFrame([{"case_id": "a", "flair": "a.nii.gz", "label": "1"}]).to_csv(classification, index=False)
     assert not is_volume_manifest(classification)
     assert not is_volume_manifest(export2015)
+
+
+def test_header_only_manifest_is_an_error(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("case_id,flair,label\n")
+    with pytest.raises(ValueError, match="header .* but no data rows"):
+        read_volume_manifest(path)

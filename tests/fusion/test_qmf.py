@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medfusion.encoders.base import EncoderOutput
@@ -95,6 +96,29 @@ def test_detach_weights_option():
         # fused[:, 1] = w_a * z_a[1] + w_b * 0: d / d bias_a[0] is non-zero only through the weight w_a
         (g,) = torch.autograd.grad(out.logits[0, 1], head.classifiers["a"].bias)
         assert bool(g[0].abs() > 0) == expect_grad
+
+
+def test_fused_loss_ignores_a_constant_logit_shift_by_default():
+    """Eq. 11 uses w as a quality estimate: detached in the fusion by default, so inflating one modality's logit
+    level (CE is invariant to a constant added to all logits, ``w = logsumexp(z)/10`` is not) cannot lower the
+    fused loss.
+
+    z_a = [2, 0], z_b = [0, 1], y = 0: w_a = 0.1 ln(e^2 + 1) = 0.212693, w_b = 0.1 ln(1 + e) = 0.131326,
+    fused = w_a z_a + w_b z_b = [0.425386, 0.131326], p_1 = 1 / (1 + e^0.294059) = 0.427010. A shift c of z_a
+    (its classifier bias + c) moves the fused loss by dL/dc = sum_j (p_j - y_j) (w_a + 0.1 z_a[j]) =
+    0.1 sum_j (p_j - y_j) z_a[j] when w carries gradient (= 0.2 (p_0 - 1) = -0.085402), and by 0 when detached.
+    """
+    feats = {m: EncoderOutput(torch.ones(1, 1)) for m in ("a", "b")}
+    mask, y = torch.ones(1, 2, dtype=torch.bool), torch.tensor([0])
+    head = fixed_head({"a": [2.0, 0.0], "b": [0.0, 1.0]})  # library default
+    out = head(feats, mask)
+    assert out.logits.tolist()[0] == pytest.approx([0.425386, 0.131326], abs=1e-6)
+    (g,) = torch.autograd.grad(F.cross_entropy(out.logits, y), head.classifiers["a"].bias)
+    assert float(g.sum()) == pytest.approx(0.0, abs=1e-7)  # directional derivative along the shift
+    assert out.aux["weights"].requires_grad  # the ranking regulariser (Eq. 16-18) still trains w
+    legacy = fixed_head({"a": [2.0, 0.0], "b": [0.0, 1.0]}, detach_weights=False)
+    (g,) = torch.autograd.grad(F.cross_entropy(legacy(feats, mask).logits, y), legacy.classifiers["a"].bias)
+    assert float(g.sum()) == pytest.approx(-0.085402, abs=1e-6)
 
 
 def test_eq16_hand_pairs():

@@ -8,10 +8,17 @@ Pieces (each maps to a test with hand-computed values, see docs/methods.md):
 * ``kd_ij = ratio_ij * mean |stopgrad(f_i) - f_j|`` summed over pairs, mean over the batch
   (:func:`metakd_kd_loss`);
 * total ``L = L_task + alpha * sum kd_ij`` (:class:`MetaKDMethod`);
-* meta step every ``meta_interval`` iterations on a held-out all-modality split, bottleneck features
-  scaled by ``softmax(w)``, first-order Adam step on ``w`` ONLY (:class:`MetaStepHandler`).
+* outer problem ``argmin_w L_task(meta-val; w)``, approximated first-order as in the reference code: every
+  ``meta_interval`` iterations, ``meta_steps`` (default 20) Adam steps on ``w`` ONLY, each on the next batch of
+  the held-out all-modality meta-validation loader (cycling), with each modality's bottleneck feature scaled by
+  ``M * softmax(w)_m`` (= 1 at uniform weights, so the meta loss is taken at the model's operating point)
+  (:meth:`MetaKDMethod.meta_step`, :class:`MetaStepHandler`). ONE step per interval (the earlier behaviour)
+  bounds how far ``w`` can move (lr 1e-2: at most about 0.01 per interval), so the weights could not rank the
+  modalities in a normal budget.
 
-``alpha = 0`` is the "no KD" baseline; ``dropout_mode="fixed"`` with one combination trains a
+``alpha = 0`` is the "no KD" baseline; ``kd_weights="uniform"`` (all ratios 1, no meta step) and
+``kd_weights={modality: weight}`` (fixed, e.g. an oracle from single-modality validation Dice) are the
+ablations that tell whether KD or its weighting helps; ``dropout_mode="fixed"`` with one combination trains a
 "dedicated" per-combination model. The same method drives the :class:`~medfusion.models.segmenter.Segmenter`
 (KD at the bottleneck) and the classification head :class:`MetaKDHead` (KD on pooled features).
 """
@@ -168,7 +175,7 @@ class MetaKDHead(FusionHead):
         modality_mask: torch.Tensor,
         modality_weights: torch.Tensor | None = None,
     ) -> FusionOutput:
-        """Fuse pooled features; ``modality_weights`` [M] scales them (meta step)."""
+        """Fuse pooled features; ``modality_weights`` [M] scales them (the meta step passes ``M * softmax(w)``)."""
         f = torch.stack([self.proj[m](features[m].pooled) for m in self.modalities], dim=1)  # [B, M, E]
         f = f * modality_mask.to(f.dtype).unsqueeze(-1)  # absent content never leaks
         imputed = self._impute_fn(f, modality_mask, self.impute)
@@ -213,12 +220,22 @@ class MetaKDMethod(Method):
         warmup_epochs: epochs trained with all (available) modalities before dropout starts.
         meta_loader: loader of the held-out meta-validation split (all modalities); ``None``
             disables the meta step.
-        meta_interval: iterations between meta steps (reference code: 100).
+        meta_interval: iterations between meta updates (reference code: 100).
+        meta_steps: Adam steps on ``w`` per meta update, each on the next meta-validation batch (cycling; the
+            reference code runs one per meta-validation batch, about 20).
         meta_lr: Adam learning rate of ``w``.
         meta_weight_decay: Adam weight decay of ``w`` (paper 5e-5, code 5e-4).
         output_dir: where ``iwv_trajectory.csv`` is appended after every meta step (optional).
         task_loss: override of the task loss.
         seed: seed of the modality-dropout generator.
+        kd_weights: where the KD ratios ``softmax(w)_i / softmax(w)_j`` come from: ``"meta"`` (learned by the
+            meta step, MetaKD), ``"uniform"`` (``w = 0`` fixed: every ratio 1, no meta step; the "uniform KD"
+            ablation) or ``{modality: weight > 0}`` (fixed ``softmax(w) = weight / sum(weight)``, no meta step;
+            e.g. an oracle from single-modality validation Dice).
+
+    Raises:
+        ValueError: ``kd_weights`` is not ``"meta"``/``"uniform"`` or a mapping with one positive finite weight
+            per modality, or ``meta_steps < 1``.
     """
 
     name = "metakd"
@@ -239,6 +256,8 @@ class MetaKDMethod(Method):
         output_dir: str | Path | None = None,
         task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         seed: int = 0,
+        meta_steps: int = 20,
+        kd_weights: str | Mapping[str, float] = "meta",
     ) -> None:
         from medfusion.data.dropout import BatchModalityDropout
 
@@ -254,13 +273,47 @@ class MetaKDMethod(Method):
             self.modalities, mode=dropout_mode, p=dropout_p, combination=combo, seed=seed
         )
         self.state = ImportanceWeights(self.modalities)
+        self.kd_weights = self._set_kd_weights(kd_weights)
         self.meta_loader = meta_loader
         self.meta_interval = int(meta_interval)
+        if int(meta_steps) < 1:
+            raise ValueError(f"MetaKDMethod: meta_steps must be >= 1, got {meta_steps}.")
+        self.meta_steps = int(meta_steps)
         self.meta_lr = meta_lr
         self.meta_weight_decay = meta_weight_decay
         self.meta_optimizer = torch.optim.Adam([self.state.w], lr=meta_lr, weight_decay=meta_weight_decay)
         self._meta_handler: MetaStepHandler | None = None
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        self._trajectory_checked = False
+
+    def _set_kd_weights(self, kd_weights: str | Mapping[str, float]) -> str | dict[str, float]:
+        """Validate ``kd_weights``; a fixed mapping sets ``w = log(weight / sum(weight))``."""
+        if isinstance(kd_weights, str):
+            if kd_weights not in ("meta", "uniform"):
+                raise ValueError(
+                    f"MetaKDMethod: kd_weights must be 'meta', 'uniform' or {{modality: weight}}, got {kd_weights!r}."
+                )
+            return kd_weights
+        if not isinstance(kd_weights, Mapping):
+            raise ValueError(
+                f"MetaKDMethod: kd_weights must be 'meta', 'uniform' or {{modality: weight}}, got {kd_weights!r}."
+            )
+        if set(kd_weights) != set(self.modalities):
+            raise ValueError(
+                f"MetaKDMethod: kd_weights needs one weight per modality {list(self.modalities)}, got keys "
+                f"{sorted(kd_weights)}."
+            )
+        values = torch.tensor([float(kd_weights[m]) for m in self.modalities], dtype=torch.float64)
+        if not bool(torch.isfinite(values).all()) or bool((values <= 0).any()):
+            raise ValueError(f"MetaKDMethod: kd_weights must be positive and finite, got {dict(kd_weights)}.")
+        with torch.no_grad():
+            self.state.w.copy_(torch.log(values / values.sum()).to(self.state.w.dtype))
+        return {m: float(kd_weights[m]) for m in self.modalities}
+
+    @property
+    def learns_weights(self) -> bool:
+        """True when the meta step trains ``w`` (KD on, ``kd_weights="meta"``, a meta-validation loader given)."""
+        return self.alpha > 0 and self.kd_weights == "meta" and self.meta_loader is not None
 
     # -------------------------------------------------------------- training
     def prepare(self, batch: dict[str, Any], engine: Any) -> dict[str, Any]:
@@ -282,8 +335,8 @@ class MetaKDMethod(Method):
         return {"loss": task + self.alpha * kd, "task_loss": task, "kd_loss": kd}
 
     def handlers(self) -> list[Any]:
-        """The meta step (only when KD is on and a meta-validation loader is given)."""
-        if self.alpha > 0 and self.meta_loader is not None:
+        """The meta step (only when KD is on with learned weights and a meta-validation loader is given)."""
+        if self.learns_weights:
             self._meta_handler = MetaStepHandler(self)
             return [self._meta_handler]
         return []
@@ -313,20 +366,28 @@ class MetaKDMethod(Method):
             self._meta_handler.reset()
 
     # ----------------------------------------------------------- meta step
+    def meta_scale(self) -> torch.Tensor:
+        """``M * softmax(w)`` [M] (differentiable in ``w``): the factors of the bottleneck features in the meta loss.
+
+        Equal to 1 for every modality at uniform weights, so the meta loss is the model's own task loss there
+        (``softmax(w)`` alone would shrink every feature to ``1/M`` with nothing downstream to undo it).
+        """
+        return len(self.modalities) * self.state.weights()
+
     def meta_step(self, model: nn.Module, batch: Mapping[str, Any]) -> float:
         """One first-order step on ``w`` only.
 
-        The network's bottleneck features are scaled by ``softmax(w)``; the task loss on the
-        meta-validation batch (all available modalities) is differentiated w.r.t. ``w`` alone
+        Each modality's bottleneck feature is scaled by ``M * softmax(w)_m`` (:meth:`meta_scale`); the task loss
+        on the meta-validation batch (all available modalities) is differentiated w.r.t. ``w`` alone
         (``torch.autograd.grad``), so the network's parameters and their ``.grad`` are untouched.
 
         Returns:
-            the meta-validation task loss.
+            the meta-validation task loss (before the step).
         """
         w = self.state.w
         mask = batch[Keys.MASK].bool()
         out = unwrap(model).forward_outputs(
-            model_inputs(batch, self.modalities), mask, modality_weights=self.state.weights()
+            model_inputs(batch, self.modalities), mask, modality_weights=self.meta_scale()
         )
         loss = self.task_loss(out.logits, batch[Keys.LABEL])
         (grad,) = torch.autograd.grad(loss, [w])
@@ -341,16 +402,27 @@ class MetaKDMethod(Method):
         self.state.meta_steps += 1
         return float(loss.detach())
 
-    def record(self, iteration: int, meta_loss: float) -> dict[str, float]:
-        """Log the IWV and append it to ``iwv_trajectory.csv`` when ``output_dir`` is set."""
+    def record(self, iteration: int, meta_loss: float, step_in_interval: int = 0) -> dict[str, float]:
+        """Log the IWV after a meta step and append it to ``iwv_trajectory.csv`` when ``output_dir`` is set.
+
+        Args:
+            iteration: training iteration of the meta update.
+            meta_loss: meta-validation loss of the step (before it).
+            step_in_interval: index of the step within its meta update (0 .. ``meta_steps - 1``).
+        """
         weights = self.state.as_dict()
-        row: dict[str, Any] = {"meta_step": int(self.state.meta_steps), "iteration": iteration, "meta_loss": meta_loss}
+        row: dict[str, Any] = {
+            "meta_step": int(self.state.meta_steps),
+            "iteration": iteration,
+            "step_in_interval": int(step_in_interval),
+            "meta_loss": meta_loss,
+        }
         row.update({f"w_{m}": float(v) for m, v in zip(self.modalities, self.state.w.detach().cpu().tolist())})
         row.update({f"softmax_{m}": v for m, v in weights.items()})
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             path = self.output_dir / "iwv_trajectory.csv"
-            if path.exists():
+            if path.exists() and not self._trajectory_checked:  # once per process: the file may predate a resume
                 with path.open(newline="") as fh:
                     old = list(csv.DictReader(fh))
                 if old and int(old[-1]["meta_step"]) >= row["meta_step"]:
@@ -360,13 +432,14 @@ class MetaKDMethod(Method):
                         writer = csv.DictWriter(fh, fieldnames=list(row))
                         writer.writeheader()
                         writer.writerows(keep)
+            self._trajectory_checked = True
             new = not path.exists()
             with path.open("a", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=list(row))
                 if new:
                     writer.writeheader()
                 writer.writerow(row)
-        logger.info(
+        logger.debug(
             "MetaKD meta step %d (iteration %d): meta loss %.4f, softmax(w) %s",
             row["meta_step"],
             iteration,
@@ -376,16 +449,22 @@ class MetaKDMethod(Method):
         return row
 
     def describe(self) -> dict[str, Any]:
-        """What the method decided: final IWV (softmax) and its ranking."""
-        return {"iwv": self.state.as_dict(), "ranking": combination_name(self.state.ranking()).split("+")}
+        """What the method decided: final IWV (softmax), its ranking and where the KD weights came from."""
+        mode = self.kd_weights if isinstance(self.kd_weights, str) else "fixed"
+        return {
+            "iwv": self.state.as_dict(),
+            "ranking": combination_name(self.state.ranking()).split("+"),
+            "kd_weights": mode,
+            "meta_steps": int(self.state.meta_steps),
+        }
 
 
 class MetaStepHandler:
-    """Ignite handler: a MetaKD meta step every ``method.meta_interval`` iterations.
+    """Ignite handler: every ``method.meta_interval`` iterations, ``method.meta_steps`` MetaKD meta steps.
 
-    Cycles over ``method.meta_loader``; the IWV after every step goes to the log, to
-    ``engine.state.metrics`` (``iwv_<modality>``, so StatsHandler/TensorBoard show it) and to
-    ``iwv_trajectory.csv``.
+    Each step takes the next batch of ``method.meta_loader`` (cycling when it runs out); the IWV after every
+    step goes to :attr:`trajectory`, the debug log and ``iwv_trajectory.csv``; after the update the log (info)
+    and ``engine.state.metrics`` (``iwv_<modality>``, so StatsHandler/TensorBoard show it) get the new IWV.
 
     Args:
         method: the :class:`MetaKDMethod`.
@@ -414,11 +493,21 @@ class MetaStepHandler:
             return next(self._iter)
 
     def __call__(self, engine: Any) -> None:
-        """Run one meta step with the engine's network."""
-        batch = to_device(self._next_batch(), engine.state.device)
+        """Run ``meta_steps`` meta steps with the engine's network."""
         net = engine.network
-        loss = self.method.meta_step(net, batch)
-        row = self.method.record(engine.state.iteration, loss)
-        self.trajectory.append(row)
-        for m, v in self.method.state.as_dict().items():
+        losses = []
+        for step in range(self.method.meta_steps):
+            batch = to_device(self._next_batch(), engine.state.device)
+            losses.append(self.method.meta_step(net, batch))
+            self.trajectory.append(self.method.record(engine.state.iteration, losses[-1], step))
+        weights = self.method.state.as_dict()
+        logger.info(
+            "MetaKD meta update at iteration %d (%d steps): meta loss %.4f -> %.4f, softmax(w) %s",
+            engine.state.iteration,
+            len(losses),
+            losses[0],
+            losses[-1],
+            {m: round(v, 4) for m, v in weights.items()},
+        )
+        for m, v in weights.items():
             engine.state.metrics[f"iwv_{m}"] = v

@@ -195,7 +195,7 @@ class Segmenter(nn.Module):
             feats: output of :meth:`encode`.
             modality_mask: bool ``[B, M]``.
             modality_weights: optional ``[M]`` or ``[B, M]`` factors for the bottleneck features
-                (MetaKD's meta step scales them by ``softmax(w)``).
+                (MetaKD's meta step scales them by ``M * softmax(w)``).
             zero_feats: encoder outputs on a zero image (``[1 or B, M, C_l, ...]`` per level), used for
                 the non-imputed levels when ``impute_levels="bottleneck"`` and ``feats`` were
                 computed with the modality present (cached all-combination evaluation).

@@ -43,6 +43,7 @@ def trained(cohort, tmp_path_factory) -> Path:
             "cache_rate": 1.0,
             "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.2},
             "method#meta_interval": 1,
+            "method#meta_steps": 2,
             "network_def#channels": [8, 16, 32, 64],
         },
     )
@@ -74,9 +75,10 @@ def test_train_writes_checkpoints_and_iwv(trained):
     assert (trained / "models" / "model.pt").is_file()
     traj = pd.read_csv(trained / "runs" / "iwv_trajectory.csv")
     cols = [f"softmax_{m}" for m in ("flair", "t1", "t1ce", "t2")]
-    assert len(traj) == 4  # meta_interval 1, 2 iterations x 2 epochs
+    assert len(traj) == 8  # meta_interval 1, 2 iterations x 2 epochs, 2 meta steps each
     assert np.allclose(traj[cols].sum(axis=1), 1.0, atol=1e-5)  # softmax(w)
-    assert traj["meta_step"].tolist() == [1, 2, 3, 4]
+    assert traj["meta_step"].tolist() == list(range(1, 9))
+    assert traj["step_in_interval"].tolist() == [0, 1] * 4
 
 
 def test_evaluate_all_15_combinations(cohort, trained, tmp_path):

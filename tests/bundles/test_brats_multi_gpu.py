@@ -22,6 +22,7 @@ COMMON = {
     "cache_rate": 1.0,
     "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.1},
     "method#meta_interval": 1,
+    "method#meta_steps": 2,
     "method#dropout_mode": "none",
     "network_def#channels": [8, 16, 32, 64],
     "train#preprocessing": "$medfusion.data.volume.brats_transforms(@modalities, 'train', roi_size=@roi_size, "

@@ -135,7 +135,7 @@ def test_every_method_trains_and_evaluates_all_7_combinations(cohort, tmp_path, 
         tmp_path = request.getfixturevalue("trained_qmf")
         summary = pd.read_csv(tmp_path / "eval" / "summary.csv", index_col=0)
     else:
-        extra = {"method_kwargs": {"meta_interval": 1}} if method == "metakd" else {}
+        extra = {"method_kwargs": {"meta_interval": 1, "meta_steps": 2}} if method == "metakd" else {}
         summary = _train_eval(cohort, tmp_path, method, extra)
     assert len(summary) == 8 and summary.index[-1] == "mean"
     assert set(summary.index[:-1]) == {
@@ -145,9 +145,9 @@ def test_every_method_trains_and_evaluates_all_7_combinations(cohort, tmp_path, 
     assert summary.loc["ehr", "n"] == 12 and (summary["n"] >= 5).all()  # 12 test stays; CXR/report pairable for 10
     ckpt = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     if method == "metakd":
-        assert {"model", "method"} <= set(ckpt) and int(ckpt["method"]["iwv"]["meta_steps"]) == 5
+        assert {"model", "method"} <= set(ckpt) and int(ckpt["method"]["iwv"]["meta_steps"]) == 10
         traj = pd.read_csv(tmp_path / "runs" / "iwv_trajectory.csv")
-        assert traj["meta_step"].tolist() == list(range(1, len(traj) + 1)) and len(traj) == 5  # 38 train / 8
+        assert traj["meta_step"].tolist() == list(range(1, 11))  # 38 train / batch 8 = 5 iterations x 2 steps
     if method == "omnifuse":
         state = ckpt.get("model", ckpt)
         assert torch.isfinite(state["head.combination_distance"]).all()  # TLA mining ran after the epoch
@@ -192,7 +192,7 @@ def test_inference_writes_probabilities_for_a_combination(cohort, trained_qmf, t
 
 @pytest.mark.parametrize("method", list_methods())
 def test_manifest_layout_four_modalities_15_combinations(cohort, tmp_path, method):
-    extra = {"method_kwargs": {"meta_interval": 1}} if method == "metakd" else {}
+    extra = {"method_kwargs": {"meta_interval": 1, "meta_steps": 2}} if method == "metakd" else {}
     summary = _train_eval(cohort, tmp_path, method, {**MANIFEST, **extra})
     assert len(summary) == 16 and summary.index[-1] == "mean"
     assert "pet+ct+report+labs" in summary.index

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     overrides = {
         "dataset_dir": dataset, "ckpt_dir": work + "/models", "output_dir": work + "/runs",
         "max_epochs": 3, "roi_size": [32, 32, 32], "batch_size": 2, "num_workers": 0, "cache_rate": 1.0,
-        "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.1}, "method#meta_interval": 1,
+        "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.1}, "method#meta_interval": 1, "method#meta_steps": 2,
         "network_def#channels": [8, 16, 32, 64], "resume": resume, "val_interval": 1,
     }
     wf = bundle_workflow(%r, ["train.json"], "train", overrides)
@@ -82,10 +82,10 @@ def test_kill_mid_epoch_and_resume_matches_uninterrupted(cohort, tmp_path):
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"model weight {k}")
     torch.testing.assert_close(b["method"]["iwv"]["w"], a["method"]["iwv"]["w"], rtol=1e-5, atol=1e-7)
-    assert int(b["method"]["iwv"]["meta_steps"]) == 6
+    assert int(b["method"]["iwv"]["meta_steps"]) == 12  # 6 iterations x 2 meta steps
     # the trajectory file of the resumed run has no duplicated meta steps
     traj = pd.read_csv(tmp_path / "cut" / "runs" / "iwv_trajectory.csv")
-    assert traj["meta_step"].tolist() == list(range(1, 7))
+    assert traj["meta_step"].tolist() == list(range(1, 13))
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

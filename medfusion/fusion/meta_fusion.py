@@ -45,6 +45,7 @@ from medfusion.modality import check_mask, validate_modalities
 
 __all__ = [
     "EXTRACTOR_KINDS",
+    "RHO_CRITERIA",
     "RULES",
     "STAGES",
     "ExtractorSpec",
@@ -76,6 +77,9 @@ RULES: tuple[str, ...] = (
     "weighted_vote",
 )
 """Aggregation rules accepted by :meth:`MetaFusion.predict`."""
+
+RHO_CRITERIA: tuple[str, ...] = ("ensemble", "cohort", "teachers")
+"""Validation scores a rho can be chosen by (``MetaFusion(rho_criterion=...)``)."""
 
 STAGES: tuple[str, ...] = ("init", "extractors_fitted", "screened", "teachers_selected", "mutual_learned", "ensembled")
 """Workflow stages; ``MetaFusion.stage`` holds the index of the last completed one."""
@@ -548,8 +552,11 @@ class MetaFusion(nn.Module):
         batch_size: mini-batch size (``0`` = full batch).
         weight_decay: Adam weight decay.
         rho_grid: default mutual-learning grid (public code: ``(0, 0.99, 3)``); ``fit`` may override.
-        rho_criterion: how rho is chosen on validation: ``"teachers"`` (mean validation loss of the teachers,
-            as in the public code) or ``"cohort"`` (mean over all students with a finite loss).
+        rho_criterion: how rho is chosen on validation: ``"ensemble"`` (default: the validation loss of the
+            ensemble that :func:`ensemble_selection` picks from that rho's cohort, i.e. the prediction mutual
+            learning is for), ``"cohort"`` (mean validation loss over all students with a finite loss) or
+            ``"teachers"`` (mean validation loss of the teachers, as in the public code; with one teacher every
+            rho trains it identically, so the scores tie and rho = 0 is kept).
         k_max: upper bound of the K-means k range.
         prune_fraction: ensemble selection prunes this fraction of worst students.
         init_size: ensemble selection starts from the best ``init_size`` students.
@@ -578,7 +585,7 @@ class MetaFusion(nn.Module):
         batch_size: int = 64,
         weight_decay: float = 0.0,
         rho_grid: Sequence[float] = (0.0, 0.99, 3.0),
-        rho_criterion: str = "teachers",
+        rho_criterion: str = "ensemble",
         k_max: int = 10,
         prune_fraction: float = 0.2,
         init_size: int = 3,
@@ -599,7 +606,7 @@ class MetaFusion(nn.Module):
         if task == "classification" and num_classes < 2:
             raise ValueError(f"MetaFusion num_classes: expected >= 2 for classification, got {num_classes}.")
         for name, value, allowed in (
-            ("rho_criterion", rho_criterion, ("teachers", "cohort")),
+            ("rho_criterion", rho_criterion, RHO_CRITERIA),
             ("ensemble_weighting", ensemble_weighting, ("count", "inverse_loss")),
             ("pca_fit_on", pca_fit_on, ("train", "train+val")),
             ("default_rule", default_rule, RULES),
@@ -668,6 +675,8 @@ class MetaFusion(nn.Module):
         self.register_buffer("n_clusters", torch.tensor(0, dtype=torch.long))
         self.register_buffer("rho", torch.tensor(0.0))
         self.register_buffer("rho_scores", torch.full((len(self.rho_grid),), math.nan))
+        # per rho of the last mutual_learning run (not checkpointed): its score under every criterion
+        self.rho_report: list[dict[str, float]] = []
         self.register_buffer("committee", torch.zeros(s, dtype=torch.long))
         self.register_buffer("stack_fill", torch.zeros(s, k_in))
         self.register_buffer("stack_coef", torch.zeros(s * k_in, k))
@@ -926,8 +935,11 @@ class MetaFusion(nn.Module):
         """Stage (c): retrain the cohort from the initial state with mutual learning for each rho; keep the best.
 
         rho = 0 reuses the screened cohort (same initial state, seed and data order, hence identical).
-        The score of a rho is the mean best-epoch validation loss of the teachers (``rho_criterion="teachers"``)
-        or of all students (``"cohort"``); ties keep the smaller rho.
+        The score of a rho (``rho_criterion``): the validation loss of the ensemble selected from that rho's
+        cohort (``"ensemble"``, default), the mean best-epoch validation loss of all students (``"cohort"``) or
+        of the teachers (``"teachers"``). Ties (scores equal up to a relative 1e-9) keep the smaller rho and are
+        logged as a warning; :meth:`summary` lists them (``rho_ties``). :attr:`rho_report` keeps every rho's
+        score under all three criteria.
 
         Args:
             train: training split.
@@ -943,27 +955,40 @@ class MetaFusion(nn.Module):
         grid = tuple(float(r) for r in (rho_grid if rho_grid is not None else self.rho_grid))
         if not grid or any(r < 0 for r in grid):
             raise ValueError(f"MetaFusion.mutual_learning rho_grid: expected rho >= 0 values, got {list(grid)}.")
-        crit = (
-            self.teacher_weights > 0
-            if self.rho_criterion == "teachers"
-            else torch.ones(len(self.cohort), dtype=torch.bool)
-        )
+        teachers = self.teacher_weights > 0
         best_score, best_rho, best_state, best_losses = math.inf, 0.0, None, None
-        scores = []
+        scores, report = [], []
         for rho in grid:
             if rho == 0.0:
                 cohort, losses = self.screen_students, self.screen_val_loss.clone()
             else:
                 cohort = copy.deepcopy(self.screen_students)
                 losses = self._train(cohort, train, val, rho, self.teacher_weights)
-            sel = losses[crit & torch.isfinite(losses)]
-            score = float(sel.mean()) if len(sel) else math.inf
+            finite = torch.isfinite(losses)
+            row = {
+                "rho": rho,
+                "teachers": float(losses[teachers & finite].mean()) if bool((teachers & finite).any()) else math.inf,
+                "cohort": float(losses[finite].mean()) if bool(finite.any()) else math.inf,
+                "ensemble": self._selected_ensemble(cohort, losses, val)[1],
+            }
+            report.append(row)
+            score = row[self.rho_criterion]
             scores.append(score)
-            logger.info("meta fusion: rho=%s score=%.6g", rho, score)
+            logger.info("meta fusion: rho=%s score=%.6g (%s)", rho, score, self.rho_criterion)
             if best_state is None or score < best_score:
                 best_score, best_rho, best_losses = score, rho, losses
                 best_state = copy.deepcopy(cohort.state_dict())
         assert best_state is not None and best_losses is not None
+        ties = _tied(grid, scores)
+        if len(ties) > 1:
+            logger.warning(
+                "meta fusion: rho values %s tie on the %s score %.6g; keeping the smallest, %s",
+                ties,
+                self.rho_criterion,
+                best_score,
+                best_rho,
+            )
+        self.rho_report = report
         self.students.load_state_dict(best_state)
         self.val_loss.copy_(best_losses)
         self.rho.fill_(best_rho)
@@ -971,6 +996,32 @@ class MetaFusion(nn.Module):
             self.rho_scores.copy_(torch.tensor(scores))
         self._set_stage("mutual_learned")
         return best_rho
+
+    def _selected_ensemble(
+        self, students: nn.ModuleList, losses: torch.Tensor, val: MetaFusionData
+    ) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+        """Caruana selection over ``students`` on the validation split and the selected ensemble's loss.
+
+        Returns:
+            ``(multiplicities [S], ensemble validation loss, validation predictions, availability [S, N])``.
+        """
+        with torch.no_grad():
+            preds = self._as_pred(self.student_outputs(val.x, val.mask, students))
+        avail = self.availability(val.mask)
+        weights = self._member_weights(losses)
+        counts = ensemble_selection(
+            preds,
+            val.y,
+            losses,
+            self.task,
+            avail,
+            self.prune_fraction,
+            self.init_size,
+            self.max_ensemble_size,
+            weights,
+        )
+        combined = _combine(preds, avail, counts.to(preds.dtype) * weights, self._fallback_order(losses))
+        return counts, _aggregate_loss(combined, val.y, self.task), preds, avail
 
     def select_ensemble(self, val: MetaFusionData | Sequence[Any]) -> torch.Tensor:
         """Stage (d): Caruana ensemble selection and the stacking fit on validation predictions.
@@ -983,20 +1034,7 @@ class MetaFusion(nn.Module):
         """
         self._check_stage("screened", "select_ensemble")
         val = self._check_data(val, "val")
-        with torch.no_grad():
-            preds = self._as_pred(self.student_outputs(val.x, val.mask))
-        avail = self.availability(val.mask)
-        counts = ensemble_selection(
-            preds,
-            val.y,
-            self.val_loss,
-            self.task,
-            avail,
-            self.prune_fraction,
-            self.init_size,
-            self.max_ensemble_size,
-            self._member_weights(),
-        )
+        counts, _, preds, avail = self._selected_ensemble(self.students, self.val_loss, val)
         self.committee.copy_(counts)
         self._fit_stacking(preds, avail, val.y)
         self._set_stage("ensembled")
@@ -1043,9 +1081,10 @@ class MetaFusion(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------- aggregation
-    def _member_weights(self) -> torch.Tensor:
+    def _member_weights(self, losses: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-student factor of the ensemble weights: 1, or ``1 / validation loss`` (``"inverse_loss"``)."""
         if self.ensemble_weighting == "inverse_loss":
-            return 1.0 / self.val_loss.clamp_min(1e-12)
+            return 1.0 / (self.val_loss if losses is None else losses).clamp_min(1e-12)
         return torch.ones(len(self.cohort))
 
     def _fallback_order(self, losses: torch.Tensor) -> torch.Tensor:
@@ -1208,6 +1247,8 @@ class MetaFusion(nn.Module):
             "rho": float(self.rho),
             "rho_grid": list(self.rho_grid),
             "rho_scores": self.rho_scores.tolist(),
+            "rho_criterion": self.rho_criterion,
+            "rho_ties": _tied(self.rho_grid, self.rho_scores.tolist()),
             "committee": self.committee_summary(),
         }
 
@@ -1236,6 +1277,15 @@ class MetaFusion(nn.Module):
             "default_rule": self.default_rule,
             "seed": self.seed,
         }
+
+
+def _tied(grid: Sequence[float], scores: Sequence[float]) -> list[float]:
+    """Grid values whose score equals the best one (relative tolerance 1e-9); ``[]`` without finite scores."""
+    finite = [sc for sc in scores if math.isfinite(sc)]
+    if not finite:
+        return []
+    best = min(finite)
+    return [float(r) for r, sc in zip(grid, scores) if math.isfinite(sc) and math.isclose(sc, best, rel_tol=1e-9)]
 
 
 def _features(value: torch.Tensor | EncoderOutput) -> torch.Tensor:

@@ -268,9 +268,16 @@ class OmniFuseHead(FusionHead):
         prediction: which probability the deployable ``logits`` are the log of: ``"combined"`` (default, the
             average of the joint head and the weighted per-modality average), ``"joint"`` (``softmax(o)``)
             or ``"weighted"``; all three are always in ``aux`` so the choice can be evaluated.
-        impute: ``False`` is the "without imputation" ablation: no CRA, an absent modality keeps its
-            zero-input embedding ``proj_m(e_m(0))``, the joint classifier reads the concatenated ``v``
-            and ``L_fw``/``L_bw`` are 0 (``"imputed"``/``"cycle"``/``"codes"`` in ``aux`` are ``v``).
+        impute: ``"cra"`` (or ``True``, default): OmniFuse. ``"off"``: the architecture-preserving "without
+            imputation" ablation: the same predictor (projections, forward CRA, per-modality classifiers and
+            the joint head on the forward CRA's codes), but the imputation is switched off: the per-modality
+            classifiers and the weighted average read the observed embeddings ``v`` (an absent modality keeps
+            its zero-input embedding ``proj_m(e_m(0))``) instead of ``v'``, ``L_fw``/``L_bw`` are 0 and the
+            backward CRA (used only by ``L_bw``) is not built. With the same seed every shared parameter
+            starts identical to the ``"cra"`` head's, and the joint head's output is the same function of
+            ``v``. ``"none"`` (or ``False``): the earlier ablation without any CRA (the joint classifier reads
+            the concatenated ``v``), which also changes the joint head. In ``"off"``/``"none"``,
+            ``aux["imputed"]`` and ``aux["cycle"]`` are ``v``.
 
     Buffers: ``zero_pooled`` ``[sum D_m]`` (``e_m(0)`` of every modality, concatenated),
     ``zero_pooled_ready`` (bool), ``lazy_combination`` (long, index into
@@ -299,7 +306,7 @@ class OmniFuseHead(FusionHead):
         dropout: float = 0.0,
         weighted_over: str = "present",
         prediction: str = "combined",
-        impute: bool = True,
+        impute: bool | str = "cra",
     ) -> None:
         super().__init__(modalities)
         dims = check_in_dims("omnifuse", self.modalities, in_dims)
@@ -307,6 +314,10 @@ class OmniFuseHead(FusionHead):
             raise ValueError(f"omnifuse: weighted_over must be 'present' or 'all', got {weighted_over!r}.")
         if prediction not in ("combined", "joint", "weighted"):
             raise ValueError(f"omnifuse: prediction must be 'combined', 'joint' or 'weighted', got {prediction!r}.")
+        mode = ("cra" if impute else "none") if isinstance(impute, bool) else impute
+        if mode not in ("cra", "off", "none"):
+            raise ValueError(f"omnifuse: impute must be 'cra' (True), 'off' or 'none' (False), got {impute!r}.")
+        self.imputation = mode
         self.prediction = prediction
         self.in_dims = dims
         self.embed_dim = int(embed_dim)
@@ -315,18 +326,23 @@ class OmniFuseHead(FusionHead):
         n_mod = len(self.modalities)
         joint = n_mod * self.embed_dim
         self.proj = nn.ModuleDict({m: nn.Linear(dims[m], self.embed_dim) for m in self.modalities})
-        self.impute = bool(impute)
-        if self.impute:
+        if mode != "none":
             self.forward_cra = CascadeResidualAutoencoder(joint, code_dim, num_blocks)
-            self.backward_cra = CascadeResidualAutoencoder(joint, code_dim, num_blocks)
         self.classifiers = nn.ModuleDict(
             {m: mlp(self.embed_dim, int(num_classes), hidden, dropout) for m in self.modalities}
         )
-        self.joint_classifier = nn.Linear(num_blocks * code_dim if self.impute else joint, int(num_classes))
+        self.joint_classifier = nn.Linear(num_blocks * code_dim if mode != "none" else joint, int(num_classes))
+        if mode == "cra":  # built last, so "cra" and "off" heads of one seed share every other initial weight
+            self.backward_cra = CascadeResidualAutoencoder(joint, code_dim, num_blocks)
         self.register_buffer("zero_pooled", torch.zeros(sum(dims.values())))
         self.register_buffer("zero_pooled_ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("lazy_combination", torch.full((), -1, dtype=torch.long))
         self.register_buffer("combination_distance", torch.full((2**n_mod - 1,), float("nan")))
+
+    @property
+    def impute(self) -> bool:
+        """True when the CRA imputes (``impute="cra"``): ``v'`` feeds the classifiers and ``L_fw``/``L_bw`` train it."""
+        return self.imputation == "cra"
 
     # --------------------------------------------------------- zero input
     def _zero_slices(self) -> dict[str, torch.Tensor]:
@@ -386,12 +402,16 @@ class OmniFuseHead(FusionHead):
         b, n_mod = modality_mask.shape
         v = self.embed(features, modality_mask)
         v_flat = v.flatten(1)
-        if self.impute:
-            imputed, codes = self.forward_cra(v_flat)
-            cycle, _ = self.backward_cra(imputed)
-            codes_cat = torch.cat(codes, dim=1)
-        else:
+        if self.imputation == "none":
             imputed = cycle = codes_cat = v_flat
+        else:
+            cra_out, codes = self.forward_cra(v_flat)
+            codes_cat = torch.cat(codes, dim=1)
+            if self.imputation == "cra":
+                imputed = cra_out
+                cycle, _ = self.backward_cra(imputed)
+            else:  # "off": same joint head on the codes, but nothing downstream reads the imputed embedding
+                imputed = cycle = v_flat
         vi = imputed.view(b, n_mod, self.embed_dim)
         z = torch.stack([self.classifiers[m](vi[:, i]) for i, m in enumerate(self.modalities)], dim=1)  # [B, M, K]
         probs = torch.softmax(z, dim=-1)

@@ -291,3 +291,46 @@ def test_mlp_extractor_is_trainable_and_part_of_the_checkpoint() -> None:
     assert not torch.equal(model.students[0].trainable_extractors["a"][2].weight, before)
     assert "students.0.trainable_extractors.a.0.weight" in model.state_dict()
     assert model.committee.tolist() == [1]  # a single student: start with it, re-adding it never improves
+
+
+def test_tied_rho_values() -> None:
+    from medfusion.fusion.meta_fusion import _tied
+
+    assert _tied([0.0, 0.99, 3.0], [0.5, 0.5, 0.7]) == [0.0, 0.99]
+    assert _tied([0.0, 0.99, 3.0], [0.5, 0.5 * (1 + 1e-12), 0.4]) == [3.0]
+    assert _tied([0.0, 1.0], [math.inf, math.nan]) == []
+
+
+def test_rho_is_chosen_on_the_selected_ensemble_even_with_one_teacher() -> None:
+    """With ONE teacher every rho trains that teacher identically: the teachers' score ties exactly and rho = 0
+    would always be kept. The default criterion scores each rho by the validation loss (NLL of the averaged
+    probabilities) of the ensemble selected from that rho's cohort, which the students mutual learning trains
+    do change."""
+    train, val = _toy(240, 0, p_missing=0.3), _toy(120, 1, p_missing=0.3)
+    model = MetaFusion(MODS, DIMS, build_cohort(GRIDS), epochs=8, batch_size=60, lr=2e-2, rho_grid=(0.0, 1.0, 3.0))
+    assert model.rho_criterion == "ensemble"
+    model.screen(train, val)
+    model.select_teachers()
+    best = int(torch.argmin(model.screen_val_loss))
+    model.teacher_weights.copy_(torch.nn.functional.one_hot(torch.tensor(best), len(model.cohort)).float())
+    rho = model.mutual_learning(train, val)
+    report = model.rho_report
+    assert [r["rho"] for r in report] == [0.0, 1.0, 3.0]
+    teacher_scores = [r["teachers"] for r in report]
+    assert teacher_scores[0] == teacher_scores[1] == teacher_scores[2]  # the old criterion cannot choose
+    ens = [r["ensemble"] for r in report]
+    assert model.rho_scores.tolist() == pytest.approx(ens) and len(set(ens)) == 3
+    assert rho == report[int(torch.tensor(ens).argmin())]["rho"]
+    summary = model.summary()
+    assert summary["rho_ties"] == [rho] and summary["rho_criterion"] == "ensemble"
+    # the chosen score IS the validation loss of the committee the model then deploys
+    model.select_ensemble(val)
+    nll = float(torch.nn.functional.nll_loss(model.predict(val.x, val.mask, rule="ensemble"), val.y))
+    assert nll == pytest.approx(min(ens), rel=1e-5)
+    # the public package's rule on the same run: all three rho tie, rho = 0 kept, the tie is reported
+    legacy = MetaFusion(**{**model.get_config(), "rho_criterion": "teachers"})
+    legacy.load_state_dict(model.state_dict())
+    legacy.rho_scores.copy_(torch.tensor(teacher_scores))
+    assert legacy.summary()["rho_ties"] == [0.0, 1.0, 3.0]
+    with pytest.raises(ValueError, match="rho_criterion"):
+        MetaFusion(MODS, DIMS, build_cohort(GRIDS), rho_criterion="best")

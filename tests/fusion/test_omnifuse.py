@@ -306,3 +306,62 @@ def test_without_imputation_ablation_skips_cra_and_its_losses():
     # an absent modality's embedding is the zero-input one, whatever its content
     feats2 = {"a": feats["a"], "b": EncoderOutput(feats["b"].pooled + 7.0)}
     torch.testing.assert_close(head(feats2, mask).logits[1], out.logits[1])
+
+
+def test_architecture_preserving_no_imputation_ablation_changes_only_the_imputation():
+    """``impute="off"``: same predictor (projections, forward CRA, classifiers, joint head on the CRA codes) and,
+    for one seed, the same initial weights as OmniFuse; only the imputation is off (classifiers read v, no
+    L_fw / L_bw, no backward CRA)."""
+    torch.manual_seed(0)
+    full = tiny_model()
+    torch.manual_seed(0)
+    off = tiny_model(impute="off")
+    assert off.head.imputation == "off" and not off.head.impute
+    full_sd, off_sd = full.head.state_dict(), off.head.state_dict()
+    assert set(full_sd) - set(off_sd) == {k for k in full_sd if k.startswith("backward_cra.")}
+    assert set(off_sd) <= set(full_sd)
+    for k in off_sd:  # same initial head weights (and buffers; the combination distances start NaN)
+        torch.testing.assert_close(off_sd[k], full_sd[k], rtol=0, atol=0, equal_nan=True)
+    off.encoders.load_state_dict(full.encoders.state_dict())  # (the tiny encoders are built after the head)
+    batch = tiny_batch(4)
+    mask = torch.tensor([[True, False, True], [True, True, True], [False, True, False], [True, True, False]])
+    refresh_zero_pooled(full, batch)
+    refresh_zero_pooled(off, batch)
+    a = full.forward_outputs(batch, mask).aux
+    b = off.forward_outputs(batch, mask).aux
+    # the joint head is the same function of v: identical output
+    torch.testing.assert_close(b["joint_logits"], a["joint_logits"])
+    v = off.head.embed(off.encode(batch), mask)  # [B, M, d]
+    torch.testing.assert_close(b["imputed"], v.flatten(1))
+    for i, m in enumerate(MODS):
+        torch.testing.assert_close(b["modality_logits"][m], off.head.classifiers[m](v[:, i]))
+    assert not torch.allclose(a["modality_logits"]["b"], b["modality_logits"]["b"])  # full reads the imputed v'
+    method = OmniFuseMethod(MODS, seed=0)
+    losses = method.loss_step(off, method.prepare(tiny_batch(8), None), None)
+    assert losses["fw_loss"].item() == 0.0 and losses["bw_loss"].item() == 0.0
+    expected = 10 * losses["dwfuse_loss"] + 0.5 * losses["tla_loss"]
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    losses["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in off.head.forward_cra.parameters())
+    with pytest.raises(ValueError, match="impute must be"):
+        tiny_model(impute="partial")
+
+
+def test_weighted_over_all_includes_imputed_modalities():
+    """``weighted_over="all"``: omega and the weighted average run over all M modalities (absent ones through
+    their imputed v'); mask [a, c] present, q = max prob: omega_b = [(1 - q_a)(1 - q_c)]^(0.5 / 2)."""
+    torch.manual_seed(0)
+    model = tiny_model(weighted_over="all").eval()
+    mask = torch.tensor([[True, False, True]])
+    with torch.no_grad():
+        out = model.forward_outputs(tiny_batch(1), mask)
+    probs, q = out.aux["modality_probs"][0], out.aux["modality_probs"][0].amax(-1)
+    omega = [float(((1 - q[1]) * (1 - q[2])) ** 0.25), float(((1 - q[0]) * (1 - q[2])) ** 0.25)]
+    omega.append(float(((1 - q[0]) * (1 - q[1])) ** 0.25))
+    assert out.aux["omega"][0].tolist() == pytest.approx(omega, rel=1e-5)
+    weighted = sum(o * probs[i] for i, o in enumerate(omega)) / sum(omega)
+    torch.testing.assert_close(out.aux["weighted_probs"][0], weighted)
+    present = tiny_model().eval()
+    present.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert present.forward_outputs(tiny_batch(1), mask).aux["omega"][0, 1].item() == 0.0  # default: present only

@@ -824,7 +824,10 @@ def method_figures(
     Returns:
         Files written (empty for methods without extra outputs).
     """
-    if method_name != "qmf":
+    from medfusion.fusion.recipes import RECIPES
+
+    recipe = RECIPES.get(method_name)
+    if recipe is None or recipe.head != "qmf":  # qmf and its ablations (e.g. qmf_no_detach)
         return []
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

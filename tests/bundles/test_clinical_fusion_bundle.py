@@ -108,6 +108,29 @@ def test_recipe_context_routing():
 
 
 # ---------------------------------------------------------------- bundle
+@pytest.mark.parametrize(
+    ("method", "extra", "check"),
+    [
+        ("late_modality_ce", {}, lambda net, m: net.head_name == "late" and m.modality_loss_weight == 1.0),
+        ("qmf_no_detach", {}, lambda net, m: not net.head.detach_weights and net.head.num_samples == 38),
+        ("omnifuse_no_imputation", {}, lambda net, m: net.head.imputation == "off"),
+        ("metakd_uniform_kd", {}, lambda net, m: m.kd_weights == "uniform" and m.handlers() == []),
+        (
+            "metakd_fixed_kd",
+            {"method_kwargs": {"kd_weights": {"ehr": 2.0, "cxr": 1.0, "report": 1.0}}},
+            lambda net, m: round(m.state.as_dict()["ehr"], 6) == 0.5,
+        ),
+    ],
+)
+def test_ablation_recipes_are_selected_by_method_name(cohort, tmp_path, method, extra, check):
+    dirs = {"ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "runs")}
+    wf = bundle_workflow(
+        BUNDLE, ["train.json"], "train", {**TINY, **dirs, "dataset_dir": str(cohort), "method_name": method, **extra}
+    )
+    wf.initialize()
+    assert check(wf.parser.get_parsed_content("network"), wf.parser.get_parsed_content("method"))
+
+
 def test_metadata_validates_offline():
     if not SCHEMA.is_file():
         pytest.skip(f"MONAI metadata schema not found at {SCHEMA}")
@@ -129,7 +152,7 @@ def test_check_properties(cohort, tmp_path):
     assert not inf.check_properties()
 
 
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", list_methods(include_ablations=False))
 def test_every_method_trains_and_evaluates_all_7_combinations(cohort, tmp_path, method, request):
     if method == "qmf":  # trained once, shared with the QMF/inference tests
         tmp_path = request.getfixturevalue("trained_qmf")
@@ -190,7 +213,7 @@ def test_inference_writes_probabilities_for_a_combination(cohort, trained_qmf, t
     np.testing.assert_allclose(out.set_index("case_id")["prob_1"].loc[ref.index], ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", list_methods(include_ablations=False))
 def test_manifest_layout_four_modalities_15_combinations(cohort, tmp_path, method):
     extra = {"method_kwargs": {"meta_interval": 1, "meta_steps": 2}} if method == "metakd" else {}
     summary = _train_eval(cohort, tmp_path, method, {**MANIFEST, **extra})

@@ -18,6 +18,12 @@ std ``--ehr_std_per_eps``*eps on the standardised continuous columns). ``--noise
   * Pearson r between QMF's per-sample fusion weight w_m and the per-sample CE of modality m's own logits
     (per modality and pooled over modalities; per seed, then mean +- SE); the same for OmniFuse's omega_m;
     late fusion's weights are constant (1/M) -> r undefined (n/a); MetaKD's IWV is global -> n/a.
+  * QMF (weights detached in the fusion, the library default) against ``late_modality_ce`` (late fusion trained
+    with the same per-modality cross-entropy, its fair baseline) and ``qmf_no_detach`` (gradient through the weights,
+    the earlier default), paired per seed; on the clean test set each QMF network's logit level per modality (mean
+    logsumexp of z_m, = 10 w_m) and its AUROC with energy weights vs equal weights (sum of the modality logits).
+  * Every arm's training losses over the last epoch (``final_losses``), so the ablations can be seen exercised
+    (e.g. OmniFuse's imputation loss L_fw, MetaKD's KD share and how far its weights moved).
 
 Missingness protocol (OmniFuse): per-modality missing rate r in --missing_rates: each (sample, modality) is
 dropped independently with probability r by a seeded numpy generator at load time (mask + zeroed input, train
@@ -25,8 +31,9 @@ AND test); when all three are dropped one uniformly chosen modality is restored 
 slightly below r, reported). Rate 0 reuses the noise protocol's clean-trained models (identical setup).
 Reported: AUROC on the test set masked at the same rate, and AUROC per modality combination on the
 full-modality test set (each sample evaluated under all 7 combinations) with the mean over combinations.
-Arms: concat, OmniFuse full, OmniFuse without imputation (``omnifuse_noimpute``: ``OmniFuseHead(impute=False)``;
-``OmniFuseMethod`` then drops L_fw/L_bw), QMF, MetaKD; rates 0, 10, ..., 90 % by default; seeds
+Arms: concat, OmniFuse full, OmniFuse without imputation (``omnifuse_no_imputation``, the architecture-preserving
+ablation ``OmniFuseHead(impute="off")``: same predictor and joint head, classifiers on the observed embeddings, no
+L_fw/L_bw), QMF, MetaKD; rates 0, 10, ..., 90 % by default; seeds
 ``--missing_seeds`` (default: ``--seeds``). "One modality missing at a time" (test-time variant): every model of
 the sweep is also evaluated with ONLY modality m dropped, from each test sample w.p. r, for each m (the limit
 "m removed from every sample" is the two-modality combination column). The paired difference OmniFuse full -
@@ -82,7 +89,7 @@ from medfusion.data.synth_clinical import write_clinical_cohort
 from medfusion.engines.trainer import build_trainer
 from medfusion.evaluation.classification import classification_metrics, predict_combinations
 from medfusion.fusion.meta_fusion_stages import attach_head, default_grids, extract_features, fit_meta_fusion
-from medfusion.fusion.recipes import create_method
+from medfusion.fusion.recipes import create_method, default_head_kwargs, head_name
 from medfusion.modality import Keys, all_combination_masks, combination_name, combinations
 from medfusion.models.classifier import Classifier
 
@@ -95,17 +102,20 @@ NOISE_ARMS = [
     "report_only",
     "concat",
     "late",
+    "late_modality_ce",
     "mean_features",
     "qmf",
+    "qmf_no_detach",
     "omnifuse",
-    "omnifuse_noimpute",
+    "omnifuse_no_imputation",
     "metakd",
 ]
-MISSING_ARMS = ["concat", "omnifuse", "omnifuse_noimpute", "qmf", "metakd"]
+"""Arm names = recipe names of ``medfusion.fusion.recipes`` (``<modality>_only`` = concat on one modality)."""
+MISSING_ARMS = ["concat", "omnifuse", "omnifuse_no_imputation", "qmf", "metakd"]
 META = "meta_fusion"  # fitted on the concat arm's encoders (stages (b)-(d)); not trained by ``train_arm``
-META_VERSION = "mf-v1"
+META_VERSION = "mf-v2"  # v2: rho chosen on the selected ensemble's validation loss
 LOADS: list[dict[str, Any]] = []
-CACHE_VERSION = "b2-v2"
+CACHE_VERSION = "b2-v3"  # v3: QMF weights detached, MetaKD meta_steps, omnifuse_no_imputation, recipe names
 
 
 def record_load(phase: str) -> None:
@@ -212,46 +222,96 @@ def encoder_specs(args: argparse.Namespace, t_steps: int) -> dict[str, dict[str,
     }
 
 
+class LossRecorder:
+    """Ignite handler keeping every iteration's scalar losses (``engine.state.output``)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        out = engine.state.output or {}
+        self.rows.append({k: float(v) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1})
+
+
 def train_arm(arm, data, args, seed, mask=None, val_mask=None):
-    """Train one arm; returns (network, modalities, seconds, method)."""
+    """Train one arm (recipe name, or ``<modality>_only``); returns (network, modalities, seconds, method, losses).
+
+    ``losses``: mean of every logged loss over the last epoch.
+    """
     torch.manual_seed(seed)
     np.random.seed(seed)
     t_steps = data["train"]["ehr"].shape[1]
     specs = encoder_specs(args, t_steps)
-    head_kwargs: dict[str, Any] = {}
-    if arm.endswith("_only"):
-        mods, head, method_name = (arm[: -len("_only")],), "concat", "concat"
-    elif arm == "omnifuse_noimpute":
-        # OmniFuse without imputation: no CRA (v' = v); OmniFuseMethod then skips L_fw / L_bw by itself.
-        mods, head, method_name = MODS, "omnifuse", "omnifuse"
-        head_kwargs["impute"] = False
-    else:
-        mods, head, method_name = MODS, arm, arm
+    recipe = "concat" if arm.endswith("_only") else arm
+    mods = (arm[: -len("_only")],) if arm.endswith("_only") else MODS
     n_train = int(data["train"][Keys.LABEL].shape[0])
-    if head == "qmf":
-        head_kwargs["num_samples"] = n_train
-    net = Classifier({m: specs[m] for m in mods}, head=head, num_classes=2, head_kwargs=head_kwargs)
+    net = Classifier(
+        {m: specs[m] for m in mods},
+        head=head_name(recipe),
+        num_classes=2,
+        head_kwargs=default_head_kwargs(recipe, n_train),
+    )
     loader = TensorBatches(data["train"], mods, args.batch_size, shuffle=True, seed=seed, mask=mask)
     kw: dict[str, Any] = {}
-    if method_name == "omnifuse":
+    if recipe.startswith("omnifuse"):
         kw = {"seed": seed}
-    elif method_name == "metakd":
+    elif recipe.startswith("metakd"):
         kw = {
-            "alpha": args.metakd_alpha,
+            "alpha": args.metakd_alpha if recipe != "metakd_no_kd" else 0.0,
             "meta_loader": TensorBatches(data["val"], MODS, args.batch_size, shuffle=True, seed=seed + 1),
             "meta_interval": args.meta_interval,
+            "meta_steps": args.meta_steps,
             "seed": seed,
         }
-    elif method_name == "qmf":
+    elif recipe.startswith("qmf"):
         kw = {"lam": args.qmf_lambda}
-    method = create_method(method_name, mods, kw)
+    method = create_method(recipe, mods, kw)
+    recorder = LossRecorder()
     trainer = build_trainer(
-        net, method, loader, max_epochs=args.epochs, lr=args.lr, device="cpu", log_every=10**9, epoch_length=len(loader)
+        net,
+        method,
+        loader,
+        max_epochs=args.epochs,
+        lr=args.lr,
+        device="cpu",
+        log_every=10**9,
+        epoch_length=len(loader),
+        handlers=[recorder],
     )
     logging.getLogger("medfusion.train").setLevel(logging.WARNING)
     t0 = time.time()
     trainer.run()
-    return net.eval(), mods, time.time() - t0, method
+    last = recorder.rows[-len(loader) :]
+    losses = {k: float(np.mean([r[k] for r in last if k in r])) for k in (last[0] if last else {})}
+    return net.eval(), mods, time.time() - t0, method, losses
+
+
+def qmf_levels(net, batches: TensorBatches) -> dict[str, Any]:
+    """A QMF network on a clean set: logit level per modality (mean logsumexp z_m), mean weight, and the AUROC
+    with the energy weights vs equal weights (softmax of the sum of the present modalities' logits)."""
+    lse, weights, eq, probs, labels = [], [], [], [], []
+    with torch.no_grad():
+        for b in batches:
+            out = net.forward_outputs({m: b[m] for m in batches.mods}, b[Keys.MASK])
+            z = torch.stack([out.aux["modality_logits"][m] for m in batches.mods], 1).float()  # [B, M, K]
+            lse.append(torch.logsumexp(z, -1))
+            weights.append(out.aux["weights"].float())
+            eq.append(torch.softmax(z.sum(1), -1)[:, 1])
+            probs.append(torch.softmax(out.logits.float(), 1)[:, 1])
+            labels.append(b[Keys.LABEL].long())
+    lse_all, w_all = torch.cat(lse), torch.cat(weights)
+    y = torch.cat(labels).numpy()
+    return {
+        "logit_level": {m: float(lse_all[:, j].mean()) for j, m in enumerate(batches.mods)},
+        "mean_weight": {m: float(w_all[:, j].mean()) for j, m in enumerate(batches.mods)},
+        "auroc_energy_weights": metrics(torch.cat(probs).numpy(), y)["auroc"],
+        "auroc_equal_weights": metrics(torch.cat(eq).numpy(), y)["auroc"],
+    }
 
 
 @torch.no_grad()
@@ -339,7 +399,7 @@ def cache_root(args: argparse.Namespace) -> Path | None:
         return None
     keys = (
         "samples cohort_seed image_size max_length ehr_timestep cnn_width epochs batch_size lr qmf_lambda "
-        "metakd_alpha meta_interval eps noise_draws ehr_std_per_eps"
+        "metakd_alpha meta_interval meta_steps eps noise_draws ehr_std_per_eps"
     ).split()
     blob = json.dumps({"version": CACHE_VERSION, **{k: getattr(args, k) for k in keys}}, sort_keys=True)
     return args.data / "b2_runs" / hashlib.sha1(blob.encode()).hexdigest()[:12]
@@ -426,6 +486,9 @@ def fit_meta_fusion_arm(
     choices = {
         "rho": float(s["rho"]),
         "rho_scores": [float(v) for v in s["rho_scores"]],
+        "rho_criterion": s["rho_criterion"],
+        "rho_ties": s["rho_ties"],
+        "rho_report": head.meta.rho_report,
         "n_students": len(s["students"]),
         "n_clusters": int(s["n_clusters"]),
         "n_teachers": len(s["teachers"]),
@@ -649,7 +712,7 @@ def missing_protocol(data, args, rate0: dict[tuple[int, str], dict[str, Any]], c
                     if res is None:
                         check = None
                         if concat_live is None:
-                            net, _, csec, _ = train_arm("concat", data, args, seed, mask=tr_mask)
+                            net, _, csec, _, _ = train_arm("concat", data, args, seed, mask=tr_mask)
                             check = concat_check(net, data, concat_res["row"]["auroc"], te_mask)
                             concat_live = (net, csec)
                         mf_net, choices, sec = fit_meta_fusion_arm(
@@ -669,8 +732,9 @@ def missing_protocol(data, args, rate0: dict[tuple[int, str], dict[str, Any]], c
                     name = f"missing_r{int(round(rate * 100)):02d}_s{seed}_{arm}"
                     res = cache.get(name)
                     if res is None:
-                        net, _, sec, _ = train_arm(arm, data, args, seed, mask=tr_mask)
+                        net, _, sec, _, losses = train_arm(arm, data, args, seed, mask=tr_mask)
                         res = missing_eval(net, data, rate, seed, arm, te_mask, sec)
+                        res["final_losses"] = losses
                         cache.put(name, res)
                         if arm == "concat":
                             concat_live = (net, sec)
@@ -728,7 +792,7 @@ def missing_protocol(data, args, rate0: dict[tuple[int, str], dict[str, Any]], c
             out.append(row)
         return out
 
-    paired = paired_by_rate("omnifuse", "omnifuse_noimpute")
+    paired = paired_by_rate("omnifuse", "omnifuse_no_imputation")
     pdf = pd.DataFrame(paired)
     mf_paired = [] if args.skip_meta_fusion else paired_by_rate(META, "concat")
     if not args.skip_meta_fusion:
@@ -738,7 +802,7 @@ def missing_protocol(data, args, rate0: dict[tuple[int, str], dict[str, Any]], c
         "per_combination_raw": cdf.to_dict(orient="records"),
         "one_at_a_time_raw": sgl.to_dict(orient="records"),
         "summary": sdf.to_dict(orient="records"),
-        "omnifuse_minus_noimpute": pdf.to_dict(orient="records"),
+        "omnifuse_minus_no_imputation": pdf.to_dict(orient="records"),
         "effective_missingness": eff,
     }
     return sdf, combo_names, pd.DataFrame(eff), pdf, pd.DataFrame(mf_paired)
@@ -785,7 +849,7 @@ def plot_missing(sdf: pd.DataFrame, path: Path) -> None:
                 marker="o",
                 ms=3,
                 capsize=2,
-                ls="--" if arm == "omnifuse_noimpute" else "-",
+                ls="--" if arm == "omnifuse_no_imputation" else "-",
                 label=arm,
             )
         ax.set_xlabel("training missing rate per modality (%)")
@@ -816,7 +880,7 @@ def plot_single(sdf: pd.DataFrame, path: Path) -> None:
                 marker="o",
                 ms=3,
                 capsize=2,
-                ls="--" if arm == "omnifuse_noimpute" else "-",
+                ls="--" if arm == "omnifuse_no_imputation" else "-",
                 label=arm,
             )
         ax.set_xlabel("missing rate r (%)")
@@ -854,6 +918,79 @@ def plot_noise(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def qmf_md(args: argparse.Namespace, extras: list[dict[str, Any]], noise_rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: QMF vs its fair baseline and vs the non-detached variant (paired), and what its weights did."""
+    per_seed = pd.DataFrame(noise_rows).groupby(["arm", "eps", "seed"])["auroc"].mean().sort_index()
+    L = [
+        "### QMF against late fusion with the same per-modality loss, and the fusion-weight detach",
+        "",
+        "Paired AUROC differences (points; per-seed mean over draws, then mean ± SE over seeds; seeds > 0). "
+        "`late_modality_ce` trains late fusion with QMF's per-modality cross-entropy (weight 1), so qmf − "
+        "late_modality_ce isolates the energy weighting (+ ranking regulariser); qmf − qmf_no_detach isolates the "
+        "detach of the weights in the fused prediction.",
+        "",
+        "| eps | qmf − late_modality_ce | seeds > 0 | qmf − qmf_no_detach | seeds > 0 | late_modality_ce − late "
+        "| seeds > 0 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    paired = []
+    for e in args.eps:
+        cells, row = [], {"eps": e}
+        for a, b in (("qmf", "late_modality_ce"), ("qmf", "qmf_no_detach"), ("late_modality_ce", "late")):
+            st = paired_stats(per_seed, a, b, e)
+            row[f"{a}-{b}"] = st
+            cells += [fmt(st["mean"], st["se"]), f"{st['positive_seeds']}/{st['seeds']}"]
+        paired.append(row)
+        L.append(f"| {e:g} | " + " | ".join(cells) + " |")
+    L += [
+        "",
+        "Each QMF network on the clean test set (mean over seeds): logit level per modality = mean logsumexp(z_m) "
+        "(= 10 w_m), and the AUROC of the same network fused with its energy weights vs with equal weights (sum of "
+        "the modality logits). With gradient through the weights the fused loss can be lowered by raising one "
+        "modality's logit level.",
+        "",
+        "| arm | " + " | ".join(f"level {m}" for m in MODS) + " | AUROC energy weights | AUROC equal weights |",
+        "|---|" + "---|" * (len(MODS) + 2),
+    ]
+    for arm in ("qmf", "qmf_no_detach"):
+        rows = [e["qmf"] for e in extras if e["arm"] == arm and "qmf" in e]
+        if not rows:
+            continue
+        lv = {m: mean_se([r["logit_level"][m] for r in rows]) for m in MODS}
+        en, eq = mean_se([r["auroc_energy_weights"] for r in rows]), mean_se([r["auroc_equal_weights"] for r in rows])
+        L.append(f"| {arm} | " + " | ".join(fmt(*lv[m], scale=1.0) for m in MODS) + f" | {fmt(*en)} | {fmt(*eq)} |")
+    return L + [""], paired
+
+
+def exercised_md(extras: list[dict[str, Any]]) -> list[str]:
+    """Markdown: every trained arm's losses over its last epoch (mean over seeds), to show each was exercised."""
+    L = [
+        "### Were the methods exercised? Training losses over the last epoch (mean over seeds)",
+        "",
+        "| arm | losses (last epoch) | other |",
+        "|---|---|---|",
+    ]
+    for arm in NOISE_ARMS:
+        rows = [e for e in extras if e["arm"] == arm and "final_losses" in e]
+        if not rows:
+            continue
+        keys = list(rows[0]["final_losses"])
+        cells = ", ".join(f"{k} {np.mean([r['final_losses'].get(k, np.nan) for r in rows]):.3f}" for k in keys)
+        other = ""
+        if arm.startswith("metakd") and "iwv" in rows[0]:
+            dev = np.mean([max(abs(v - 1 / len(MODS)) for v in r["iwv"].values()) for r in rows])
+            kd = np.mean([r["final_losses"].get("kd_loss", 0.0) for r in rows])
+            task = np.mean([r["final_losses"].get("task_loss", np.nan) for r in rows])
+            other = (
+                f"alpha·KD / task {0.1 * kd / task:.3f}; max abs(softmax(w) − 1/3) {dev:.3f}; meta steps "
+                f"{int(np.mean([r.get('meta_steps', 0) for r in rows]))}"
+            )
+        if arm.startswith("omnifuse") and "fw_loss" in keys:
+            other = "imputation losses off" if np.mean([r["final_losses"]["fw_loss"] for r in rows]) == 0 else ""
+        L.append(f"| {arm} | {cells} | {other} |")
+    return L + [""]
+
+
 def meta_fusion_md(args: argparse.Namespace, results: dict[str, Any], mf_noise: pd.DataFrame) -> list[str]:
     """Markdown: what Meta Fusion chose per (protocol, rate) and seed, and its paired noise difference to concat."""
     ch = pd.DataFrame(results["meta_fusion"]["choices"])
@@ -880,6 +1017,16 @@ def meta_fusion_md(args: argparse.Namespace, results: dict[str, Any], mf_noise: 
             + ", ".join(f"{int(a)}/{int(b)}" for a, b in zip(part["committee_size"], part["committee_distinct"]))
             + " |"
         )
+    if "rho_report" in ch:
+        counter = rho_counterfactual(ch)
+        L += [
+            "",
+            f"rho rule: chosen on the validation loss of the selected ensemble (`rho_criterion="
+            f"{ch['rho_criterion'].iloc[0]}`). Over the {len(ch)} fits: rho > 0 chosen {counter['chosen_positive']}x; "
+            f"ties reported {counter['ties']}x; the public package's rule (teachers' mean validation loss) would "
+            f"have chosen rho > 0 {counter['teachers_positive']}x and tied {counter['teachers_ties']}x (fits with one "
+            f"teacher: {counter['one_teacher']}); the two rules agree in {counter['agree']}/{len(ch)} fits.",
+        ]
     checks = results["meta_fusion"]["concat_checks"]
     if checks:
         same = sum(bool(c["identical"]) for c in checks)
@@ -902,6 +1049,26 @@ def meta_fusion_md(args: argparse.Namespace, results: dict[str, Any], mf_noise: 
             f"{int(r['diff_auroc_positive_seeds'])} |"
         )
     return L + [""]
+
+
+def rho_counterfactual(ch: pd.DataFrame) -> dict[str, int]:
+    """How often rho > 0 was chosen, ties, and what the teachers' rule would have chosen from the same cohorts."""
+    from medfusion.fusion.meta_fusion import choose_rho
+
+    teach_pos = teach_ties = agree = 0
+    for _, r in ch.iterrows():
+        t_rho, tied = choose_rho(r["rho_report"], "teachers")
+        teach_pos += int(t_rho > 0)
+        teach_ties += int(len(tied) > 1)
+        agree += int(t_rho == r["rho"])
+    return {
+        "chosen_positive": int((ch["rho"] > 0).sum()),
+        "ties": int(sum(len(t) > 1 for t in ch["rho_ties"])),
+        "teachers_positive": teach_pos,
+        "teachers_ties": teach_ties,
+        "one_teacher": int((ch["n_teachers"] == 1).sum()),
+        "agree": agree,
+    }
 
 
 def _sig(mean: float, se: float) -> str:
@@ -1007,7 +1174,7 @@ def reading(args, nsum, csum, wsum, msum, paired, results, mf_noise=None, mf_mis
                 + " (a quality-aware weight should DROP on noisy samples)."
             )
     if not csum.empty:
-        for arm in ("qmf", "omnifuse", "omnifuse_noimpute"):
+        for arm in ("qmf", "qmf_no_detach", "omnifuse", "omnifuse_no_imputation"):
             part = csum[(csum["arm"] == arm) & (csum["eps"] == emax)]
             if len(part):
                 r = part.iloc[0]
@@ -1046,7 +1213,8 @@ def reading(args, nsum, csum, wsum, msum, paired, results, mf_noise=None, mf_mis
             sig_pos = int((pos[f"diff_{k}_mean"] > 2 * pos[f"diff_{k}_se"]).sum())
             sig_neg = int((pos[f"diff_{k}_mean"] < -2 * pos[f"diff_{k}_se"]).sum())
             L.append(
-                f"* Imputation (omnifuse − omnifuse_noimpute), {label}: mean over r>0 {100 * d.mean():+.1f} points; "
+                f"* Imputation (omnifuse − omnifuse_no_imputation), {label}: mean over r>0 {100 * d.mean():+.1f} "
+                "points; "
                 f"positive at {int((d > 0).sum())}/{len(d)} rates; beyond +2 SE at {sig_pos}, beyond −2 SE at "
                 f"{sig_neg} rates. At r=0: {100 * float(paired[paired['rate'] == 0][f'diff_{k}_mean'].iloc[0]):+.1f}."
             )
@@ -1091,6 +1259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qmf_lambda", type=float, default=0.1)
     p.add_argument("--metakd_alpha", type=float, default=0.1)
     p.add_argument("--meta_interval", type=int, default=10)
+    p.add_argument("--meta_steps", type=int, default=20, help="MetaKD meta steps per meta update")
     p.add_argument("--eps", type=float, nargs="+", default=[0.0, 5.0, 10.0])
     p.add_argument("--noise_draws", type=int, default=3)
     p.add_argument("--ehr_std_per_eps", type=float, default=0.2)
@@ -1183,13 +1352,16 @@ def main(argv: list[str] | None = None) -> int:
             models: dict[str, tuple[Any, tuple[str, ...]]] = {}
             unit = {"extras": [], "rate0": {}}
             for arm in NOISE_ARMS:
-                net, mods, sec, method = train_arm(arm, data, args, seed)
+                net, mods, sec, method, losses = train_arm(arm, data, args, seed)
                 models[arm] = (net, mods)
                 pr = predict(net, TensorBatches(data["test"], mods, 256))
                 m = metrics(pr["prob"], pr["label"])
-                row = {"seed": seed, "arm": arm, "train_s": sec, **m}
-                if arm == "metakd":
+                row = {"seed": seed, "arm": arm, "train_s": sec, **m, "final_losses": losses}
+                if arm.startswith("metakd"):
                     row["iwv"] = method.state.as_dict()
+                    row["meta_steps"] = int(method.state.meta_steps)
+                if arm.startswith("qmf"):
+                    row["qmf"] = qmf_levels(net, TensorBatches(data["test"], mods, 256))
                 if arm.startswith("omnifuse"):
                     head = net.head
                     row["lazy_combination"] = (
@@ -1218,7 +1390,7 @@ def main(argv: list[str] | None = None) -> int:
             if mf_unit is None:
                 check = None
                 if concat_live is None:  # concat cached, network gone: retrain it (same seed -> same network)
-                    net, _, csec, _ = train_arm("concat", data, args, seed)
+                    net, _, csec, _, _ = train_arm("concat", data, args, seed)
                     cached = next(r["auroc"] for r in unit["extras"] if r["arm"] == "concat")
                     check = concat_check(net, data, cached, None)
                     concat_live = (net, csec)
@@ -1289,9 +1461,11 @@ def main(argv: list[str] | None = None) -> int:
         f"[{data['train']['ehr'].shape[1]}, 76] (2 h bins, standardised), CXR ResNet10-2D (widen "
         f"{args.cnn_width}) at {args.image_size}², report bert_tiny (random init, {args.max_length} tokens). "
         f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}, no augmentation; QMF lambda "
-        f"{args.qmf_lambda}; MetaKD alpha {args.metakd_alpha}, meta step every {args.meta_interval} iterations on "
+        f"{args.qmf_lambda}; MetaKD alpha {args.metakd_alpha}, meta update every {args.meta_interval} iterations on "
         f"the val split, uniform modality dropout (its recipe); OmniFuse library defaults (its own simulated "
-        f"missingness, TLA mining every epoch), omnifuse_noimpute the same with `impute=False`. "
+        f"missingness, TLA mining every epoch), omnifuse_no_imputation the same with `impute='off'`; "
+        f"late_modality_ce = late fusion + the per-modality CE of QMF (weight 1); qmf_no_detach = QMF with gradient "
+        f"through its weights in the fusion; MetaKD {args.meta_steps} meta steps per update. "
         + (
             ""
             if args.skip_meta_fusion
@@ -1370,8 +1544,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['mean_weight_noisy']:.3f} |"
         )
     iwv = [e["iwv"] for e in extras if "iwv" in e]
-    lazy = {a: [e.get("lazy_combination") for e in extras if e["arm"] == a] for a in ("omnifuse", "omnifuse_noimpute")}
+    lazy = {
+        a: [e.get("lazy_combination") for e in extras if e["arm"] == a] for a in ("omnifuse", "omnifuse_no_imputation")
+    }
     L += ["", f"MetaKD learned IWV per seed: {iwv}. OmniFuse final lazy combination per seed: {lazy}.", ""]
+    qmf_lines, qmf_paired = qmf_md(args, extras, noise_raw["rows"])
+    results["qmf_paired"] = qmf_paired
+    L += qmf_lines
+    L += exercised_md(extras)
     if not args.skip_meta_fusion:
         L += meta_fusion_md(args, results, mf_noise)
     if msum is not None:
@@ -1388,9 +1568,11 @@ def main(argv: list[str] | None = None) -> int:
                 for r, g in eff.groupby("rate")
             )
             + ". Rate 0 reuses the clean-trained models of the noise protocol. AUROC in %, mean ± SE over seeds. "
-            "`omnifuse_noimpute` = `OmniFuseHead(impute=False)` (no CRA: an absent modality keeps its zero-input "
-            "embedding, the joint classifier reads the concatenated v; `OmniFuseMethod` drops L_fw/L_bw), otherwise "
-            "identical to `omnifuse` (same seeds, masks, simulated missingness, TLA).",
+            "`omnifuse_no_imputation` = `OmniFuseHead(impute='off')`: the same predictor with the same initial "
+            "weights (projections, forward CRA, classifiers, joint head on the CRA codes), but the per-modality "
+            "classifiers and the weighted average read the observed embeddings (an absent modality keeps its "
+            "zero-input embedding) and L_fw/L_bw are off; otherwise identical to `omnifuse` (same seeds, masks, "
+            "simulated missingness, TLA).",
             "",
             "| arm | rate | AUROC masked test | AUROC mean of 7 combos (full test) | " + " | ".join(combo_names) + " |",
             "|---|---|---|---|" + "---|" * len(combo_names),
@@ -1424,7 +1606,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "### OmniFuse with vs without imputation (paired: same seed, same masks)",
             "",
-            "Difference omnifuse − omnifuse_noimpute in AUROC points, mean ± SE over seeds, and the number of seeds "
+            "Difference omnifuse − omnifuse_no_imputation in AUROC points, mean ± SE over seeds, and the number of "
+            "seeds "
             "with a positive difference.",
             "",
             "| rate | seeds | masked test | seeds > 0 | mean of 7 combos | seeds > 0 | one-at-a-time mean "

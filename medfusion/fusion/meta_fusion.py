@@ -55,6 +55,7 @@ __all__ = [
     "early_fusion_spec",
     "late_fusion_spec",
     "select_teachers_kmeans",
+    "choose_rho",
     "mutual_learning_loss",
     "ensemble_selection",
     "Student",
@@ -68,6 +69,7 @@ EXTRACTOR_KINDS: tuple[str, ...] = ("null", "identity", "pca", "slice", "mlp")
 
 RULES: tuple[str, ...] = (
     "ensemble",
+    "ensemble_screen",
     "best_single",
     "best_single_screen",
     "average",
@@ -678,6 +680,7 @@ class MetaFusion(nn.Module):
         # per rho of the last mutual_learning run (not checkpointed): its score under every criterion
         self.rho_report: list[dict[str, float]] = []
         self.register_buffer("committee", torch.zeros(s, dtype=torch.long))
+        self.register_buffer("screen_committee", torch.zeros(s, dtype=torch.long))
         self.register_buffer("stack_fill", torch.zeros(s, k_in))
         self.register_buffer("stack_coef", torch.zeros(s * k_in, k))
         self.register_buffer("stack_intercept", torch.zeros(k))
@@ -956,8 +959,7 @@ class MetaFusion(nn.Module):
         if not grid or any(r < 0 for r in grid):
             raise ValueError(f"MetaFusion.mutual_learning rho_grid: expected rho >= 0 values, got {list(grid)}.")
         teachers = self.teacher_weights > 0
-        best_score, best_rho, best_state, best_losses = math.inf, 0.0, None, None
-        scores, report = [], []
+        states, all_losses, report = [], [], []
         for rho in grid:
             if rho == 0.0:
                 cohort, losses = self.screen_students, self.screen_val_loss.clone()
@@ -972,25 +974,23 @@ class MetaFusion(nn.Module):
                 "ensemble": self._selected_ensemble(cohort, losses, val)[1],
             }
             report.append(row)
-            score = row[self.rho_criterion]
-            scores.append(score)
-            logger.info("meta fusion: rho=%s score=%.6g (%s)", rho, score, self.rho_criterion)
-            if best_state is None or score < best_score:
-                best_score, best_rho, best_losses = score, rho, losses
-                best_state = copy.deepcopy(cohort.state_dict())
-        assert best_state is not None and best_losses is not None
-        ties = _tied(grid, scores)
+            states.append(copy.deepcopy(cohort.state_dict()))
+            all_losses.append(losses)
+            logger.info("meta fusion: rho=%s score=%.6g (%s)", rho, row[self.rho_criterion], self.rho_criterion)
+        best_rho, ties = choose_rho(report, self.rho_criterion)
+        scores = [r[self.rho_criterion] for r in report]
+        best = grid.index(best_rho)
         if len(ties) > 1:
             logger.warning(
                 "meta fusion: rho values %s tie on the %s score %.6g; keeping the smallest, %s",
                 ties,
                 self.rho_criterion,
-                best_score,
+                scores[best],
                 best_rho,
             )
         self.rho_report = report
-        self.students.load_state_dict(best_state)
-        self.val_loss.copy_(best_losses)
+        self.students.load_state_dict(states[best])
+        self.val_loss.copy_(all_losses[best])
         self.rho.fill_(best_rho)
         if len(grid) == len(self.rho_grid):
             self.rho_scores.copy_(torch.tensor(scores))
@@ -1026,6 +1026,9 @@ class MetaFusion(nn.Module):
     def select_ensemble(self, val: MetaFusionData | Sequence[Any]) -> torch.Tensor:
         """Stage (d): Caruana ensemble selection and the stacking fit on validation predictions.
 
+        The same selection also runs over the screened cohort (rho = 0, no mutual learning) into
+        ``screen_committee``: rule ``"ensemble_screen"``, the ablation "Meta Fusion without mutual learning".
+
         Args:
             val: validation split.
 
@@ -1036,6 +1039,7 @@ class MetaFusion(nn.Module):
         val = self._check_data(val, "val")
         counts, _, preds, avail = self._selected_ensemble(self.students, self.val_loss, val)
         self.committee.copy_(counts)
+        self.screen_committee.copy_(self._selected_ensemble(self.screen_students, self.screen_val_loss, val)[0])
         self._fit_stacking(preds, avail, val.y)
         self._set_stage("ensembled")
         logger.info("meta fusion committee: %s", self.committee_summary())
@@ -1143,7 +1147,8 @@ class MetaFusion(nn.Module):
         """Aggregated prediction with the given rule, using only the students each sample can feed.
 
         Rules (see :data:`RULES`): ``ensemble`` (committee weighted by multiplicity, restricted per sample to
-        available members, else the best available student), ``best_single`` / ``best_single_screen`` (the
+        available members, else the best available student), ``ensemble_screen`` (the same selection over the
+        screened cohort: Meta Fusion without mutual learning), ``best_single`` / ``best_single_screen`` (the
         best available student by validation loss after / without mutual learning), ``average``,
         ``weighted_average`` (weights ``1 / validation loss``), ``stacking`` (logistic / ridge on student
         predictions, unavailable ones replaced by the student's mean validation prediction),
@@ -1168,12 +1173,16 @@ class MetaFusion(nn.Module):
             raise ValueError(f"MetaFusion.predict rule: expected one of {list(RULES)}, got {rule!r}.")
         if rule in ("majority_vote", "weighted_vote") and self.task != "classification":
             raise ValueError(f"MetaFusion.predict rule {rule!r}: votes need task='classification'.")
-        self._check_stage("ensembled" if rule in ("ensemble", "stacking") else "screened", f"predict(rule={rule!r})")
+        ensembled = ("ensemble", "ensemble_screen", "stacking")
+        self._check_stage("ensembled" if rule in ensembled else "screened", f"predict(rule={rule!r})")
         mask = self._check_inputs(x, mask)
         avail = self.availability(mask)
-        if rule == "best_single_screen":
+        if rule in ("best_single_screen", "ensemble_screen"):
             preds = self._as_pred(self.student_outputs(x, mask, self.screen_students))
-            out = _combine(preds, avail, torch.zeros(len(self.cohort)), self._fallback_order(self.screen_val_loss))
+            w = torch.zeros(len(self.cohort))
+            if rule == "ensemble_screen":
+                w = self.screen_committee.float() * self._member_weights(self.screen_val_loss)
+            out = _combine(preds, avail, w, self._fallback_order(self.screen_val_loss))
         else:
             preds = self._as_pred(self.student_outputs(x, mask))
             if rule == "stacking":
@@ -1277,6 +1286,25 @@ class MetaFusion(nn.Module):
             "default_rule": self.default_rule,
             "seed": self.seed,
         }
+
+
+def choose_rho(report: Sequence[Mapping[str, float]], criterion: str = "ensemble") -> tuple[float, list[float]]:
+    """The rho a criterion picks from :attr:`MetaFusion.rho_report` rows, and the rho values tied with it.
+
+    The lowest score wins; scores equal up to a relative 1e-9 tie and the first (smallest) grid value is kept.
+
+    Args:
+        report: rows ``{"rho", "teachers", "cohort", "ensemble"}`` in grid order.
+        criterion: one of :data:`RHO_CRITERIA`.
+
+    Returns:
+        ``(chosen rho, tied rho values)``; ``(first rho, [])`` when no score is finite.
+    """
+    if criterion not in RHO_CRITERIA:
+        raise ValueError(f"choose_rho criterion: expected one of {list(RHO_CRITERIA)}, got {criterion!r}.")
+    grid = [float(r["rho"]) for r in report]
+    ties = _tied(grid, [float(r[criterion]) for r in report])
+    return (ties[0] if ties else grid[0]), ties
 
 
 def _tied(grid: Sequence[float], scores: Sequence[float]) -> list[float]:

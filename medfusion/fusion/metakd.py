@@ -484,13 +484,19 @@ class MetaStepHandler:
         self._iter = None
 
     def _next_batch(self) -> Mapping[str, Any]:
-        if self._iter is None:
-            self._iter = iter(self.method.meta_loader)  # type: ignore[arg-type]
+        if self._iter is not None:
+            try:
+                return next(self._iter)
+            except StopIteration:
+                pass
+        self._iter = iter(self.method.meta_loader)  # type: ignore[arg-type]
         try:
             return next(self._iter)
         except StopIteration:
-            self._iter = iter(self.method.meta_loader)  # type: ignore[arg-type]
-            return next(self._iter)
+            raise ValueError(
+                "MetaKD: the meta-validation loader yields no batch (empty meta_val split, or fewer cases than "
+                "the batch size with drop_last=True); give it at least one batch or train without the meta step."
+            ) from None
 
     def __call__(self, engine: Any) -> None:
         """Run ``meta_steps`` meta steps with the engine's network."""

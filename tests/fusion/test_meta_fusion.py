@@ -293,12 +293,22 @@ def test_mlp_extractor_is_trainable_and_part_of_the_checkpoint() -> None:
     assert model.committee.tolist() == [1]  # a single student: start with it, re-adding it never improves
 
 
-def test_tied_rho_values() -> None:
-    from medfusion.fusion.meta_fusion import _tied
+def test_choose_rho_and_ties() -> None:
+    from medfusion.fusion.meta_fusion import _tied, choose_rho
 
     assert _tied([0.0, 0.99, 3.0], [0.5, 0.5, 0.7]) == [0.0, 0.99]
     assert _tied([0.0, 0.99, 3.0], [0.5, 0.5 * (1 + 1e-12), 0.4]) == [3.0]
     assert _tied([0.0, 1.0], [math.inf, math.nan]) == []
+    report = [
+        {"rho": 0.0, "teachers": 0.30, "cohort": 0.50, "ensemble": 0.42},
+        {"rho": 0.99, "teachers": 0.30, "cohort": 0.45, "ensemble": 0.40},
+        {"rho": 3.0, "teachers": 0.30 * (1 + 1e-12), "cohort": 0.47, "ensemble": 0.41},
+    ]
+    assert choose_rho(report, "ensemble") == (0.99, [0.99])
+    assert choose_rho(report, "cohort") == (0.99, [0.99])
+    assert choose_rho(report, "teachers") == (0.0, [0.0, 0.99, 3.0])  # one teacher: an exact tie, rho = 0 kept
+    with pytest.raises(ValueError, match="criterion"):
+        choose_rho(report, "best")
 
 
 def test_rho_is_chosen_on_the_selected_ensemble_even_with_one_teacher() -> None:
@@ -327,6 +337,9 @@ def test_rho_is_chosen_on_the_selected_ensemble_even_with_one_teacher() -> None:
     model.select_ensemble(val)
     nll = float(torch.nn.functional.nll_loss(model.predict(val.x, val.mask, rule="ensemble"), val.y))
     assert nll == pytest.approx(min(ens), rel=1e-5)
+    # "ensemble_screen" = the same selection on the screened cohort (no mutual learning): the rho = 0 score
+    nll0 = float(torch.nn.functional.nll_loss(model.predict(val.x, val.mask, rule="ensemble_screen"), val.y))
+    assert nll0 == pytest.approx(ens[0], rel=1e-5) and int(model.screen_committee.sum()) >= 3
     # the public package's rule on the same run: all three rho tie, rho = 0 kept, the tie is reported
     legacy = MetaFusion(**{**model.get_config(), "rho_criterion": "teachers"})
     legacy.load_state_dict(model.state_dict())

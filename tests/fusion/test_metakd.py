@@ -238,6 +238,9 @@ def test_meta_steps_cycle_the_loader_and_log_every_step(tmp_path):
     assert (traj["iteration"] == 7).all() and traj["meta_loss"].notna().all()
     with pytest.raises(ValueError, match="meta_steps"):
         MetaKDMethod(("a", "b"), meta_steps=0)
+    empty = MetaKDMethod(("a", "b", "c"), task="classification", meta_loader=[])
+    with pytest.raises(ValueError, match="meta-validation loader yields no batch"):
+        empty.handlers()[0](SimpleNamespace(network=net, state=SimpleNamespace(iteration=1, device="cpu", metrics={})))
 
 
 def test_uniform_and_fixed_kd_weights_are_constant_and_skip_the_meta_step():

@@ -508,7 +508,8 @@ def main(argv=None):
                 ev.update(method.describe())
                 ratio = kd_weight_matrix(method.state.w)
                 ev["kd_ratio_max"] = float(ratio.max())
-                ev["weights_max_abs_from_uniform"] = float((method.state.weights() - 1 / len(MODS)).abs().max())
+                sm = method.state.weights().detach()
+                ev["weights_max_abs_from_uniform"] = float((sm - 1 / len(MODS)).abs().max())
             ev["seed"] = seed
             evidence[arm].append(ev)
             if arm == "no_kd" and any(ARMS[a].needs_oracle for a in arms):

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         "roi_size": roi,
         "num_workers": 0,
         "cache_rate": 1.0,
-        "method#meta_interval": 5,
+        "method#meta_interval": 25,  # 5 meta steps every 25 iterations: a short run (bundle default 20 every 100)
+        "method#meta_steps": 5,
         "learning_rate": args.lr,
         "val_interval": 5,
         "seed": args.seed,

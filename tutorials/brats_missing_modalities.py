@@ -46,7 +46,9 @@ def train_and_evaluate(dataset: Path, work: Path, cfg: dict, shared_encoder: boo
         "num_workers": 0,
         "cache_rate": 1.0,
         "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.2},
-        "method#meta_interval": 2,
+        # MetaKD: every 10 iterations, 5 Adam steps on the importance weights (bundle default: 100 and 20)
+        "method#meta_interval": 10,
+        "method#meta_steps": 5,
         "network_def#channels": cfg["channels"],
         # %% the ONE switch between a weight-shared encoder and one encoder per modality:
         "network_def#shared_encoder": shared_encoder,

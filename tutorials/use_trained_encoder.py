@@ -62,6 +62,7 @@ def train_tiny(workdir: Path) -> tuple[Path, Path, list[int]]:
             "cache_rate": 1.0,
             "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.2},
             "method#meta_interval": 1,
+            "method#meta_steps": 1,
             "network_def#channels": TINY_CHANNELS,
         },
     )

@@ -58,7 +58,7 @@ meta_fusion - concat (same encoders) is tabulated, and what Meta Fusion chose (r
 
 Usage (results land in benchmarks/results/clinical_b2.{json,md} and figures beside them):
 
-    OMP_NUM_THREADS=1 python benchmarks/clinical_b2.py --seeds 0 1 2 3 4 --missing_seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/clinical_b2.py --seeds 0 1 2 3 4 --missing_seeds 0 1 2 --overwrite
     OMP_NUM_THREADS=1 python benchmarks/clinical_b2.py --quick        # smoke run (tiny, seconds)
 """
 
@@ -1281,12 +1281,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--data", type=Path, default=Path("/tmp/medfusion_bench_clinical"))
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--overwrite", action="store_true", help="replace existing clinical_b2.{md,json} results")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.samples, args.epochs, args.noise_draws = [0], 200, 2, 1
         args.missing_rates = [0.0, 0.6]
         args.missing_seeds = [0]
         args.out = args.out / "quick"
+    if (args.out / "clinical_b2.md").exists() and not args.overwrite:
+        p.error(f"{args.out / 'clinical_b2.md'} exists; pass --overwrite to replace it")
     if args.missing_seeds is None:
         args.missing_seeds = list(args.seeds)
     if not set(args.missing_seeds) <= set(args.seeds):

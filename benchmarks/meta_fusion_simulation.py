@@ -34,7 +34,7 @@ Metric: test MSE, mean (SE) over repetitions; the paper's values (100 repetition
 
 Usage (results land in benchmarks/results/meta_fusion_simulation.{json,md,png}):
 
-    OMP_NUM_THREADS=1 python benchmarks/meta_fusion_simulation.py --reps 10 --workers 2
+    OMP_NUM_THREADS=1 python benchmarks/meta_fusion_simulation.py --reps 10 --workers 2 --overwrite
     OMP_NUM_THREADS=1 python benchmarks/meta_fusion_simulation.py --quick      # smoke: 1 rep, 2 epochs
     OMP_NUM_THREADS=1 python benchmarks/meta_fusion_simulation.py --settings 1.1 2.1 --epochs 5 --reps 3
 """
@@ -556,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, 2 epochs")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default="meta_fusion_simulation", help="output file stem")
+    p.add_argument("--overwrite", action="store_true", help="replace existing results with the same --out/--tag")
     p.add_argument("--render", type=Path, default=None, help="only rewrite the .md/.png from this results .json")
     p.add_argument(
         "--partial",
@@ -580,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         wall = max(r["finished_at"] for r in recs) - head["t0"] if recs else 0.0
         finish(recs, head, wall, args.out / head["tag"], partial=True)
         return 0
+    if (args.out / f"{args.tag}.md").exists() and not args.overwrite:
+        p.error(f"{args.out / args.tag}.md exists; pass --overwrite to replace it")
     if args.quick:
         args.reps, args.epochs = 1, args.epochs or 2
     seeds = list(range(args.first_seed, args.first_seed + args.reps))

@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test demo lint clean orthanc
+.PHONY: install test test-fast demo lint clean orthanc
 
 # Orthanc + its DICOMweb plugin (Debian packages): the real PACS the DICOM pipeline tests run against.
 # Quick no-op when installed; uses sudo when not root. A failed install stops `make test` unless
@@ -41,6 +41,11 @@ orthanc:
 test: $(STAMP) orthanc
 	$(BIN)/ruff check medfusion tests benchmarks tutorials
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# the quick loop while developing: no bundle runs, tutorials, SIGKILL resume, torchrun or PACS tests
+test-fast: $(STAMP)
+	$(BIN)/ruff check medfusion tests benchmarks tutorials
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/python -m medfusion.demo --out $(DEMO_DIR) --overwrite

@@ -19,6 +19,28 @@ SHARED = PROJECT_ROOT.parent / "shared"
 REAL_CASE = SHARED / "data" / "real" / "BraTS2021_00006"
 
 
+#: markers by location: (path fragment relative to tests/, markers). Location decides, so a new test file in
+#: tests/bundles/ is ``slow`` without anyone remembering to mark it.
+_MARKS_BY_PATH: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("bundles/", ("slow",)),
+    ("tutorials/", ("slow",)),
+    ("apps/dicom/", ("slow", "pacs")),
+    ("engines/test_resume.py", ("slow",)),
+    ("multi_gpu", ("slow", "torchrun")),
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests ``slow``/``torchrun``/``pacs`` by where they live (``make test-fast`` deselects ``slow``)."""
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        rel = Path(str(item.fspath)).resolve().relative_to(tests_dir).as_posix()
+        for fragment, marks in _MARKS_BY_PATH:
+            if fragment in rel:
+                for mark in marks:
+                    item.add_marker(getattr(pytest.mark, mark))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

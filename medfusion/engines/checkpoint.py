@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
 
 __all__ = [
     "load_checkpoint",
     "AtomicCheckpointSaver",
+    "ValidationState",
     "find_last_checkpoint",
     "resume_handlers",
     "attach_checkpointing",
@@ -75,6 +76,80 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:
                 ckpt.save_handler._atomic = True  # the DiskSaver flag MONAI sets to False
+
+
+class ValidationState:
+    """What validation remembers between epochs, as one checkpointable object.
+
+    The evaluator's best metric and its epoch, the best-model saver's list of saved scores (without
+    it the first validation after a resume always counts as a new best and overwrites ``model.pt``)
+    and the early-stopping counter and best score. Put it in the trainer's checkpoint
+    (``checkpoint_objects["validation"]``) so a resumed run keeps the same best model as an
+    uninterrupted one.
+
+    Args:
+        evaluator: the validation ``SupervisedEvaluator``.
+        handlers: its handlers (the ``val_handlers`` list); ``CheckpointSaver`` and ``EarlyStopHandler``
+            states are kept, other handlers are ignored. Handlers not attached (ranks > 0 of a
+            multi-process run) are restored harmlessly.
+    """
+
+    def __init__(self, evaluator: Any, handlers: Any = ()) -> None:
+        self.evaluator = evaluator
+        self.handlers = list(handlers or [])
+
+    def _tracked(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for i, handler in enumerate(self.handlers):
+            if isinstance(handler, CheckpointSaver) and handler._key_metric_checkpoint is not None:
+                out[f"{i}_key_metric_saver"] = handler._key_metric_checkpoint
+            elif isinstance(handler, EarlyStopHandler):
+                out[f"{i}_early_stop"] = handler
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"best_metric", "best_metric_epoch", "<i>_key_metric_saver": {...}, "<i>_early_stop": {...}}``."""
+        state = self.evaluator.state
+        out: dict[str, Any] = {
+            "best_metric": float(getattr(state, "best_metric", -1)),
+            "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1)),
+        }
+        for name, obj in self._tracked().items():
+            if isinstance(obj, EarlyStopHandler):
+                stopper = obj._handler
+                if stopper is not None:
+                    best = stopper.best_score
+                    out[name] = {"counter": int(stopper.counter), "best_score": None if best is None else float(best)}
+            else:  # plain Python numbers: weights_only loading accepts no numpy scalars
+                out[name] = {"_saved": [(float(p), str(f)) for p, f in obj._saved]}
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            ValueError: the checkpoint's handler states do not match the configured handlers.
+        """
+        self.evaluator.state.best_metric = float(state["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
+        tracked = self._tracked()
+        saved = {k for k in state if k not in ("best_metric", "best_metric_epoch")}
+        if saved - set(tracked):
+            raise ValueError(
+                f"checkpoint holds validation handler states {sorted(saved)} but the configuration has "
+                f"{sorted(tracked)}; resume with the validation handlers of the original run."
+            )
+        for name, value in state.items():
+            if name not in tracked:
+                continue
+            obj = tracked[name]
+            if isinstance(obj, EarlyStopHandler):
+                if obj._handler is None:
+                    raise RuntimeError("EarlyStopHandler.set_trainer must be called before the checkpoint is loaded.")
+                obj._handler.counter = int(value["counter"])
+                obj._handler.best_score = value["best_score"]
+            else:
+                obj.load_state_dict({"_saved": [tuple(item) for item in value["_saved"]]})
 
 
 def find_last_checkpoint(ckpt_dir: str | Path, prefix: str = "last") -> Path | None:

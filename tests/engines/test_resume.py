@@ -1,5 +1,6 @@
 """Kill a bundle training run mid-epoch (hard SIGKILL in a subprocess), resume it, and compare with an
-uninterrupted run: same final weights, IWV and meta-optimizer state within float tolerance."""
+uninterrupted run: same final weights, IWV and meta-optimizer state within float tolerance, and the same
+best model (``model.pt``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,28 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "brats_metakd"
 
+# The validation score falls every epoch, so epoch 1 is the best: an uninterrupted run keeps epoch 1's weights in
+# model.pt, and a resumed run that forgot the best score would overwrite them at its first validation.
+METRIC = textwrap.dedent(
+    """
+    from ignite.metrics import Metric
+
+    class FallingScore(Metric):
+        def attach(self, engine, name, usage=None):
+            self._engine = engine
+            super().attach(engine, name)
+
+        def reset(self):
+            pass
+
+        def update(self, output):
+            pass
+
+        def compute(self):
+            return 1.0 / self._engine.state.epoch
+    """
+)
+
 SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
@@ -28,6 +51,7 @@ SCRIPT = textwrap.dedent(
         "max_epochs": 3, "roi_size": [32, 32, 32], "batch_size": 2, "num_workers": 0, "cache_rate": 1.0,
         "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.1}, "method#meta_interval": 1, "method#meta_steps": 2,
         "network_def#channels": [8, 16, 32, 64], "resume": resume, "val_interval": 1,
+        "validate#key_metric": {"val_score": {"_target_": "falling_score.FallingScore"}},
     }
     wf = bundle_workflow(%r, ["train.json"], "train", overrides)
     wf.initialize()
@@ -65,6 +89,7 @@ def cohort(tmp_path_factory) -> Path:
 def test_kill_mid_epoch_and_resume_matches_uninterrupted(cohort, tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
+    (tmp_path / "falling_score.py").write_text(METRIC)
     full = _run(script, cohort, tmp_path / "full", kill_at=0, resume=False)
     assert full.returncode == 0, full.stderr[-3000:]
     # 8 cases -> 3 training cases, batch 2 -> 2 iterations per epoch: iteration 3 is inside epoch 2
@@ -83,6 +108,13 @@ def test_kill_mid_epoch_and_resume_matches_uninterrupted(cohort, tmp_path):
         torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"model weight {k}")
     torch.testing.assert_close(b["method"]["iwv"]["w"], a["method"]["iwv"]["w"], rtol=1e-5, atol=1e-7)
     assert int(b["method"]["iwv"]["meta_steps"]) == 12  # 6 iterations x 2 meta steps
+    # the best model is epoch 1's in both runs (a resumed run used to overwrite it at its first validation)
+    best_a = torch.load(tmp_path / "full" / "models" / "model.pt", weights_only=True)
+    best_b = torch.load(tmp_path / "cut" / "models" / "model.pt", weights_only=True)
+    for k, v in best_a["model"].items():
+        torch.testing.assert_close(best_b["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"model.pt weight {k}")
+    assert any(not torch.equal(v, a["model"][k]) for k, v in best_a["model"].items()), "model.pt is epoch 1's"
+    assert a["validation"]["best_metric_epoch"] == b["validation"]["best_metric_epoch"] == 1
     # the trajectory file of the resumed run has no duplicated meta steps
     traj = pd.read_csv(tmp_path / "cut" / "runs" / "iwv_trajectory.csv")
     assert traj["meta_step"].tolist() == list(range(1, 13))

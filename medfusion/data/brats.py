@@ -1,6 +1,6 @@
 """BraTS dataset discovery for every public layout -> MONAI datalist keyed by modality NAME.
 
-Supported (see ../shared/DATA.md; the layout is detected, never configured):
+Supported (see docs/data.md; the layout is detected, never configured):
 
 - BraTS 2018 / 2019: ``{HGG,LGG}/Brats18_<id>/Brats18_<id>_{flair,t1,t1ce,t2,seg}.nii.gz``
   (``BraTS19_`` in 2019);

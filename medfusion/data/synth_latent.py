@@ -1,6 +1,6 @@
 """Two-modality latent factor regression data (the Meta Fusion paper's simulation, BENCHMARKS.md B3).
 
-Model per repetition with seed ``s`` (the settings table of ``../shared/BENCHMARKS.md`` "B3 settings"):
+Model per repetition with seed ``s`` (the settings table of ``docs/benchmark_spec.md`` "B3 settings"):
 
 1. coefficients from ``np.random.RandomState(s)`` in the order beta1, beta2, betaS ~ U(-3, 3), interaction
    coefficients on a random 10% of the d1*d2 pairs (U(-3, 3) truncated towards zero, i.e. integers in

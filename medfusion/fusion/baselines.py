@@ -1,6 +1,6 @@
 """Baseline classification fusion heads and the generic supervised recipe.
 
-See ../shared/METHODS.md, "Shared by all methods".
+See docs/method_spec.md, "Shared by all methods".
 
 Heads (registered by name, constructor kwargs are plain JSON):
 

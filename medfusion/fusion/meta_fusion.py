@@ -1,4 +1,4 @@
-"""Meta Fusion: a cohort of students with adaptive mutual learning (../shared/METHODS.md section 4).
+"""Meta Fusion: a cohort of students with adaptive mutual learning (docs/method_spec.md section 4).
 
 Pieces (each maps to a test with hand-computed values, see ``docs/methods.md``):
 

@@ -1,4 +1,4 @@
-"""MetaKD: meta-learned modality-weighted knowledge distillation (../shared/METHODS.md section 1).
+"""MetaKD: meta-learned modality-weighted knowledge distillation (docs/method_spec.md section 1).
 
 Pieces (each maps to a test with hand-computed values, see docs/methods.md):
 

@@ -1,6 +1,6 @@
 """OmniFuse: imputation + dynamic weighted fusion + laziness activation.
 
-../shared/METHODS.md section 3 ("OmniFuse: A general modality fusion framework for multi-modality learning
+docs/method_spec.md section 3 ("OmniFuse: A general modality fusion framework for multi-modality learning
 on low-quality medical data"). Pieces (each maps to a test, see docs/methods.md):
 
 * embeddings ``v_m = proj_m(e_m(x_m))``; an absent modality gets ``proj_m(e_m(0))`` where ``e_m(0)`` is

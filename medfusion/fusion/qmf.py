@@ -1,6 +1,6 @@
 """QMF: quality-aware multimodal fusion.
 
-../shared/METHODS.md section 2; ICML 2023 "Provable Dynamic Fusion for Low-Quality Multimodal Data".
+docs/method_spec.md section 2; ICML 2023 "Provable Dynamic Fusion for Low-Quality Multimodal Data".
 
 Pieces (each maps to a test with hand-computed values, see docs/methods.md):
 

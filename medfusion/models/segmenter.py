@@ -1,6 +1,6 @@
 """Missing-modality 3D segmenter: per-modality UNet encoder, imputed + concatenated skips, UNet decoder.
 
-The network follows MetaKD (../shared/METHODS.md section 1): one encoder (shared weights by
+The network follows MetaKD (docs/method_spec.md section 1): one encoder (shared weights by
 default) applied to each 1-channel modality, features of missing modalities imputed at every
 level from the present ones (mean, paper Eq. 2; ``impute="zero"`` option;
 ``impute_levels="bottleneck"`` reproduces the reference code, where skip features of a missing

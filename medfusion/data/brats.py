@@ -74,6 +74,14 @@ def _find(case_dir: Path, stem: str, files: set[str]) -> Path | None:
     return None
 
 
+def _refuse_dangling(path: Path | None, what: str) -> None:
+    """Raise when ``path`` is a symbolic link to nothing (a broken copy is an error, not a missing modality)."""
+    if path is not None and path.is_symlink() and not path.exists():
+        raise FileNotFoundError(
+            f"{what} file {path} is a dangling symbolic link (to {os.readlink(path)!r}, which does not exist)."
+        )
+
+
 def _scheme(case_dir: Path, files: set[str]) -> tuple[str, dict[str, str]] | None:
     """Naming scheme of a case folder: separator and suffix map, or None when it is not a case."""
     name = case_dir.name
@@ -115,7 +123,8 @@ def _scan(
             entries = [e for e in d.iterdir() if _visible(e)]
         except PermissionError as err:
             raise PermissionError(f"BraTS discovery: cannot read folder {d}: {err}") from None
-        files = {e.name for e in entries if e.is_file()}
+        # a dangling symbolic link counts as a file here, so discovery reports it as an error (not as missing)
+        files = {e.name for e in entries if e.is_file() or (e.is_symlink() and not e.exists())}
         scheme = _scheme(d, files)
         if scheme is not None:
             found.append((d, scheme[0], scheme[1], files))
@@ -262,7 +271,7 @@ def discover_brats(
     Raises:
         FileNotFoundError: ``root`` missing, no cases found (the message says how deep it searched and
             what it found), a required label or modality file absent (the message names the case and the
-            file patterns looked for).
+            file patterns looked for), a modality or label file that is a dangling symbolic link.
         ValueError: unknown modality names or convention; a case with none of the requested modalities;
             two case folders with the same name (the message names both paths).
     """
@@ -299,6 +308,7 @@ def discover_brats(
             for m in mods:
                 stem = f"{case_id}{sep}{by_name[m]}"
                 path = _find(case_dir, stem, files)
+                _refuse_dangling(path, f"{source} case {case_id}: {m}")
                 if path is None:
                     looked = ", ".join(stem + e for e in _EXTS)
                     if not allow_missing_modalities:
@@ -307,6 +317,7 @@ def discover_brats(
                 entry[m] = str(path) if path else None
                 present.append(path is not None)
             seg = _seg_file(case_dir, sep, files)
+            _refuse_dangling(seg, f"{source} case {case_id}: label")
             if require_label and seg is None:
                 looked = ", ".join(f"{case_id}{sep}seg{e}" for e in _EXTS)
                 raise FileNotFoundError(f"{source} case {case_id}: no label file (looked for {looked} in {case_dir}).")

@@ -332,6 +332,13 @@ def _check_dicom(path: str, what: str) -> None:
         raise ValueError(f"{what} file {path}: DICOM pixel data cannot be decoded ({_err(err)}).") from None
     if arr.ndim < 2 or min(arr.shape[:2]) < 1:
         raise ValueError(f"{what} file {path}: DICOM pixel data has shape {arr.shape}; expected a 2D image.")
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if frames > 1 or arr.ndim > (3 if samples > 1 else 2):
+        raise ValueError(
+            f"{what} file {path} is a 3D DICOM ({frames} frame(s), pixel data shape {list(arr.shape)}); modality "
+            f"{what!r} is a 2D image (kind 'image'): give one 2D frame, or declare the modality as kind 'volume'."
+        )
 
 
 def _check_image(path: str, what: str) -> None:

@@ -359,7 +359,11 @@ def read_manifest(
     counts = pd.Series(ids).value_counts()
     dup = sorted(counts[counts > 1].index.tolist())
     if dup:
-        raise ValueError(f"Manifest {path}: duplicate {id_column!r} value(s) {dup[:10]}; ids must be unique.")
+        where = [f"{d!r} on lines {[i + 2 for i, v in enumerate(ids) if v == d]}" for d in dup]
+        raise ValueError(
+            f"Manifest {path}: duplicate {id_column!r} value(s): {_listing(where, 10)}; ids must be unique (two rows "
+            "with one id would share one prediction and could land in two splits)."
+        )
     for col in (group_column, split_column):
         if col:
             blank = [ids[i] for i, v in enumerate(df[col].tolist()) if not str(v).strip()]

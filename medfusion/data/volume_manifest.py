@@ -105,7 +105,8 @@ def read_volume_rows(
         label_convention: convention for every row (name, mapping or spec; see
             :func:`medfusion.data.labels.get_convention`); ``None``: the ``label_convention`` column, else ``brats``.
         missing_files: a modality file that does not exist is a missing modality (``"missing"``, a warning)
-            or an error (``"error"``). A missing label or brain-mask file is always an error.
+            or an error (``"error"``). A missing label or brain-mask file, and a dangling symbolic link in any
+            column, are always errors.
 
     Returns:
         ``(entries, errors, warnings)``: the entries of rows without errors (in file order,
@@ -160,7 +161,10 @@ def read_volume_rows(
         present = []
         for m in mods:
             p = resolve(m)
-            if p is not None and not p.is_file():
+            if p is not None and p.is_symlink() and not p.exists():
+                errs.append(f"{m} file {p} ({where}) is a dangling symbolic link (to {os.readlink(p)!r}).")
+                p = None
+            elif p is not None and not p.is_file():
                 msg = f"{m} file {p} ({where}) does not exist"
                 if missing_files == "error":
                     errs.append(msg + ".")
@@ -171,7 +175,9 @@ def read_volume_rows(
             present.append(p is not None)
         for column, key in ((str(Keys.LABEL), Keys.LABEL), (BRAIN_MASK, BRAIN_MASK)):
             p = resolve(column)
-            if p is not None and not p.is_file():
+            if p is not None and p.is_symlink() and not p.exists():
+                errs.append(f"{column} file {p} ({where}) is a dangling symbolic link (to {os.readlink(p)!r}).")
+            elif p is not None and not p.is_file():
                 errs.append(f"{column} file {p} ({where}) does not exist.")
             entry[key] = str(p) if p is not None else None
         conv = fixed or str(row.get(str(Keys.LABEL_CONVENTION), "")).strip() or "brats"

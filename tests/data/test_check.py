@@ -278,6 +278,40 @@ def test_values_are_read_by_kind_and_errors_name_file_and_row(tmp_path):
     assert "dangling symbolic link" in c.errors[0]
 
 
+def _dicom(path: Path, frames: int) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "CT", 8, 6, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = np.arange(frames * 48, dtype=np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_3d_dicom_in_an_image_column_is_an_error_naming_file_and_row(tmp_path):
+    """Issue #12.7: a multi-frame (3D) DICOM in a 2D image column passed the check and crashed training."""
+    flat, stack = _dicom(tmp_path / "flat.dcm", 1), _dicom(tmp_path / "stack.dcm", 5)
+    pd.DataFrame({"case_id": ["a", "b"], "label": [0, 1], "cxr": [flat.name, stack.name]}).to_csv(
+        tmp_path / "m.csv", index=False
+    )
+    rep = check_manifest(tmp_path / "m.csv", {"cxr": "cxr"}, kinds={"cxr": "image"}, num_workers=0, progress=False)
+    errors = {c.case_id: c.errors for c in rep.cases if c.errors}
+    assert list(errors) == ["b"]
+    assert str(stack.resolve()) in errors["b"][0] and "3D DICOM (5 frame(s)" in errors["b"][0]
+    assert "kind 'image'" in errors["b"][0]
+
+
 def test_labels_are_checked_against_the_task_naming_rows(tmp_path):
     """Issue #12.6: 0.5 / -1 were truncated to 0, 2 with num_classes 2 crashed mid-training."""
     pd.DataFrame(

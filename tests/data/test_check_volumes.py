@@ -178,3 +178,36 @@ def test_real_case_zscored_is_warned_about_unless_its_mask_is_given(real_case, t
     assert without.ok and len(without.cases[0].warnings) == 2
     assert all("the background is not 0" in w for w in without.cases[0].warnings)
     assert check_path(real_case.parent, num_workers=0, progress=False).n_warnings == 0  # the release: background 0
+
+
+def test_dangling_symlinks_in_a_brats_folder_or_volume_manifest_are_errors(tmp_path, export2015):
+    """Issue #12.8: a dangling link was 'no flair file; treated as missing' (folder) or 'does not exist' (manifest)."""
+    root = tmp_path / "data"
+    write_brats_cohort(root, cases=2, size=16, seed=1)
+    flair = root / "BraTS2021_00000" / "BraTS2021_00000_flair.nii.gz"
+    flair.unlink()
+    flair.symlink_to(tmp_path / "moved" / "flair.nii.gz")
+    with pytest.raises(FileNotFoundError, match=r"case BraTS2021_00000: flair file .* is a dangling symbolic link"):
+        discover_brats(root)
+    rep = check_brats(root, num_workers=0, progress=False)
+    errors = {c.case_id: c.errors for c in rep.cases if c.errors}
+    assert list(errors) == ["BraTS2021_00000"] and str(flair) in errors["BraTS2021_00000"][0]
+    assert "dangling symbolic link" in errors["BraTS2021_00000"][0]
+    seg = root / "BraTS2021_00001" / "BraTS2021_00001_seg.nii.gz"
+    seg.unlink()
+    seg.symlink_to(tmp_path / "moved" / "seg.nii.gz")
+    assert "label file" in _dangling_error(check_brats(root, num_workers=0, progress=False), "BraTS2021_00001")
+    # the same in a volume manifest: an error for a modality column too (not "treated as missing")
+    table = pd.read_csv(export2015 / "manifest.csv")
+    link = tmp_path / "t1ce_link.nii.gz"
+    link.symlink_to(tmp_path / "gone.nii.gz")
+    table.loc[0, "t1ce"] = str(link)
+    table.to_csv(tmp_path / "manifest.csv", index=False)
+    rep = check_path(tmp_path / "manifest.csv", num_workers=0, progress=False)
+    assert not rep.ok and str(link) in _dangling_error(rep, str(table.loc[0, "case_id"]))
+
+
+def _dangling_error(report, case_id: str) -> str:
+    (case,) = [c for c in report.cases if c.case_id == case_id]
+    (msg,) = [e for e in case.errors if "dangling symbolic link" in e]
+    return msg

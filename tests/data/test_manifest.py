@@ -171,8 +171,8 @@ def test_errors(tmp_path):
         discover_manifest(_setup(tmp_path, [ok]), {"pet": "pet", "labs": ["lab_0", "lab_9"]})
     with pytest.raises(ValueError, match=r"label column 'label': expected one of \[0.0, 1.0\].*'g' \('2'\)"):
         discover_manifest(_setup(tmp_path, [ok, "g,2,,txt,,"]), MODS, label_values=[0, 1], kinds=KINDS)
-    with pytest.raises(ValueError, match=r"duplicate 'case_id' value\(s\) \['a'\]"):
-        discover_manifest(_setup(tmp_path, [ok, ok]), MODS, kinds=KINDS)
+    with pytest.raises(ValueError, match=r"duplicate 'case_id' value\(s\): 'a' on lines \[2, 4\]"):  # #12.5
+        discover_manifest(_setup(tmp_path, [ok, "b,0,,t,,", ok]), MODS, kinds=KINDS)
     with pytest.raises(ValueError, match=r"'lab_0' holds non-numeric.*'i' \('high'\)"):
         discover_manifest(_setup(tmp_path, [ok, "i,0,,,high,1"]), MODS, kinds=KINDS)
     with pytest.raises(ValueError) as exc:  # every bad label row is named, not only the first

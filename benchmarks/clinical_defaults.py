@@ -23,8 +23,9 @@ Arms (per cohort seed):
     same features as the logistic regression), 95 % bootstrap CIs (200 resamples), epochs run (early stopping), the
     best validation AUROC and its epoch, and how far the weights moved from initialisation (relative L2 change of
     the fusion head and of the vitals encoder: the head was trained, not left at init).
-  * ``--old_defaults``: the same heads with the previous defaults (learning rate 1e-4, 30 epochs, no early
-    stopping) for the first seed, to show what the change does (one thing changes per arm: the defaults).
+  * ``--old_defaults``: the same heads (or ``--old_heads``) with the previous defaults (learning rate 1e-4, 30 epochs,
+    early-stopping patience 10) for the first seed, to show what the change does (one thing changes per arm: the
+    defaults).
 
 Results: ``benchmarks/results/clinical_defaults.{json,md}`` with the command, seeds, versions and load average.
 
@@ -53,6 +54,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "clinical_fusion"
 RESULTS = ROOT / "benchmarks" / "results"
+OLD_DEFAULTS = {"learning_rate": 1e-4, "max_epochs": 30, "early_stop_patience": 10}
+"""The bundle defaults before issue #11.7 (``train.json`` until this benchmark chose the new ones)."""
 HEADS = ("concat", "late", "mean_features", "qmf", "omnifuse", "metakd", "meta_fusion")
 ALL = "cxr+report+vitals"
 
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
     parser.add_argument("--report_encoder", default="bert_tiny", help="encoder of the notes (bundle default: bert)")
     parser.add_argument("--old_defaults", action="store_true", help="also the previous defaults on the first seed")
+    parser.add_argument("--old_heads", nargs="+", default=None, choices=HEADS,
+                        help="heads of the --old_defaults arm (default: every head of --heads)")  # fmt: skip
     parser.add_argument("--minilm_check", action="store_true", help="concat with the default MiniLM, first seed")
     parser.add_argument("--quick", action="store_true", help="smoke run: 80 rows, concat + qmf, 2 epochs")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -209,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("seed %d: logistic regression test AUROC %.3f (%s)", seed, lr["auroc"], split_rule)
         arms = [("new", head, dict(extra)) for head in heads]
         if args.old_defaults and seed == seeds[0]:
-            old = {"learning_rate": 1e-4, "max_epochs": 30, "early_stop_patience": 10_000}
-            arms += [("old", head, {**old, **extra}) for head in heads]
+            arms += [("old", head, {**OLD_DEFAULTS, **extra}) for head in (args.old_heads or heads)]
         if args.minilm_check and seed == seeds[0]:
             arms.append(("new, MiniLM", "concat", {**extra, "encoders#report": {"name": "bert", "freeze": True}}))
         for defaults, head, ov_extra in arms:
@@ -226,15 +230,34 @@ def main(argv: list[str] | None = None) -> int:
                 res["epochs_run"], res["max_epochs"], res["seconds"],
             )  # fmt: skip
             shutil.rmtree(hdir, ignore_errors=True)
+            _write(args, argv, results, cohorts, dict(rows=rows, heads=heads, seeds=seeds), load_before, t_start, False)
+    _write(args, argv, results, cohorts, dict(rows=rows, heads=heads, seeds=seeds), load_before, t_start, True)
+    print(Path(f"{args.out}.md").read_text())
+    return 0
+
+
+def _write(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    results: list[dict[str, Any]],
+    cohorts: dict[int, Any],
+    run: dict[str, Any],
+    load_before: tuple[float, ...],
+    t_start: float,
+    complete: bool,
+) -> None:
+    """Write the results so far (after every arm, so a run cut short still leaves its measured arms)."""
     table = pd.DataFrame(results)
     meta = {
         "command": "python "
         + " ".join([Path(sys.argv[0]).name if argv is None else "clinical_defaults.py", *(argv or sys.argv[1:])]),
-        "rows": rows,
+        "complete": complete,
+        "rows": run["rows"],
         "image_size": args.image_size,
         "report_encoder": args.report_encoder,
-        "seeds": seeds,
-        "heads": heads,
+        "seeds": run["seeds"],
+        "heads": run["heads"],
+        "old_defaults": OLD_DEFAULTS,
         "cohorts": cohorts,
         "minutes": round((time.time() - t_start) / 60, 1),
         "load_average_before": [round(x, 2) for x in load_before],
@@ -251,8 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=float) + "\n")
     Path(f"{args.out}.md").write_text(_markdown(table, meta))
-    print(Path(f"{args.out}.md").read_text())
-    return 0
 
 
 def _fmt(row: pd.Series, key: str) -> str:
@@ -270,11 +291,14 @@ def _markdown(table: pd.DataFrame, meta: dict[str, Any]) -> str:
         f"after {meta['load_average_after']}; {meta['machine']}, {meta['torch_threads']} torch threads; "
         f"versions {meta['versions']}).",
         "",
+        *([] if meta.get("complete", True) else ["**Partial: the run was cut short; only the arms below ran.**", ""]),
         f"Cohort: `write_manifest_cohort(rows={meta['rows']}, seed=s, image_size={meta['image_size']})` per seed "
         "(signal shares ehr 0.5 / cxr 0.3 / note 0.2). Bundle: `train.json` defaults + the data overrides of "
         f"`cohort_bundle_overrides` + `image_size` {meta['image_size']} + `encoders#report` "
         f"`{meta['report_encoder']}` (CPU time; the 'MiniLM' row uses the default frozen MiniLM); `evaluate.json` "
-        "on the test split. AUROC [95% bootstrap CI].",
+        "on the test split. AUROC [95% bootstrap CI]. Defaults 'new': `train.json` as committed with this result "
+        "(learning rate and epochs in the table); 'old': the previous defaults "
+        f"{meta.get('old_defaults', OLD_DEFAULTS)}.",
         "",
     ]
     for seed, c in meta["cohorts"].items():

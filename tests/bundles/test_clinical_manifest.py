@@ -228,3 +228,41 @@ def test_restrict_to_combination():
     assert not none["predictable"] and none["missing_modalities"] == "a+b"
     assert none["modality_mask"].tolist() == [False, False, True]  # unchanged: the batch can still run
     assert math.isclose(float(none["c"].sum()), 2.0)
+
+
+def test_defaults_stop_early_on_validation_auroc_and_keep_the_best_epoch(sparse_cohort, tmp_path):
+    """Issue #11.7: the defaults are lr 1e-3 and early stopping on validation AUROC (benchmarks/clinical_defaults.py).
+
+    Run with a patience of 1 on the small cohort: training stops one epoch after the best validation AUROC (or at
+    max_epochs), and ``model.pt`` holds the weights of that best epoch.
+    """
+    defaults = bundle_workflow(BUNDLE, ["train.json"], "train", {})
+    assert defaults.parser.get_parsed_content("learning_rate") == 1e-3
+    assert defaults.parser.get_parsed_content("early_stop_patience") == 5
+    assert list(defaults.parser.get_parsed_content("validate#key_metric", instantiate=False)) == ["val_auroc"]
+    seen: list[tuple[int, float]] = []
+    ov = _overrides(sparse_cohort, tmp_path, method_name="concat", max_epochs=4, early_stop_patience=1)
+    wf = bundle_workflow(BUNDLE, ["train.json"], "train", ov)
+    wf.initialize()
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    net = wf.parser.get_parsed_content("network")
+    best: dict[str, Any] = {}
+
+    def record(engine: Any) -> None:  # after the checkpoint saver (registered later than the config's handlers)
+        auroc = float(engine.state.metrics["val_auroc"])
+        if not seen or auroc > max(a for _, a in seen):
+            best["state"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        seen.append((len(seen) + 1, auroc))
+
+    from ignite.engine import Events
+
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, record)
+    wf.run()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    best_epoch = max(seen, key=lambda t: (t[1], -t[0]))[0]  # the first epoch reaching the best AUROC
+    assert evaluator.state.best_metric_epoch == best_epoch
+    assert trainer.state.epoch == min(4, best_epoch + 1) == len(seen)
+    saved = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)["model"]
+    for k, v in best["state"].items():
+        torch.testing.assert_close(saved[k], v)
+    wf.finalize()

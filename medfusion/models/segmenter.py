@@ -26,7 +26,7 @@ from medfusion.encoders.unet3d import UNet3DEncoder
 from medfusion.fusion.base import FusionOutput
 from medfusion.modality import BRATS_MODALITIES, check_mask, validate_modalities
 
-__all__ = ["Segmenter", "impute_features"]
+__all__ = ["Segmenter", "build_decoder", "impute_features"]
 
 
 def impute_features(feats: torch.Tensor, mask: torch.Tensor, impute: str) -> torch.Tensor:
@@ -51,6 +51,31 @@ def impute_features(feats: torch.Tensor, mask: torch.Tensor, impute: str) -> tor
     return torch.where(m.bool(), feats, mean.expand_as(feats))
 
 
+def build_decoder(
+    channels: Sequence[int], width: int, out_channels: int, norm: str, subunits: int, first_stride: int
+) -> tuple[nn.ModuleList, nn.ModuleList, nn.Module]:
+    """UNet decoder layers of :class:`Segmenter` for ``width`` feature maps of ``C_l`` channels per level.
+
+    Per level a transposed-conv up-sampling and a residual unit over the concat with the skip
+    (``width * C_l`` channels); a head back to full resolution.
+
+    Returns:
+        ``(ups, blocks, head)`` as used by :meth:`Segmenter.decode`.
+    """
+    ups, blocks = [], []
+    prev = width * channels[-1]
+    for c in reversed(channels[:-1]):
+        ups.append(Convolution(3, prev, c, strides=2, kernel_size=3, norm=norm, is_transposed=True))
+        blocks.append(ResidualUnit(3, c + width * c, c, strides=1, subunits=subunits, norm=norm))
+        prev = c
+    if first_stride == 2:
+        # back to full resolution straight into the output channels, as MONAI's UNet does
+        head = Convolution(3, prev, out_channels, strides=2, kernel_size=3, is_transposed=True, conv_only=True)
+    else:
+        head = Convolution(3, prev, out_channels, kernel_size=1, conv_only=True)
+    return fast_instance_norm(nn.ModuleList(ups)), fast_instance_norm(nn.ModuleList(blocks)), head
+
+
 class Segmenter(nn.Module):
     """Missing-modality segmentation network.
 
@@ -66,6 +91,8 @@ class Segmenter(nn.Module):
         subunits: convolutions per residual unit.
         first_stride: stride of the encoder's first level (2 = MONAI ``UNet`` style, no full-resolution
             convolution except the final transposed one; 1 = full-resolution first level).
+        decoder_width: feature maps of ``C_l`` channels the decoder reads per level (default ``M``: the
+            concatenated modalities; the segmentation heads in ``medfusion/fusion/seg_*.py`` use 1 or 2).
 
     Inputs (forward):
         image: ``[B, M, D, H, W]`` (channels in ``modalities`` order) or ``{name: [B, 1, D, H, W]}``;
@@ -89,6 +116,7 @@ class Segmenter(nn.Module):
         dropout: float = 0.0,
         subunits: int = 2,
         first_stride: int = 2,
+        decoder_width: int | None = None,
     ) -> None:
         super().__init__()
         self.modalities = validate_modalities(modalities)
@@ -115,20 +143,10 @@ class Segmenter(nn.Module):
             self.encoder: nn.Module = UNet3DEncoder(**enc_kw)
         else:
             self.encoder = nn.ModuleDict({m: UNet3DEncoder(**enc_kw) for m in self.modalities})
-        # Decoder: transposed-conv up-sampling, concat with the fused skip (M*C_l channels), residual unit.
-        ups, blocks = [], []
-        prev = n_mod * self.channels[-1]
-        for c in reversed(self.channels[:-1]):
-            ups.append(Convolution(3, prev, c, strides=2, kernel_size=3, norm=norm, is_transposed=True))
-            blocks.append(ResidualUnit(3, c + n_mod * c, c, strides=1, subunits=subunits, norm=norm))
-            prev = c
-        self.ups = fast_instance_norm(nn.ModuleList(ups))
-        self.blocks = fast_instance_norm(nn.ModuleList(blocks))
-        if self.first_stride == 2:
-            # back to full resolution straight into the output channels, as MONAI's UNet does
-            self.head = Convolution(3, prev, out_channels, strides=2, kernel_size=3, is_transposed=True, conv_only=True)
-        else:
-            self.head = Convolution(3, prev, out_channels, kernel_size=1, conv_only=True)
+        width = n_mod if decoder_width is None else int(decoder_width)
+        self.ups, self.blocks, self.head = build_decoder(
+            self.channels, width, out_channels, norm, subunits, first_stride
+        )
 
     @property
     def divisor(self) -> int:

@@ -1,0 +1,105 @@
+"""bundles/brats_metakd with every ``--method_name``: train a tiny run, evaluate 15 combinations, infer.
+
+One small harness parametrised over the methods (tiny network and volumes): the training config, the
+evaluation config and the inference config are the bundle's own, only ``method_name`` changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from medfusion.evaluation.bundle import evaluate_bundle, train_bundle
+from medfusion.fusion.seg_recipes import list_seg_methods, segmenter_class
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLE = ROOT / "bundles" / "brats_metakd"
+ROI = [16, 16, 16]
+CHANNELS = [4, 8, 16]
+METHODS = [m for m in list_seg_methods() if m != "metakd"]  # metakd: tests/bundles/test_brats_metakd_bundle.py
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from medfusion.data.synth_brats import write_brats_cohort
+
+    out = tmp_path_factory.mktemp("brats_methods") / "cohort"
+    write_brats_cohort(out, cases=5, size=16, seed=3)
+    return out
+
+
+def test_every_method_is_tested():
+    assert set(METHODS) | {"metakd"} == {"metakd", "mean", "hemis", "late"}
+
+
+@pytest.mark.parametrize("method_name", METHODS)
+@pytest.mark.usefixtures("one_thread")  # tiny tensors: 2 threads on the busy 2-core machine are far slower
+def test_method_trains_evaluates_and_infers(method_name, cohort, tmp_path):
+    net = {"network_def#channels": CHANNELS, "method_name": method_name}
+    wf = train_bundle(
+        BUNDLE,
+        {
+            **net,
+            "dataset_dir": str(cohort),
+            "ckpt_dir": str(tmp_path / "models"),
+            "output_dir": str(tmp_path / "runs"),
+            "max_epochs": 1,
+            "roi_size": ROI,
+            "batch_size": 2,
+            "num_workers": 0,
+            "cache_rate": 0.0,
+            "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.0},  # 3 train cases: 2 iterations
+        },
+    )
+    assert type(wf.parser.get_parsed_content("network")) is segmenter_class(method_name)
+    last = torch.load(tmp_path / "models" / "last_checkpoint_epoch=1.pt", weights_only=False)
+    assert last["trainer"]["iteration"] == 2
+    method_state = last["method"]
+    if method_name == "qmf":  # per-case history of the 3 training cases, present modalities only
+        assert int(method_state["history"]["history_count"].sum()) > 0
+        assert method_state["history"]["history"].shape == (3, 4)
+    if method_name == "omnifuse":  # TLA mining at the epoch end stored a lazy combination
+        assert 0 <= int(last["model"]["lazy_combination"]) < 15
+        assert torch.isfinite(last["model"]["combination_distance"]).all()
+
+    table = evaluate_bundle(
+        BUNDLE,
+        cohort,
+        tmp_path / "eval",
+        checkpoint=tmp_path / "models" / "model.pt",
+        roi_size=ROI,
+        hd95=False,
+        split="all",
+        extra_overrides=net,
+    )
+    assert "flair+t1+t1ce+t2" in table
+    summary = pd.read_csv(tmp_path / "eval" / "summary.csv", index_col=0)
+    assert len(summary) == 16 and summary.index[-1] == "mean"
+    per_case = pd.read_csv(tmp_path / "eval" / "per_case.csv")
+    assert len(per_case) == 5 * 15
+    assert per_case["dice_wt"].between(0, 1).all()
+
+    infer = ConfigWorkflow(
+        config_file=str(BUNDLE / "configs" / "inference.json"),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        workflow_type="infer",
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(cohort),
+        ckpt_path=str(tmp_path / "models" / "model.pt"),
+        output_dir=str(tmp_path / "pred"),
+        combination="t1ce+t2",
+        roi_size=ROI,
+        **net,
+    )
+    infer.initialize()
+    infer.run()
+    infer.finalize()
+    preds = sorted((tmp_path / "pred").glob("*.nii.gz"))
+    assert len(preds) == 5
+    assert set(np.unique(np.asarray(nib.load(str(preds[0])).dataobj)).tolist()) <= {0, 1, 2, 4}

@@ -10,6 +10,7 @@ name          network                                     training recipe
 ``mean``      Segmenter (mean imputation, paper Eq. 2)    MetaKDMethod with ``alpha = 0`` (no KD)
 ``hemis``     :class:`~medfusion.fusion.seg_baselines.HeMISSegmenter`  MetaKDMethod, ``alpha = 0``
 ``late``      :class:`~medfusion.fusion.seg_baselines.LateSegmenter`   MetaKDMethod, ``alpha = 0``
+``qmf``       :class:`~medfusion.fusion.seg_qmf.QMFSegmenter`          :class:`~medfusion.fusion.seg_qmf.SegQMFMethod`
 ============  ==========================================  ===========================================
 
 The baselines train with MetaKD's recipe at ``alpha = 0``: the Dice + BCE task loss and the same modality
@@ -42,6 +43,7 @@ SEG_RECIPES: dict[str, Recipe] = {
     "late": Recipe(
         "late", "metakd", method_kwargs={"alpha": 0.0}, description="late fusion: average of per-modality probabilities"
     ),
+    "qmf": Recipe("qmf", "qmf", description="QMF: voxel-wise energy-weighted late fusion, weights detached"),
 }
 """Method name -> :class:`~medfusion.fusion.recipes.Recipe` (``head`` names the network class)."""
 
@@ -72,6 +74,10 @@ def segmenter_class(name: str) -> type[nn.Module]:
         from medfusion.fusion.seg_baselines import LateSegmenter
 
         return LateSegmenter
+    if head == "qmf":
+        from medfusion.fusion.seg_qmf import QMFSegmenter
+
+        return QMFSegmenter
     from medfusion.models.segmenter import Segmenter
 
     return Segmenter
@@ -89,6 +95,10 @@ def create_segmenter(
 
 
 def _method_class(kind: str) -> type[Method]:
+    if kind == "qmf":
+        from medfusion.fusion.seg_qmf import SegQMFMethod
+
+        return SegQMFMethod
     from medfusion.fusion.metakd import MetaKDMethod
 
     return MetaKDMethod

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from medfusion.data.dropout import BatchModalityDropout
 from medfusion.fusion.metakd import MetaKDMethod
 from medfusion.fusion.seg_baselines import HeMISSegmenter, LateSegmenter, masked_moments, prob_logit
 from medfusion.fusion.seg_recipes import build_seg_method, create_segmenter, list_seg_methods, segmenter_class
@@ -40,7 +41,7 @@ def test_contract_all_15_masks_absent_content_cannot_change_the_output(method_na
             torch.testing.assert_close(cached[:, 3 * c : 3 * c + 3], y, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method_name", ["hemis", "late"])
+@pytest.mark.parametrize("method_name", ["hemis", "late", "qmf"])
 def test_contract_no_gradient_reaches_absent_channels(method_name):
     torch.manual_seed(0)
     net = create_segmenter(method_name, channels=CHANNELS)
@@ -122,3 +123,10 @@ def test_recipes_network_classes_and_method_precedence():
     assert build_seg_method("mean", BRATS_MODALITIES, {"alpha": 0.2}, **ctx).alpha == 0.2  # caller's kwargs win
     with pytest.raises(KeyError, match="known methods"):
         create_segmenter("concat")
+
+
+def test_qmf_recipe_gets_the_bundle_dropout_as_a_callable():
+    method = build_seg_method("qmf", BRATS_MODALITIES, None, alpha=0.1, dropout_mode="uniform", seed=4, num_samples=7)
+    assert isinstance(method.dropout, BatchModalityDropout) and method.dropout.mode == "uniform"
+    assert method.history.num_samples == 7
+    assert build_seg_method("qmf", BRATS_MODALITIES, None, dropout_mode="none").dropout is None

@@ -3,15 +3,14 @@
 Same meaning as the clinical bundle's ``--method_name`` (:mod:`medfusion.fusion.recipes`): one name picks
 the network (the fusion between the shared Segmenter encoders and the decoder) and the training recipe.
 
-============  ==========================================  ===========================================
-name          network                                     training recipe
-============  ==========================================  ===========================================
-``metakd``    :class:`~medfusion.models.segmenter.Segmenter`  :class:`~medfusion.fusion.metakd.MetaKDMethod`
-``mean``      Segmenter (mean imputation, paper Eq. 2)    MetaKDMethod with ``alpha = 0`` (no KD)
-``hemis``     :class:`~medfusion.fusion.seg_baselines.HeMISSegmenter`  MetaKDMethod, ``alpha = 0``
-``late``      :class:`~medfusion.fusion.seg_baselines.LateSegmenter`   MetaKDMethod, ``alpha = 0``
-``qmf``       :class:`~medfusion.fusion.seg_qmf.QMFSegmenter`          :class:`~medfusion.fusion.seg_qmf.SegQMFMethod`
-============  ==========================================  ===========================================
+* ``metakd``: :class:`~medfusion.models.segmenter.Segmenter` + :class:`~medfusion.fusion.metakd.MetaKDMethod`;
+* ``mean``: the Segmenter (mean imputation, paper Eq. 2) + MetaKDMethod with ``alpha = 0`` (no KD);
+* ``hemis``: :class:`~medfusion.fusion.seg_baselines.HeMISSegmenter` + MetaKDMethod, ``alpha = 0``;
+* ``late``: :class:`~medfusion.fusion.seg_baselines.LateSegmenter` + MetaKDMethod, ``alpha = 0``;
+* ``qmf``: :class:`~medfusion.fusion.seg_qmf.QMFSegmenter` + :class:`~medfusion.fusion.seg_qmf.SegQMFMethod`;
+* ``omnifuse``: :class:`~medfusion.fusion.seg_omnifuse.OmniFuseSegmenter` +
+  :class:`~medfusion.fusion.seg_omnifuse.SegOmniFuseMethod` (its ``alpha``, the ``L_ra`` weight, is fixed to
+  0.1 by the recipe so the bundle's MetaKD ``alpha`` does not reach it; ``method_kwargs`` can change it).
 
 The baselines train with MetaKD's recipe at ``alpha = 0``: the Dice + BCE task loss and the same modality
 dropout as MetaKD, with no KD term and no meta step, so the arms differ only in the fusion.
@@ -44,6 +43,13 @@ SEG_RECIPES: dict[str, Recipe] = {
         "late", "metakd", method_kwargs={"alpha": 0.0}, description="late fusion: average of per-modality probabilities"
     ),
     "qmf": Recipe("qmf", "qmf", description="QMF: voxel-wise energy-weighted late fusion, weights detached"),
+    # alpha is OmniFuse's L_ra weight (0.1), not MetaKD's KD weight of the bundle's shared settings
+    "omnifuse": Recipe(
+        "omnifuse",
+        "omnifuse",
+        method_kwargs={"alpha": 0.1},
+        description="OmniFuse: bottleneck CRA imputation + DWFuse + TLA",
+    ),
 }
 """Method name -> :class:`~medfusion.fusion.recipes.Recipe` (``head`` names the network class)."""
 
@@ -78,6 +84,10 @@ def segmenter_class(name: str) -> type[nn.Module]:
         from medfusion.fusion.seg_qmf import QMFSegmenter
 
         return QMFSegmenter
+    if head == "omnifuse":
+        from medfusion.fusion.seg_omnifuse import OmniFuseSegmenter
+
+        return OmniFuseSegmenter
     from medfusion.models.segmenter import Segmenter
 
     return Segmenter
@@ -99,6 +109,10 @@ def _method_class(kind: str) -> type[Method]:
         from medfusion.fusion.seg_qmf import SegQMFMethod
 
         return SegQMFMethod
+    if kind == "omnifuse":
+        from medfusion.fusion.seg_omnifuse import SegOmniFuseMethod
+
+        return SegOmniFuseMethod
     from medfusion.fusion.metakd import MetaKDMethod
 
     return MetaKDMethod

@@ -35,7 +35,7 @@ def cohort(tmp_path_factory) -> Path:
 
 
 def test_every_method_is_tested():
-    assert set(METHODS) | {"metakd"} == {"metakd", "mean", "hemis", "late", "qmf"}
+    assert set(METHODS) | {"metakd"} == {"metakd", "mean", "hemis", "late", "qmf", "omnifuse"}
 
 
 @pytest.mark.parametrize("method_name", METHODS)

@@ -41,7 +41,7 @@ def test_contract_all_15_masks_absent_content_cannot_change_the_output(method_na
             torch.testing.assert_close(cached[:, 3 * c : 3 * c + 3], y, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method_name", ["hemis", "late", "qmf"])
+@pytest.mark.parametrize("method_name", ["hemis", "late", "qmf", "omnifuse"])
 def test_contract_no_gradient_reaches_absent_channels(method_name):
     torch.manual_seed(0)
     net = create_segmenter(method_name, channels=CHANNELS)
@@ -130,3 +130,10 @@ def test_qmf_recipe_gets_the_bundle_dropout_as_a_callable():
     assert isinstance(method.dropout, BatchModalityDropout) and method.dropout.mode == "uniform"
     assert method.history.num_samples == 7
     assert build_seg_method("qmf", BRATS_MODALITIES, None, dropout_mode="none").dropout is None
+
+
+def test_omnifuse_recipe_simulates_its_own_missingness():
+    method = build_seg_method("omnifuse", BRATS_MODALITIES, None, alpha=0.5, dropout_mode="k_subset", seed=2)
+    assert method.simulate and not hasattr(method, "dropout")
+    assert method.alpha == 0.1  # OmniFuse's L_ra weight, not the bundle's MetaKD alpha
+    assert build_seg_method("omnifuse", BRATS_MODALITIES, {"alpha": 0.3}).alpha == 0.3

@@ -103,3 +103,43 @@ def test_method_trains_evaluates_and_infers(method_name, cohort, tmp_path):
     preds = sorted((tmp_path / "pred").glob("*.nii.gz"))
     assert len(preds) == 5
     assert set(np.unique(np.asarray(nib.load(str(preds[0])).dataobj)).tolist()) <= {0, 1, 2, 4}
+
+
+@pytest.mark.parametrize("method_name", ["qmf", "omnifuse"])  # the methods with their own training state
+@pytest.mark.usefixtures("one_thread")
+def test_resume_after_an_epoch_matches_an_uninterrupted_run(method_name, cohort, tmp_path):
+    def run(work: Path, epochs: int, resume: bool) -> None:
+        train_bundle(
+            BUNDLE,
+            {
+                "network_def#channels": CHANNELS,
+                "method_name": method_name,
+                "dataset_dir": str(cohort),
+                "ckpt_dir": str(work / "models"),
+                "output_dir": str(work / "runs"),
+                "max_epochs": epochs,
+                "lr_scheduler#T_max": 2,  # the schedule of the 2-epoch run in both
+                "resume": resume,
+                "roi_size": ROI,
+                "batch_size": 2,
+                "num_workers": 0,
+                "cache_rate": 0.0,
+                "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.0},
+            },
+        )
+
+    run(tmp_path / "full", 2, False)
+    run(tmp_path / "cut", 1, False)
+    run(tmp_path / "cut", 2, True)
+    a, b = (
+        torch.load(tmp_path / w / "models" / "last_checkpoint_epoch=2.pt", weights_only=False) for w in ("full", "cut")
+    )
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == 4
+    for k, v in a["model"].items():  # omnifuse: includes the lazy combination mined after each epoch
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"model weight {k}")
+    if method_name == "qmf":  # the per-case loss history is method state
+        for k, v in a["method"]["history"].items():
+            torch.testing.assert_close(b["method"]["history"][k], v, rtol=1e-5, atol=1e-6)
+        assert int(a["method"]["history"]["history_count"].sum()) > 0
+    else:  # the missingness generator continues where the uninterrupted run's is
+        assert torch.equal(b["method"]["generator"], a["method"]["generator"])

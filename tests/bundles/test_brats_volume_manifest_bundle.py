@@ -79,17 +79,21 @@ def test_flair_t1ce_model_evaluates_from_the_cli(export, trained, tmp_path, caps
     assert "flair+t1ce" in capsys.readouterr().out
 
 
-def _infer(export: Path, trained: Path, out: Path, convention) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
+def _inference_workflow(dataset: Path, ckpt: Path, out: Path, **overrides) -> ConfigWorkflow:
+    return ConfigWorkflow(
         config_file=str(BUNDLE / "configs" / "inference.json"),
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
         workflow_type="infer",
         bundle_root=str(BUNDLE),
-        dataset_dir=str(export / "cases.csv"),
-        ckpt_path=str(trained / "models" / "model.pt"),
+        dataset_dir=str(dataset),
+        ckpt_path=str(ckpt),
         output_dir=str(out),
-        **{**COMMON, "label_convention": convention},
+        **{**COMMON, **overrides},
     )
+
+
+def _infer(export: Path, trained: Path, out: Path, convention) -> ConfigWorkflow:
+    wf = _inference_workflow(export / "cases.csv", trained / "models" / "model.pt", out, label_convention=convention)
     wf.initialize()
     wf.run()
     wf.finalize()
@@ -118,3 +122,20 @@ def test_inference_writes_the_configured_convention(export, trained, tmp_path, c
     np.testing.assert_allclose(img.affine, src.affine)
     values = set().union(*(np.unique(np.asarray(nib.load(str(p)).dataobj)).tolist() for p in preds))
     assert values <= allowed and len(values) > 1  # something was predicted, written in the configured values
+
+
+def test_inference_checks_the_volumes_first_naming_a_2d_file(export, tmp_path):
+    """Issue #12.7: a case stored as 2D volumes failed inside inference with 'Inputs must have 5 dimensions'."""
+    flat = tmp_path / "flat_flair.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((32, 32), np.float32), np.eye(4)), str(flat))
+    table = pd.read_csv(export / "cases.csv", dtype=str, keep_default_na=False)
+    for col in table.columns.drop("case_id"):
+        table[col] = [str(export / p) if p else "" for p in table[col]]  # the copy lives elsewhere
+    table.loc[1, "flair"] = str(flat)
+    table.to_csv(tmp_path / "cases.csv", index=False)
+    wf = _inference_workflow(tmp_path / "cases.csv", tmp_path / "no_model_needed.pt", tmp_path / "pred")
+    with pytest.raises(RuntimeError) as err:
+        wf.initialize()
+    cause = str(err.value.__cause__)
+    assert f"case {table.loc[1, 'case_id']}: flair file {flat} has shape (32, 32); expected a 3D volume" in cause
+    assert not (tmp_path / "pred").exists()

@@ -165,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 80 rows, concat + qmf, 2 epochs")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS / "clinical_defaults")
+    parser.add_argument("--combine", nargs="+", type=Path, default=None,
+                        help="merge the arms of earlier result JSONs (runs side by side) into --out")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out, argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -236,6 +240,43 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def combine(sources: list[Path], out: Path, argv: list[str] | None) -> int:
+    """Merge result JSONs of runs with the same settings and cohorts (e.g. heads run side by side to save time)."""
+    parts = [json.loads(p.read_text()) for p in sources]
+    meta = dict(parts[0]["meta"])
+    same = ("rows", "image_size", "report_encoder", "old_defaults")
+    for p, part in zip(sources[1:], parts[1:]):
+        bad = [k for k in same if part["meta"].get(k) != meta.get(k)]
+        if bad:
+            raise SystemExit(f"{p}: settings {bad} differ from {sources[0]}")
+        for seed, c in part["meta"]["cohorts"].items():
+            if seed in meta["cohorts"] and c["logreg"] != meta["cohorts"][seed]["logreg"]:
+                raise SystemExit(f"{p}: seed {seed} cohort/split differs (logistic regression result differs)")
+    results: list[dict[str, Any]] = []
+    seen: set[tuple[Any, str, str]] = set()
+    for part in parts:
+        for r in part["results"]:
+            key = (r["seed"], r["arm"], r["defaults"])
+            if key not in seen:
+                seen.add(key)
+                results.append(r)
+    meta["cohorts"] = {k: v for part in parts for k, v in part["meta"]["cohorts"].items()}
+    meta["seeds"] = sorted({int(s) for part in parts for s in part["meta"]["seeds"]})
+    meta["heads"] = list(dict.fromkeys(h for part in parts for h in part["meta"]["heads"]))
+    meta["complete"] = all(part["meta"].get("complete", True) for part in parts)
+    meta["runs"] = [
+        {k: part["meta"][k] for k in ("command", "minutes", "load_average_before", "load_average_after",
+                                      "torch_threads", "complete") if k in part["meta"]}
+        for part in parts
+    ]  # fmt: skip
+    meta["command"] = "python clinical_defaults.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=float) + "\n")
+    Path(f"{out}.md").write_text(_markdown(pd.DataFrame(results), meta))
+    print(Path(f"{out}.md").read_text())
+    return 0
+
+
 def _write(
     args: argparse.Namespace,
     argv: list[str] | None,
@@ -289,8 +330,18 @@ def _markdown(table: pd.DataFrame, meta: dict[str, Any]) -> str:
         "",
         f"Command: `{meta['command']}` ({meta['minutes']} min; load average before {meta['load_average_before']}, "
         f"after {meta['load_average_after']}; {meta['machine']}, {meta['torch_threads']} torch threads; "
-        f"versions {meta['versions']}).",
+        f"versions {meta['versions']})."
+        if "runs" not in meta
+        else f"Merged with `{meta['command']}` from runs side by side on {meta['machine']} (versions "
+        f"{meta['versions']}); wall-clock times are under the load of all of them and of other jobs:",
         "",
+        *(
+            f"- `{r['command']}`: {r['minutes']} min, load average before {r['load_average_before']}, after "
+            f"{r['load_average_after']}, {r['torch_threads']} torch thread(s)"
+            + ("" if r.get("complete", True) else " (cut short)")
+            for r in meta.get("runs", [])
+        ),
+        *([""] if meta.get("runs") else []),
         *([] if meta.get("complete", True) else ["**Partial: the run was cut short; only the arms below ran.**", ""]),
         f"Cohort: `write_manifest_cohort(rows={meta['rows']}, seed=s, image_size={meta['image_size']})` per seed "
         "(signal shares ehr 0.5 / cxr 0.3 / note 0.2). Bundle: `train.json` defaults + the data overrides of "

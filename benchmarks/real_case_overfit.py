@@ -192,11 +192,88 @@ def write_markdown(res: dict, path: Path) -> None:
         f"{len(res['check']['zscored_nomask']['warnings'])} warning(s), e.g. "
         + (f'"{nomask_warnings[0]}"' if nomask_warnings else "-"),
         "",
-        f"Machine: {res['machine']}; load average at start {res['load_start']}, at end {res['load_end']} "
-        "(2 cores shared with other jobs; times are wall-clock under that load).",
+        *(
+            [
+                f"Machine: {res['machine']}; load average at start {res['load_start']}, at end {res['load_end']} "
+                "(2 cores shared with other jobs; times are wall-clock under that load)."
+            ]
+            if "runs" not in res
+            else [
+                "Arms measured by separate runs with the same settings, side by side (times are wall-clock under the "
+                "load of both and of other jobs on the 2 cores):",
+                "",
+                *(
+                    f"- {', '.join(r['arms'])}: `{r['command']}`"
+                    + (
+                        f"; {r['machine']}; load average at start {r['load_start']}, at end {r['load_end']}"
+                        if "machine" in r
+                        else ""
+                    )
+                    for r in res["runs"]
+                ),
+                "",
+            ]
+        ),
         f"Versions: {res['versions']}.",
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _arms_from_log(path: Path) -> tuple[dict, int]:
+    """Arms finished by a run that was stopped later: its ``arm NAME: {...}`` lines, and its iteration count."""
+    import ast
+    import re
+
+    text = path.read_text()
+    arms = {m.group(1): ast.literal_eval(m.group(2)) for m in re.finditer(r"arm (\w+): (\{.*\})", text)}
+    iters = {int(n) for n in re.findall(r"iteration \d+/(\d+)", text)}
+    if not arms or len(iters) != 1:
+        raise ValueError(f"{path}: no finished arm, or not one iteration count ({sorted(iters)}).")
+    return arms, iters.pop()
+
+
+def _targets(arms: dict) -> dict:
+    return {
+        "original_wt_ge_0.85": bool("original" in arms and arms["original"]["dice_wt"] >= 0.85),
+        "zscored_mask_within_0.05": bool(
+            "original" in arms
+            and "zscored_mask" in arms
+            and arms["zscored_mask"]["dice_wt"] >= arms["original"]["dice_wt"] - 0.05
+        ),
+    }
+
+
+def combine(sources: list[Path], out: Path, argv: list[str] | None) -> int:
+    """Merge arms measured by separate runs with the same settings (e.g. arms run side by side to save wall time).
+
+    The first result JSON gives the data facts, checks and versions; every source must have the same iterations.
+    A log (``.log``) contributes the arms it finished (run stopped before it wrote its JSON); its load is not known.
+    """
+    jsons = [s for s in sources if s.suffix == ".json"]
+    if not jsons:
+        raise SystemExit("--combine needs at least one result JSON (data facts, checks, versions)")
+    res = json.loads(jsons[0].read_text())
+    res["arms"], res["runs"] = {}, []
+    for src in sources:
+        if src.suffix == ".json":
+            part = json.loads(src.read_text())
+            arms, iters = part["arms"], part["args"]["iterations"]
+            run = {k: part[k] for k in ("command", "machine", "load_start", "load_end")}
+        else:
+            arms, iters = _arms_from_log(src)
+            run = {"command": f"(log {src.name}: stopped after these arms; numbers from its 'arm NAME: ...' lines)"}
+        if iters != res["args"]["iterations"]:
+            raise SystemExit(f"{src}: {iters} iterations, {jsons[0]}: {res['args']['iterations']}")
+        res["arms"].update(arms)
+        res["runs"].append({**run, "arms": list(arms)})
+    res["arms"] = {a: res["arms"][a] for a in ARMS if a in res["arms"]}
+    res["command"] = "python benchmarks/real_case_overfit.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["targets"] = _targets(res["arms"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "real_case_overfit.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_markdown(res, out / "real_case_overfit.md")
+    print((out / "real_case_overfit.md").read_text())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,8 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--real", type=Path, default=REAL)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="merge the arms of earlier runs (result JSONs, or logs of runs stopped after some arms) into --out",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.combine:
+        return combine(args.combine, args.out, argv)
     if not args.real.is_dir():
         print(f"real case not found at {args.real}", file=sys.stderr)
         return 2
@@ -256,15 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             res["arms"][arm] = train_and_evaluate(entries[arm], args)
             logger.info("arm %s: %s", arm, res["arms"][arm])
     res["load_end"] = [round(x, 2) for x in os.getloadavg()]
-    arms = res["arms"]
-    res["targets"] = {
-        "original_wt_ge_0.85": bool("original" in arms and arms["original"]["dice_wt"] >= 0.85),
-        "zscored_mask_within_0.05": bool(
-            "original" in arms
-            and "zscored_mask" in arms
-            and arms["zscored_mask"]["dice_wt"] >= arms["original"]["dice_wt"] - 0.05
-        ),
-    }
+    res["targets"] = _targets(res["arms"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "real_case_overfit.json").write_text(json.dumps(res, indent=2) + "\n")
     write_markdown(res, args.out / "real_case_overfit.md")

@@ -6,6 +6,7 @@ evaluation config and the inference config are the bundle's own, only ``method_n
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -143,3 +144,59 @@ def test_resume_after_an_epoch_matches_an_uninterrupted_run(method_name, cohort,
         assert int(a["method"]["history"]["history_count"].sum()) > 0
     else:  # the missingness generator continues where the uninterrupted run's is
         assert torch.equal(b["method"]["generator"], a["method"]["generator"])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_router_runs_a_different_method_per_combination(cohort, tmp_path):
+    """Compare two methods and route each combination to one of them (issue #14's use case)."""
+    from medfusion.evaluation.bundle import bundle_workflow
+    from medfusion.evaluation.compare import compare_runs
+
+    base = {
+        "network_def#channels": CHANNELS,
+        "dataset_dir": str(cohort),
+        "roi_size": ROI,
+        "batch_size": 2,
+        "num_workers": 0,
+        "max_epochs": 1,
+        "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.0},
+        "eval_hd95": False,
+        "eval_split": "all",
+    }
+
+    def run(configs, overrides):
+        wf = bundle_workflow(BUNDLE, configs, "train", overrides)
+        wf.initialize()
+        wf.run()
+        wf.finalize()
+
+    for name in ("hemis", "late"):
+        ov = {**base, "method_name": name, "ckpt_dir": str(tmp_path / name / "models")}
+        train_bundle(BUNDLE, {**ov, "output_dir": str(tmp_path / name / "runs")})
+        run(["train.json", "evaluate.json"], {**ov, "eval_output_dir": str(tmp_path / name / "eval")})
+    compare_runs([tmp_path / "hemis" / "eval", tmp_path / "late" / "eval"], tmp_path / "cmp", n_boot=20,
+                 routing_metric="dice_wt")  # fmt: skip
+    table = json.loads((tmp_path / "cmp" / "routing.json").read_text())
+    # after one epoch one method may win everywhere: send the single-modality combinations to the other one, so
+    # the router runs both networks (each rebuilt from its evaluation record, method_name included)
+    winner = table["routes"]["flair+t1+t1ce+t2"]
+    other = "late" if winner == "hemis" else "hemis"
+    if other not in table["runs"]:  # a run spec as compare writes it: checkpoint + the record's network keys
+        record = json.loads((tmp_path / other / "eval" / "evaluation.json").read_text())
+        spec = {"ckpt_path": record["ckpt_path"], "overrides": record["network"]}
+        table["runs"][other] = {**table["runs"][winner], **spec}
+    for combo in ("flair", "t1", "t1ce", "t2"):
+        table["routes"][combo] = other
+    assert {table["runs"][r]["overrides"]["method_name"] for r in ("hemis", "late")} == {"hemis", "late"}
+    (tmp_path / "cmp" / "routing.json").write_text(json.dumps(table))
+    routes = table["routes"]
+    run(
+        ["train.json", "evaluate.json", "router_evaluate.json"],
+        {**base, "routing_file": str(tmp_path / "cmp" / "routing.json"), "eval_output_dir": str(tmp_path / "router")},
+    )
+    mine = pd.read_csv(tmp_path / "router" / "per_case.csv")
+    for combo, name in routes.items():  # every combination decoded by the method routed to it
+        theirs = pd.read_csv(tmp_path / name / "eval" / "per_case.csv")
+        a = mine[mine["combination"] == combo].set_index("case_id")["dice_wt"]
+        b = theirs[theirs["combination"] == combo].set_index("case_id")["dice_wt"]
+        pd.testing.assert_series_equal(a, b.loc[a.index], atol=1e-5, check_names=False)

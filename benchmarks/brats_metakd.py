@@ -432,6 +432,7 @@ def main(argv=None):
     p.add_argument("--skip_speed", action="store_true", help="skip the B4 timings (cached vs naive, step overhead)")
     p.add_argument("--full_size", action="store_true", help="also time full-size inference of the real case (B4)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)")
     p.add_argument("--overwrite", action="store_true", help="replace existing brats_metakd.{md,json} results")
     p.add_argument(
         "--only_full_size",
@@ -444,7 +445,7 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     if args.only_full_size is not None:

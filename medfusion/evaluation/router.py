@@ -127,7 +127,11 @@ class RoutedModel(nn.Module):
         return FusionOutput(logits=logits, embeddings={}, aux={"route": route.float()})
 
     def predict_combinations(
-        self, image: torch.Tensor, combination_masks: torch.Tensor, modality_mask: torch.Tensor | None = None
+        self,
+        image: torch.Tensor,
+        combination_masks: torch.Tensor,
+        modality_mask: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """Segmentation: logits of several combinations, each from its routed model's ``predict_combinations``.
 
@@ -135,6 +139,7 @@ class RoutedModel(nn.Module):
             image: ``[B, M, D, H, W]`` (windows of one case).
             combination_masks: bool ``[C, M]``.
             modality_mask: bool ``[1, M]`` or ``[B, M]`` availability, the same for every row.
+            kwargs: passed to each routed model's ``predict_combinations`` (``batch_combinations``, ...).
 
         Returns:
             ``[B, C * out_channels, D, H, W]`` as :meth:`Segmenter.predict_combinations`.
@@ -148,7 +153,7 @@ class RoutedModel(nn.Module):
         pieces: dict[int, torch.Tensor] = {}
         for run in dict.fromkeys(names):
             sel = [c for c, n in enumerate(names) if n == run]
-            out = self.models[run].predict_combinations(image, combos[sel], modality_mask)
+            out = self.models[run].predict_combinations(image, combos[sel], modality_mask, **kwargs)
             per = out.shape[1] // len(sel)
             for k, c in enumerate(sel):
                 pieces[c] = out[:, k * per : (k + 1) * per]

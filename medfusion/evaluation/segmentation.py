@@ -7,8 +7,13 @@ post-processing rule "fewer than ``et_min_voxels`` predicted ET voxels -> no ET"
 
 Cached path (default): for each sliding window the model encodes every modality ONCE and decodes
 all requested combinations from the shared features (:meth:`Segmenter.predict_combinations`), so
-the windows are cut and encoded once instead of once per combination. The naive path
-(``cached=False``) runs one sliding-window inference per combination; a test proves both agree.
+the windows are cut and encoded once instead of once per combination. By default the combinations
+are also decoded together (``batch_combinations=True``, :meth:`Segmenter.decode_combinations`): the
+layers that read the fused features run once per (modality, slot) pair and are mixed per
+combination, the rest of the decoder runs with the combinations folded into the batch dimension in
+chunks of at most ``memory_budget_gb``. The naive path (``cached=False``) runs one sliding-window
+inference per combination; tests prove the three agree (``tests/evaluation/test_segmentation.py``).
+Measured speed-ups: ``benchmarks/results/seg_eval_speed.md``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from tqdm.auto import tqdm
 from medfusion.engines.utils import default_device
 from medfusion.evaluation.report import write_record, write_reports
 from medfusion.modality import Keys, combination_mask, combination_name, combinations, parse_combination
+from medfusion.models.segmenter import DEFAULT_MEMORY_BUDGET_GB
 
 __all__ = [
     "REGIONS",
@@ -58,6 +64,9 @@ def predict_all_combinations(
     amp: bool = False,
     sw_device: torch.device | str | None = None,
     device: torch.device | str | None = None,
+    batch_combinations: bool = True,
+    memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Sliding-window logits for several combinations of one case.
 
@@ -75,6 +84,10 @@ def predict_all_combinations(
         amp: autocast (CUDA only; ignored on CPU).
         sw_device: device of the windows / model.
         device: device where the stitched output is accumulated (``"cpu"`` saves GPU memory).
+        batch_combinations: cached path only: decode the combinations of a window together (see the
+            module doc) instead of one decoder call per combination.
+        memory_budget_gb: cached batched path: decoder activations per chunk of combinations.
+        progress: tqdm bar over the sliding windows (MONAI's ``progress``).
 
     Returns:
         logits ``[C, out_channels, D, H, W]``.
@@ -89,7 +102,13 @@ def predict_all_combinations(
         if cached:
 
             def predictor(x: torch.Tensor) -> torch.Tensor:
-                return model.predict_combinations(x, combination_masks, modality_mask)
+                return model.predict_combinations(
+                    x,
+                    combination_masks,
+                    modality_mask,
+                    batch_combinations=batch_combinations,
+                    memory_budget_gb=memory_budget_gb,
+                )
 
             out = sliding_window_inference(
                 image,
@@ -100,6 +119,7 @@ def predict_all_combinations(
                 mode="gaussian",
                 sw_device=sw_device,
                 device=device,
+                progress=progress,
             )
             return out.reshape(n_comb, -1, *out.shape[2:]).float()
         outs = []
@@ -185,6 +205,8 @@ def evaluate_segmentation(
     progress: bool = True,
     title: str = "Dice per modality combination",
     record: Mapping[str, Any] | None = None,
+    batch_combinations: bool = True,
+    memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
 ) -> pd.DataFrame:
     """Evaluate a segmenter on every modality combination of every case.
 
@@ -211,6 +233,8 @@ def evaluate_segmentation(
         title: heading of the summary / heatmap.
         record: facts about the run written to ``evaluation.json`` (split, checkpoint, network keys;
             ``medfusion compare`` checks that compared runs share them).
+        batch_combinations: cached path: decode the combinations of a window together (module doc).
+        memory_budget_gb: cached batched path: decoder activation memory per chunk of combinations.
 
     Returns:
         The tidy per-(case, combination) table (``case_id``, ``combination``, ``n_modalities`` and
@@ -247,7 +271,19 @@ def evaluate_segmentation(
             logger.warning("case %s: no requested combination is available; skipped", case_id)
             continue
         logits = predict_all_combinations(
-            model, image, masks[keep], avail, roi_size, sw_batch_size, overlap, cached, amp, sw_device=dev, device=dev
+            model,
+            image,
+            masks[keep],
+            avail,
+            roi_size,
+            sw_batch_size,
+            overlap,
+            cached,
+            amp,
+            sw_device=dev,
+            device=dev,
+            batch_combinations=batch_combinations,
+            memory_budget_gb=memory_budget_gb,
         ).cpu()
         for k, j in enumerate(keep):
             pred = logits[k : k + 1].sigmoid() > 0.5

@@ -20,13 +20,17 @@ from collections.abc import Mapping, Sequence
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
+from torch.nn import functional as F
 
 from medfusion.encoders.base import fast_instance_norm
 from medfusion.encoders.unet3d import UNet3DEncoder
 from medfusion.fusion.base import FusionOutput
 from medfusion.modality import BRATS_MODALITIES, check_mask, validate_modalities
 
-__all__ = ["Segmenter", "build_decoder", "impute_features"]
+__all__ = ["DEFAULT_MEMORY_BUDGET_GB", "Segmenter", "build_decoder", "impute_features"]
+
+DEFAULT_MEMORY_BUDGET_GB = 1.0
+"""Activation memory the batched all-combination decoder uses at once (:meth:`Segmenter.decode_combinations`)."""
 
 
 def impute_features(feats: torch.Tensor, mask: torch.Tensor, impute: str) -> torch.Tensor:
@@ -74,6 +78,12 @@ def build_decoder(
     else:
         head = Convolution(3, prev, out_channels, kernel_size=1, conv_only=True)
     return fast_instance_norm(nn.ModuleList(ups)), fast_instance_norm(nn.ModuleList(blocks)), head
+
+
+def _leading_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv`` restricted to its first ``x.shape[1]`` input channels (with its bias)."""
+    weight = conv.weight[:, : x.shape[1]]
+    return F.conv3d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation)
 
 
 class Segmenter(nn.Module):
@@ -274,7 +284,12 @@ class Segmenter(nn.Module):
         return self.decode(self.fuse(self.encode(x, mask), mask))
 
     def predict_combinations(
-        self, image: torch.Tensor, combination_masks: torch.Tensor, modality_mask: torch.Tensor | None = None
+        self,
+        image: torch.Tensor,
+        combination_masks: torch.Tensor,
+        modality_mask: torch.Tensor | None = None,
+        batch_combinations: bool = True,
+        memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
     ) -> torch.Tensor:
         """Logits for several modality combinations, encoding each modality ONCE.
 
@@ -283,6 +298,13 @@ class Segmenter(nn.Module):
             combination_masks: bool ``[C, M]``, one row per combination.
             modality_mask: bool ``[B, M]`` availability of the case (default all); each combination
                 is intersected with it.
+            batch_combinations: decode the combinations together (:meth:`decode_combinations`: the
+                linear layers that read the fused features run once per (modality, slot) pair and are
+                mixed per combination, the rest of the decoder runs with the combinations folded into
+                the batch) instead of one :meth:`decode` per combination. Same logits up to float
+                rounding.
+            memory_budget_gb: activation memory the batched decoder may use at once; the combinations
+                are decoded in chunks that fit (at least one combination per chunk).
 
         Returns:
             ``[B, C * out_channels, D, H, W]``: channels ``[c*out:(c+1)*out]`` are combination ``c``
@@ -294,8 +316,214 @@ class Segmenter(nn.Module):
         zero_feats = None
         if self.impute_levels == "bottleneck":
             zero_feats = self.encode(torch.zeros_like(x[:1]))
+        combos = combination_masks.to(x.device).bool()
+        if batch_combinations and self._batchable():
+            if bool((avail == avail[:1]).all()):
+                return self.decode_combinations(feats, combos & avail[:1], zero_feats, memory_budget_gb)
+            # windows with different availability (never within one case): one row at a time
+            rows = [
+                self.decode_combinations(
+                    [f[b : b + 1] for f in feats], combos & avail[b : b + 1], zero_feats, memory_budget_gb
+                )
+                for b in range(x.shape[0])
+            ]
+            return torch.cat(rows, dim=0)
         outs = []
-        for combo in combination_masks.to(x.device).bool():
+        for combo in combos:
             mask = avail & combo.unsqueeze(0)
             outs.append(self.decode(self.fuse(feats, mask, zero_feats=zero_feats)))
+        return torch.cat(outs, dim=1)
+
+    # ------------------------------------------------------- batched decoding
+    def _batchable(self) -> bool:
+        """The decoder has the layout :meth:`decode_combinations` splits (one ``C_l``-channel slot per modality)."""
+        if self.ups[0].conv.in_channels != len(self.modalities) * self.channels[-1]:
+            return False
+        for up, block in zip(self.ups, self.blocks):
+            if not isinstance(up, Convolution) or not isinstance(up.conv, nn.ConvTranspose3d):
+                return False
+            if not isinstance(block, ResidualUnit) or not isinstance(block.residual, nn.Conv3d):
+                return False
+            first = block.conv[0]
+            if not isinstance(first, Convolution) or not isinstance(first.conv, nn.Conv3d) or first.conv.groups != 1:
+                return False
+        return True
+
+    def _level_coefficients(
+        self, masks: torch.Tensor, level: int, dtype: torch.dtype, zero_feats: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """How each fused slot of ``level`` is made from the per-modality features, per combination.
+
+        Args:
+            masks: bool ``[C, M]`` effective combinations.
+            level: encoder level.
+            dtype: dtype of the coefficients.
+            zero_feats: zero-image features are given (``impute_levels="bottleneck"``).
+
+        Returns:
+            ``(coef [C, M(slot), M(source)], zero_coef [C, M] or None)``: slot ``m`` of combination
+            ``c`` is ``sum_s coef[c, m, s] * f_s + zero_coef[c, m] * z_m`` (what :meth:`fuse` builds).
+        """
+        n_mod = masks.shape[1]
+        m = masks.to(dtype)
+        eye = torch.eye(n_mod, dtype=dtype, device=masks.device)
+        keep = m[:, :, None] * eye  # present slots keep their own features
+        if self.impute_levels == "all" or level == len(self.channels) - 1:
+            if self.impute == "zero":
+                return keep, None
+            mean = m / m.sum(dim=1, keepdim=True).clamp_min(1.0)  # [C, M(source)]
+            return keep + (1.0 - m)[:, :, None] * mean[:, None, :], None
+        if zero_feats:
+            return keep, 1.0 - m
+        return eye.expand(masks.shape[0], -1, -1), None  # raw features, as fuse() without zero_feats
+
+    @staticmethod
+    def _mixed_linear(
+        weight: torch.Tensor,
+        transposed: bool,
+        conv_kw: dict,
+        feats: torch.Tensor,
+        coef: torch.Tensor,
+        zero: torch.Tensor | None = None,
+        zero_coef: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A convolution over fused slots, for every combination, from per-(slot, source) convolutions.
+
+        ``conv(concat_m slot_m) = sum_m W_m * slot_m`` and each slot is a linear mix of the sources,
+        so the layer runs once per used (slot, source) pair and is mixed per combination with one
+        matrix product.
+
+        Args:
+            weight: the slots' part of the layer weight, ``[Cout, M*Cl, k...]`` (``[M*Cl, Cout, k...]``
+                when ``transposed``), no bias.
+            transposed: transposed convolution.
+            conv_kw: stride / padding (/ output_padding) / dilation of the layer.
+            feats: ``[B, M, Cl, *spatial]`` sources.
+            coef: ``[C, M(slot), M(source)]``.
+            zero: optional ``[1, M, Cl, *spatial]`` zero-image features (slot ``m`` only).
+            zero_coef: ``[C, M]`` their coefficients.
+
+        Returns:
+            ``[C, B, Cout, *spatial_out]``.
+        """
+        b, n_mod, c_in = feats.shape[:3]
+        c_out = weight.shape[1] if transposed else weight.shape[0]
+        if transposed:
+            per_slot = weight.reshape(n_mod, c_in, *weight.shape[1:])  # [M, Cl, Cout, k...]
+        else:
+            per_slot = weight.reshape(c_out, n_mod, c_in, *weight.shape[2:]).transpose(0, 1)  # [M, Cout, Cl, k...]
+        conv = F.conv_transpose3d if transposed else F.conv3d
+
+        def grouped(x: torch.Tensor) -> torch.Tensor:
+            # slot m reads source m only: one grouped convolution -> [B', M(slot), N]
+            if transposed:
+                w = per_slot.reshape(n_mod * c_in, *per_slot.shape[2:])
+            else:
+                w = per_slot.reshape(n_mod * c_out, *per_slot.shape[2:])
+            y = conv(x.flatten(1, 2), w, None, groups=n_mod, **conv_kw)
+            return y.reshape(x.shape[0], n_mod, -1), y.shape[2:]
+
+        off_diagonal = coef * (1.0 - torch.eye(n_mod, dtype=coef.dtype, device=coef.device))
+        if bool((off_diagonal == 0).all()):
+            diag = torch.diagonal(coef, dim1=1, dim2=2)  # [C, M]
+            y, spatial = grouped(feats)
+            out = torch.matmul(diag, y)  # [B, C, N]
+        else:
+            # every slot from every source: [B*M(source), Cl] -> [B*M(source), M(slot)*Cout]
+            if transposed:
+                w = per_slot.permute(1, 0, 2, *range(3, per_slot.ndim)).reshape(c_in, n_mod * c_out, *weight.shape[2:])
+            else:
+                w = per_slot.reshape(n_mod * c_out, c_in, *weight.shape[2:])
+            y = conv(feats.flatten(0, 1), w, None, **conv_kw)
+            spatial = y.shape[2:]
+            y = y.reshape(b, n_mod * n_mod, -1)  # index source * M + slot
+            out = torch.matmul(coef.transpose(1, 2).reshape(coef.shape[0], -1), y)
+        if zero is not None and zero_coef is not None:
+            yz, _ = grouped(zero)
+            out = out + torch.matmul(zero_coef, yz)
+        return out.transpose(0, 1).reshape(coef.shape[0], b, c_out, *spatial)
+
+    def decode_combinations(
+        self,
+        feats: Sequence[torch.Tensor],
+        masks: torch.Tensor,
+        zero_feats: Sequence[torch.Tensor] | None = None,
+        memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
+    ) -> torch.Tensor:
+        """Decode several combinations of the same windows together (cached evaluation's decoder).
+
+        ``decode(fuse(feats, mask_c, zero_feats=zero_feats))`` for every combination ``c``, computed
+        without building any fused tensor: the layers that read fused features (the bottleneck's
+        up-convolution, each residual unit's first convolution and residual projection on the skip
+        channels) are linear in them, and each fused slot is a linear mix of the per-modality
+        features (kept, mean-imputed, zeroed or zero-image features), so these layers run once per
+        (slot, modality) pair and are mixed per combination by a matrix product
+        (:meth:`_mixed_linear`). The remaining layers run with the combinations folded into the batch
+        dimension, in chunks of at most ``memory_budget_gb`` of activations.
+
+        Args:
+            feats: :meth:`encode` output, ``[B, M, C_l, ...]`` per level.
+            masks: bool ``[C, M]`` effective combinations (already intersected with availability; the
+                same for every row of ``feats``).
+            zero_feats: zero-image features (``impute_levels="bottleneck"``).
+            memory_budget_gb: activation budget per chunk.
+
+        Returns:
+            ``[B, C * out_channels, D, H, W]`` (layout of :meth:`predict_combinations`).
+        """
+        n_comb = masks.shape[0]
+        b = feats[0].shape[0]
+        dtype = feats[-1].dtype
+        last = len(feats) - 1
+        coefs = [self._level_coefficients(masks, lv, dtype, zero_feats is not None) for lv in range(len(feats))]
+
+        def zero_of(level: int) -> torch.Tensor | None:
+            return None if zero_feats is None else zero_feats[level]
+
+        # up-convolution of the fused bottleneck, every combination
+        up0 = self.ups[0].conv
+        up_kw = {
+            "stride": up0.stride,
+            "padding": up0.padding,
+            "output_padding": up0.output_padding,
+            "dilation": up0.dilation,
+        }
+        coef, zcoef = coefs[last]
+        x0 = self._mixed_linear(up0.weight, True, up_kw, feats[last], coef, zero_of(last), zcoef)
+        if up0.bias is not None:
+            x0 = x0 + up0.bias.view(1, 1, -1, *([1] * (x0.ndim - 3)))
+        # skip parts of each residual unit's first convolution and of its residual projection
+        skip_parts = []
+        for i, block in enumerate(self.blocks):
+            level = last - 1 - i
+            c_up = self.channels[level]
+            parts = []
+            for conv in (block.conv[0].conv, block.residual):
+                kw = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
+                coef, zcoef = coefs[level]
+                parts.append(
+                    self._mixed_linear(conv.weight[:, c_up:], False, kw, feats[level], coef, zero_of(level), zcoef)
+                )
+            skip_parts.append(parts)
+
+        # memory per combination of the chunked part: roughly 6 live maps per decoder level, plus the output
+        vox = [f[0, 0, 0].numel() for f in feats]
+        full = vox[0] * self.first_stride**3
+        per_comb = 4 * b * (6 * sum(c * v for c, v in zip(self.channels, vox)) + self.out_channels * full)
+        chunk = max(1, min(n_comb, int(memory_budget_gb * 1024**3 // max(per_comb, 1))))
+        outs = []
+        for start in range(0, n_comb, chunk):
+            sl = slice(start, min(n_comb, start + chunk))
+            k = sl.stop - sl.start
+            x = self.ups[0].adn(x0[sl].flatten(0, 1))
+            for i, block in enumerate(self.blocks):
+                if i > 0:
+                    x = self.ups[i](x)
+                first, rest = block.conv[0], block.conv[1:]
+                conv_part, res_part = skip_parts[i]
+                h = first.adn(_leading_conv(first.conv, x) + conv_part[sl].flatten(0, 1))
+                h = rest(h)
+                x = h + (_leading_conv(block.residual, x) + res_part[sl].flatten(0, 1))
+            y = self.head(x)  # [k*B, out, D, H, W], combination-major
+            outs.append(y.reshape(k, b, *y.shape[1:]).transpose(0, 1).reshape(b, k * y.shape[1], *y.shape[2:]))
         return torch.cat(outs, dim=1)

@@ -202,12 +202,52 @@ class LateSegmenter(SegmentationHead):
         out[rows] = z
         return out.view(b, n_mod, *z.shape[1:])
 
-    def head_outputs(
-        self, feats: Sequence[torch.Tensor], mask: torch.Tensor, zero_feats: Sequence[torch.Tensor] | None = None
-    ) -> FusionOutput:
-        """Average the present modalities' probabilities."""
-        z = self.modality_logits(feats, mask)
+    shared_modality_decodings: bool = True
+    """Each modality's decoding is independent of the others (late fusion, QMF): the all-combination path
+    decodes every available modality once and fuses per combination (:meth:`predict_combinations`)."""
+
+    def fuse_modalities(self, z: torch.Tensor, mask: torch.Tensor) -> FusionOutput:
+        """Average the present modalities' probabilities.
+
+        Args:
+            z: ``[B, M, out, D, H, W]`` per-modality logits, 0 for absent modalities.
+            mask: bool ``[B, M]``.
+        """
         present = mask.to(z.dtype).view(*mask.shape, *([1] * (z.ndim - 2)))
         probs = torch.sigmoid(z) * present
         fused = probs.sum(dim=1) / present.sum(dim=1).clamp_min(1.0)
         return FusionOutput(prob_logit(fused).to(z.dtype), {}, {"modality_logits": z, "modality_probs": probs})
+
+    def head_outputs(
+        self, feats: Sequence[torch.Tensor], mask: torch.Tensor, zero_feats: Sequence[torch.Tensor] | None = None
+    ) -> FusionOutput:
+        """Decode the present modalities alone and fuse them (:meth:`fuse_modalities`)."""
+        return self.fuse_modalities(self.modality_logits(feats, mask), mask)
+
+    def predict_combinations(
+        self,
+        image: torch.Tensor,
+        combination_masks: torch.Tensor,
+        modality_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """All-combination logits: each available modality encoded AND decoded once, fused per combination.
+
+        A modality's decoding does not depend on which other modalities are present, so ``M`` decodings serve
+        all combinations (instead of one per present modality and combination). ``kwargs`` are ignored.
+
+        Returns:
+            ``[B, C * out_channels, D, H, W]``.
+        """
+        if not self.shared_modality_decodings:
+            return super().predict_combinations(image, combination_masks, modality_mask, **kwargs)
+        x = self.stack_inputs(image)
+        avail = self._mask(x, modality_mask)
+        z = self.modality_logits(self.encode(x, avail), avail)
+        zero = torch.zeros((), dtype=z.dtype, device=z.device)
+        outs = []
+        for combo in combination_masks.to(x.device).bool():
+            mask = avail & combo.unsqueeze(0)
+            present = mask.view(*mask.shape, *([1] * (z.ndim - 2)))
+            outs.append(self.fuse_modalities(torch.where(present, z, zero), mask).logits)
+        return torch.cat(outs, dim=1)

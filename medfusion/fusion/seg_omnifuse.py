@@ -158,6 +158,7 @@ class OmniFuseSegmenter(LateSegmenter):
         self.register_buffer("combination_distance", torch.full((2**n_mod - 1,), float("nan")))
 
     lazy_mask = OmniFuseHead.lazy_mask
+    shared_modality_decodings = False  # z_m reads v'_m, which the CRA computes from every modality
 
     def _needs_zero_feats(self) -> bool:
         return True

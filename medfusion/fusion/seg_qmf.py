@@ -157,11 +157,8 @@ class QMFSegmenter(LateSegmenter):
         self.temperature = float(temperature)
         self.detach_weights = bool(detach_weights)
 
-    def head_outputs(
-        self, feats: Sequence[torch.Tensor], mask: torch.Tensor, zero_feats: Sequence[torch.Tensor] | None = None
-    ) -> FusionOutput:
-        """Energy-weighted sum of the present modalities' voxel logits."""
-        z = self.modality_logits(feats, mask)
+    def fuse_modalities(self, z: torch.Tensor, mask: torch.Tensor) -> FusionOutput:
+        """Energy-weighted sum of the present modalities' voxel logits (``z`` 0 where absent)."""
         weights, energy = voxel_qmf_weights(z, mask, self.weight_scale, self.temperature)
         w = weights.detach() if self.detach_weights else weights
         fused = (w * z).sum(dim=1)

@@ -137,3 +137,15 @@ def test_omnifuse_recipe_simulates_its_own_missingness():
     assert method.simulate and not hasattr(method, "dropout")
     assert method.alpha == 0.1  # OmniFuse's L_ra weight, not the bundle's MetaKD alpha
     assert build_seg_method("omnifuse", BRATS_MODALITIES, {"alpha": 0.3}).alpha == 0.3
+
+
+@pytest.mark.parametrize("method_name", ["late", "qmf"])
+def test_late_fusion_heads_decode_each_modality_once_for_all_combinations(method_name, monkeypatch):
+    torch.manual_seed(0)
+    net = create_segmenter(method_name, channels=CHANNELS).eval()
+    rows = []
+    decode = net.decode
+    monkeypatch.setattr(net, "decode", lambda levels: rows.append(levels[0].shape[0]) or decode(levels))
+    with torch.no_grad():
+        net.predict_combinations(_image(2), all_combination_masks(BRATS_MODALITIES), torch.tensor([[1, 1, 0, 1]] * 2))
+    assert rows == [2 * 3]  # one decoding of the 3 available modalities of both cases, shared by 15 combinations

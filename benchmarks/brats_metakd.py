@@ -54,6 +54,7 @@ from medfusion.evaluation.report import plot_heatmap, summarize
 from medfusion.evaluation.segmentation import evaluate_segmentation
 from medfusion.fusion.metakd import MetaKDMethod, kd_weight_matrix
 from medfusion.fusion.recipes import create_method
+from medfusion.fusion.seg_recipes import build_seg_method, create_segmenter
 from medfusion.modality import BRATS_MODALITIES, combination_name, combinations
 from medfusion.models.segmenter import Segmenter
 
@@ -302,6 +303,41 @@ register_arm(
 )
 
 
+def _seg_method(name: str) -> Callable[[ArmContext], tuple[nn.Module, Any]]:
+    """Builder of the BraTS bundle's ``--method_name`` ``name`` (``medfusion.fusion.seg_recipes``), same encoders."""
+
+    def build(ctx: ArmContext) -> tuple[nn.Module, Any]:
+        a = ctx.args
+        net = create_segmenter(name, MODS, channels=a.channels)
+        ctx_kw = {
+            "task": "segmentation",
+            "dropout_mode": a.dropout,
+            "seed": ctx.seed,
+            "num_samples": len(ctx.split["train"]),
+        }
+        return net, build_seg_method(name, MODS, None, **ctx_kw)
+
+    return build
+
+
+for _name, _label, _desc in (
+    (
+        "hemis",
+        "HeMIS",
+        "per level mean + variance of the present modalities' features, Dice + BCE (`--method_name hemis`)",
+    ),
+    ("late", "late", "each present modality decoded alone, probabilities averaged, Dice + BCE (`--method_name late`)"),
+    ("qmf", "QMF", "voxel-wise energy-weighted late fusion + ranking regulariser on the case history (`qmf`)"),
+    (
+        "omnifuse",
+        "OmniFuse",
+        "bottleneck CRA imputation + voxel-wise DWFuse (`omnifuse`); in B1's single-epoch schedule the lazy "
+        "combination is mined once, after training, so L_TLA is never active",
+    ),
+):
+    register_arm(SegArm(_name, _label, _desc, _seg_method(_name)))
+
+
 class LossRecorder:
     """Ignite handler keeping every iteration's scalar losses (``engine.state.output``)."""
 
@@ -377,7 +413,7 @@ def subset_means(per_seed):
 def exercised(rows, alpha, tail=50):
     """Mean task and KD loss over the last ``tail`` iterations and the share of the KD term in the loss."""
     last = rows[-tail:]
-    task = float(np.mean([r["task_loss"] for r in last]))
+    task = float(np.mean([r.get("task_loss", r["loss"]) for r in last]))  # methods without a KD term: their loss
     kd = float(np.mean([r.get("kd_loss", 0.0) for r in last]))
     first_kd = float(np.mean([r.get("kd_loss", 0.0) for r in rows[:tail]]))
     return {"task_loss": task, "kd_loss": kd, "kd_loss_first": first_kd, "alpha_kd_over_task": alpha * kd / task}

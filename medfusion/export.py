@@ -39,6 +39,7 @@ from torch import nn
 from medfusion.data._atomic import atomic_file
 from medfusion.encoders.base import Encoder
 from medfusion.encoders.text import BertEncoder
+from medfusion.engines.record import RECORD_KEY, load_model, read_checkpoint
 from medfusion.fusion.base import FusionModel
 from medfusion.models.segmenter import Segmenter
 
@@ -86,19 +87,6 @@ def _config_path(bundle_dir: Path, config: str | None) -> Path:
     raise FileNotFoundError(f"bundle {bundle_dir}: no config {' or '.join(str(cdir / n) for n in names)}.")
 
 
-def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt/non-checkpoint files
-        raise ValueError(f"checkpoint {checkpoint} cannot be read ({type(err).__name__}: {err}).") from None
-    if isinstance(ckpt, Mapping) and "model" in ckpt and isinstance(ckpt["model"], Mapping):
-        return dict(ckpt["model"])
-    if isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return dict(ckpt)  # a bare state dict
-    keys = sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
-    raise ValueError(f"checkpoint {checkpoint}: expected a dict with key 'model' (MONAI CheckpointSaver), got {keys}.")
-
-
 def load_bundle_model(
     bundle_dir: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
@@ -120,7 +108,9 @@ def load_bundle_model(
 
     Raises:
         FileNotFoundError: no bundle config or no checkpoint (the message says how to get one).
-        ValueError: the checkpoint cannot be read or does not fit ``network_def``.
+        ValueError: the checkpoint cannot be read, records another model than the config's ``model_record``
+            asks for (modalities, order, method, head, input sizes: one line saying what differs) or does not
+            fit ``network_def`` (see :func:`medfusion.engines.record.load_model`).
     """
     from monai.bundle import ConfigParser
 
@@ -135,6 +125,9 @@ def load_bundle_model(
         )
     parser = ConfigParser()
     parser.read_config(str(cfg))
+    meta = root / "configs" / "metadata.json"
+    if meta.is_file():
+        parser.read_meta(str(meta))  # the model record names the bundle version
     parser["bundle_root"] = str(root)
     if "ckpt_path" in parser:
         parser["ckpt_path"] = str(ckpt)  # configs that read the checkpoint while building network_def
@@ -147,13 +140,12 @@ def load_bundle_model(
         raise ValueError(
             f"bundle config {cfg}: network_def built a {type(model).__name__}, expected a torch.nn.Module."
         )
-    state = _read_state_dict(ckpt)
+    expected = parser.get_parsed_content("model_record") if "model_record" in parser else None
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+        load_model(ckpt, model, expected)
+    except ValueError as err:
         raise ValueError(
-            f"checkpoint {ckpt} does not fit network_def of {cfg} (pass the overrides the model was trained with, "
-            f"e.g. --override 'network_def#channels=[8,16,32,64]'): {str(err)[:600]}"
+            f"{err} (config {cfg}; pass the overrides the model was trained with, --override KEY=VALUE)"
         ) from None
     return model.eval(), parser
 
@@ -544,6 +536,9 @@ def export_encoder(
     pre = encoder_preprocessing(model, modality, settings)
     ckpt = Path(bundle_dir) / "models" / "model.pt" if checkpoint is None else Path(checkpoint)
     source = {"bundle": str(Path(bundle_dir).resolve()), "checkpoint": str(ckpt.resolve())}
+    record = read_checkpoint(ckpt).get(RECORD_KEY)
+    if isinstance(record, Mapping) and isinstance(record.get("model"), Mapping):
+        source["trained_on"] = dict(record["model"])  # modalities and order, method/head, inputs, bundle version
     if overrides:
         source["overrides"] = json.loads(json.dumps(dict(overrides), default=str))
     return export_encoder_from_model(

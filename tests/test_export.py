@@ -130,7 +130,8 @@ def test_errors(ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match="--checkpoint") as err:
         load_encoder(BUNDLE, "t1", checkpoint=missing, overrides=OVR)
     assert str(missing) in str(err.value)
-    with pytest.raises(ValueError, match="does not fit network_def"):
+    channels = r"network#channels: trained with \[8, 16, 32, 64\], asked for \[16, 32, 64, 128\]"
+    with pytest.raises(ValueError, match=f"does not match the configuration: {channels}"):
         load_encoder(BUNDLE, "t1", checkpoint=ckpt)  # default channels [16, ...] vs trained [8, ...]
     out = tmp_path / "exists.ts"
     out.write_bytes(b"keep")

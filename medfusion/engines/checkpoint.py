@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Mapping
@@ -9,15 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
+
+from medfusion.engines.record import RECORD_KEY, read_checkpoint, run_difference
 
 __all__ = [
     "load_checkpoint",
     "AtomicCheckpointSaver",
     "ValidationState",
     "find_last_checkpoint",
+    "prepare_run_dir",
     "resume_handlers",
     "attach_checkpointing",
+    "as_bool",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,12 +46,11 @@ def load_checkpoint(path: str | Path, objects: Mapping[str, Any], strict: bool =
 
     Raises:
         FileNotFoundError: ``path`` does not exist (the message names it).
+        ValueError: the file is empty or unreadable (one line naming it).
         KeyError: none of ``objects`` is in the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (train the bundle first, or pass the right path).")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     names = list(objects)
     if not any(n in ckpt for n in names):
         if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -152,17 +157,89 @@ class ValidationState:
                 obj.load_state_dict({"_saved": [tuple(item) for item in value["_saved"]]})
 
 
+def as_bool(value: bool | str, name: str) -> bool:
+    """``True``/``False`` or the strings the MONAI CLI passes (``"true"``, ``"False"``, ``"1"`` ...).
+
+    Raises:
+        ValueError: anything else (the message names ``name``).
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{name} must be true or false, got {value!r}.")
+        return text in ("true", "1", "yes")
+    return bool(value)
+
+
+def _checkpoints(ckpt_dir: Path, prefix: str = "last") -> list[tuple[int, Path]]:
+    """``(N, path)`` of every ``<prefix>_checkpoint_*=N.pt`` in ``ckpt_dir``, oldest first."""
+    found = []
+    for path in ckpt_dir.glob(f"{prefix}_checkpoint_*=*.pt"):
+        match = re.search(r"=(\d+)\.pt$", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
 def find_last_checkpoint(ckpt_dir: str | Path, prefix: str = "last") -> Path | None:
     """The newest interval checkpoint ``<prefix>_checkpoint_epoch=N.pt`` (largest N) in ``ckpt_dir``."""
-    best: tuple[int, Path] | None = None
-    for path in Path(ckpt_dir).glob(f"{prefix}_checkpoint_*=*.pt"):
-        match = re.search(r"=(\d+)\.pt$", path.name)
-        if match and (best is None or int(match.group(1)) > best[0]):
-            best = (int(match.group(1)), path)
-    return best[1] if best else None
+    found = _checkpoints(Path(ckpt_dir), prefix)
+    return found[-1][1] if found else None
 
 
-def resume_handlers(resume: bool | str, ckpt_dir: str | Path, load_dict: Mapping[str, Any]) -> list[Any]:
+#: Suffixes of the files a run writes into its checkpoint folder (removed by ``overwrite``).
+RUN_FILE_SUFFIXES = (".pt", ".pth", ".json", ".ts")
+
+
+def _run_files(ckpt_dir: Path) -> list[Path]:
+    """Files directly in ``ckpt_dir`` (subfolders, e.g. another config's own folder, are not this run's)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def prepare_run_dir(ckpt_dir: str | Path, resume: bool | str = False, overwrite: bool | str = False) -> Path:
+    """Make sure ``ckpt_dir`` receives one run: refuse another run's files unless ``resume`` or ``overwrite``.
+
+    Args:
+        ckpt_dir: the run's checkpoint folder (created).
+        resume: the run continues the one in the folder (its run record is checked when loading).
+        overwrite: start over: the previous run's checkpoint files (``*.pt``, ``*.pth``, ``*.json``,
+            ``*.ts`` directly in the folder) are removed first. Other files and subfolders are left.
+
+    Returns:
+        ``ckpt_dir`` as a Path.
+
+    Raises:
+        FileExistsError: the folder holds files and neither ``resume`` nor ``overwrite`` is set (one line
+            naming the folder and a file).
+        ValueError: both ``resume`` and ``overwrite``.
+    """
+    resume, overwrite = as_bool(resume, "resume"), as_bool(overwrite, "overwrite")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues a run, overwrite replaces it.")
+    out = Path(ckpt_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"checkpoint folder {out} is a file.")
+    files = _run_files(out)
+    if files and not resume:
+        if not overwrite:
+            raise FileExistsError(
+                f"checkpoint folder {out} already holds a run ({files[0].name}"
+                + (f" and {len(files) - 1} more" if len(files) > 1 else "")
+                + "); pass --resume True to continue it or --overwrite True to replace it."
+            )
+        for path in files:
+            if path.suffix in RUN_FILE_SUFFIXES:
+                path.unlink()
+        logger.info("overwrite: removed the previous run's checkpoint files from %s", out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resume_handlers(
+    resume: bool | str, ckpt_dir: str | Path, load_dict: Mapping[str, Any], record: Any = None
+) -> list[Any]:
     """Handlers that resume training from the newest checkpoint of ``ckpt_dir`` when ``resume`` is true.
 
     Args:
@@ -170,21 +247,26 @@ def resume_handlers(resume: bool | str, ckpt_dir: str | Path, load_dict: Mapping
         ckpt_dir: where the trainer's ``CheckpointSaver`` writes ``last_checkpoint_epoch=N.pt``.
         load_dict: what to restore, e.g. ``{"model": net, "optimizer": opt, "trainer": trainer, ...}``
             (the same dict the saver writes, so every piece of method state comes back).
+        record: the run's :class:`~medfusion.engines.record.RunRecord`; the checkpoint must hold the same.
 
     Raises:
         FileNotFoundError: ``resume`` is set but no checkpoint exists (the message names the folder).
+        ValueError: the newest checkpoint belongs to another run (one line saying what differs).
     """
-    if isinstance(resume, str):  # "--resume true" on the MONAI CLI arrives as a string
-        if resume.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"resume must be true or false, got {resume!r}.")
-        resume = resume.strip().lower() in ("true", "1", "yes")
-    if not resume:
+    if not as_bool(resume, "resume"):
         return []
     path = find_last_checkpoint(ckpt_dir)
     if path is None:
         raise FileNotFoundError(
             f"resume requested but {ckpt_dir} holds no last_checkpoint_epoch=N.pt; train without --resume first."
         )
+    if record is not None:
+        diff = run_difference(read_checkpoint(path).get(RECORD_KEY), record.state_dict())
+        if diff:
+            raise ValueError(
+                f"cannot resume from {path}: it is another run's checkpoint ({diff}); resume with the original "
+                "configuration, or pass --overwrite True to start over."
+            )
     logger.info("resuming from %s", path)
     return [CheckpointLoader(load_path=str(path), load_dict=dict(load_dict), strict=True)]
 
@@ -193,32 +275,50 @@ def attach_checkpointing(
     trainer: Any,
     ckpt_dir: str | Path,
     objects: Mapping[str, Any],
-    resume: bool = False,
+    resume: bool | str = False,
     save_interval: int = 1,
     n_saved: int = 1,
+    overwrite: bool | str = False,
+    record: Any = None,
 ) -> Any:
     """Attach the "last" checkpoint (atomic, every ``save_interval`` epochs) and, if ``resume``, the loader.
 
     The checkpoint holds ``objects`` (model, optimizer, scheduler, ``"method"``: the recipe's own
-    state) plus the trainer's epoch/iteration, so a resumed run continues where the file left off.
-    Done in Python rather than in the bundle's handler list because the trainer cannot reference
-    itself in a MONAI config. Only rank 0 writes (ignite's ``DiskSaver`` default); every rank loads.
+    state, ``"validation"``: the best-model tracking) plus the trainer's epoch/iteration and the run
+    record, so a resumed run continues where the file left off. Done in Python rather than in the
+    bundle's handler list because the trainer cannot reference itself in a MONAI config. Only rank 0
+    writes (ignite's ``DiskSaver`` default); every rank loads.
 
     Args:
         trainer: the ``SupervisedTrainer``.
-        ckpt_dir: checkpoint folder.
+        ckpt_dir: checkpoint folder; it must be empty unless ``resume`` or ``overwrite`` (see
+            :func:`prepare_run_dir`).
         objects: ``{name: object with state_dict}``.
-        resume: load the newest ``last_checkpoint_epoch=N.pt`` of ``ckpt_dir`` before training.
+        resume: load the newest ``last_checkpoint_epoch=N.pt`` of ``ckpt_dir`` (same run record) before
+            training; older ``last_checkpoint_*`` files are removed and the resumed one is replaced by the
+            next save, so the folder keeps the newest ``n_saved``.
         save_interval: epochs between checkpoints.
         n_saved: how many to keep.
+        overwrite: replace the run in ``ckpt_dir``.
+        record: the run's :class:`~medfusion.engines.record.RunRecord` (saved as ``"record"``).
 
     Returns:
         ``trainer`` (so a config can chain ``.run()``).
     """
+    import torch.distributed as dist
+
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if rank0:
+        prepare_run_dir(ckpt_dir, resume, overwrite)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank starts before rank 0 has checked (and, with overwrite, cleared) the folder
     save = {**objects, "trainer": trainer}
-    for handler in resume_handlers(resume, ckpt_dir, save):
+    if record is not None:
+        save[RECORD_KEY] = record
+    handlers = resume_handlers(resume, ckpt_dir, save, record)
+    for handler in handlers:
         handler.attach(trainer)
-    AtomicCheckpointSaver(
+    saver = AtomicCheckpointSaver(
         save_dir=str(ckpt_dir),
         save_dict=save,
         save_interval=save_interval,
@@ -226,5 +326,17 @@ def attach_checkpointing(
         file_prefix="last",
         save_final=False,
         epoch_level=True,
-    ).attach(trainer)
+    )
+    if handlers and rank0:
+        found = _checkpoints(Path(ckpt_dir))
+        keep, drop = found[-n_saved:], found[:-n_saved]
+        for _, path in drop:  # older files of this run (e.g. a kill between a save and its clean-up)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        # the saver forgets its files across processes: tell it which ones are on disk, so the next save
+        # replaces them instead of leaving them beside the new one
+        interval = saver._interval_checkpoint
+        assert interval is not None
+        interval.load_state_dict({"_saved": [Checkpoint.Item(n, p.name) for n, p in keep]})
+    saver.attach(trainer)
     return trainer

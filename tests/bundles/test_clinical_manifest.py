@@ -88,6 +88,7 @@ def test_tabular_preprocessing_fitted_on_train_saved_and_reused(trained):
     assert bool(ckpt["encoders.vitals.preprocess.fitted"])
     # medfusion.load_encoder rebuilds the network (manifest overrides) and returns the fitted preprocessing with it
     keys = ("data_layout", "modalities", "manifest_columns", "encoders#report", "method_name", "max_length")
+    keys += ("image_size",)  # the model record is checked: the input size it was trained with
     ckpt_path = work / "models" / "model.pt"
     encoder, preprocess = load_encoder(BUNDLE, "vitals", ckpt_path, "inference.json", {k: ov[k] for k in keys})
     torch.testing.assert_close(encoder.preprocess.center, ref.center)

@@ -100,6 +100,8 @@ def test_kill_mid_epoch_and_resume_matches_uninterrupted(cohort, tmp_path):
     assert not list((tmp_path / "cut" / "models").glob("tmp*")), "no partial checkpoint file is left"
     resumed = _run(script, cohort, tmp_path / "cut", kill_at=0, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the resumed run replaced the checkpoint it resumed from: one last_checkpoint_* is kept across resumes too
+    assert sorted(p.name for p in (tmp_path / "cut" / "models").glob("last_*")) == ["last_checkpoint_epoch=3.pt"]
 
     a = torch.load(tmp_path / "full" / "models" / "last_checkpoint_epoch=3.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "models" / "last_checkpoint_epoch=3.pt", weights_only=False)

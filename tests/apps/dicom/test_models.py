@@ -32,5 +32,6 @@ def test_label_convention_and_settings(checkpoint):
 
 
 def test_refuses_a_checkpoint_that_does_not_fit(checkpoint):
-    with pytest.raises(ValueError, match="does not fit network_def"):
+    shapes = r"does not fit the configured network: .*\[8, 1, 3, 3, 3\] in the file, \[16, 1, 3, 3, 3\] here"
+    with pytest.raises(ValueError, match=shapes):
         load_segmentation_model(ROOT / "bundles" / "brats_metakd", checkpoint, device="cpu")  # default channels

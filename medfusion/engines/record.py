@@ -45,12 +45,13 @@ RECORD_KEY = "record"
 FORMAT = "medfusion-run/1"
 
 #: Top-level config ids that do not change what is trained (where files go, which device, how many workers,
-#: how the run is started) and are left out of the run's configuration hash. Ids starting with ``eval_`` or
-#: ``_`` (``_meta_``, ``_comment``) are left out too.
+#: how the run is started, when it stops: a resumed run may be given more epochs) and are left out of the
+#: run's configuration hash. Ids starting with ``eval_`` or ``_`` (``_meta_``, ``_comment``) are left out too.
 NOT_TRAINING = frozenset(
     {
         "bundle_root", "ckpt_dir", "output_dir", "ckpt_path", "resume", "overwrite", "device", "backend",
         "num_workers", "check_data", "imports", "initialize", "run", "finalize", "model_record", "run_record",
+        "max_epochs",
     }
 )  # fmt: skip
 

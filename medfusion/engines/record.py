@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from medfusion.engines.frozen import FROZEN_KEY, complete_state
+
 __all__ = [
     "RECORD_KEY",
     "RunRecord",
@@ -224,7 +226,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def _state_dict(ckpt: Mapping[str, Any], path: Path, key: str) -> Mapping[str, torch.Tensor]:
     if key in ckpt and isinstance(ckpt[key], Mapping):
         return ckpt[key]
-    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    if ckpt and all(isinstance(v, torch.Tensor) for k, v in ckpt.items() if k != FROZEN_KEY):
         return ckpt  # a bare state dict
     raise ValueError(f"checkpoint {path}: no {key!r} weights; it holds {sorted(ckpt)}.")
 
@@ -284,7 +286,7 @@ def load_model(
             diff = model_difference(record["model"], expected)
             if diff:
                 raise ValueError(f"checkpoint {p} does not match the configuration: {diff}.")
-    state = _state_dict(ckpt, p, key)
+    state = complete_state(network, _state_dict(ckpt, p, key), p)  # frozen encoders saved by reference
     if strict:
         err = _fit_error(network, state)
         if err:

@@ -442,7 +442,8 @@ def save_meta_fusion(
 ) -> dict[str, Path]:
     """Stage (d): save the network with its Meta Fusion head.
 
-    Writes ``<ckpt_dir>/<filename>`` (``{"model": state_dict}``, the layout ``evaluate.json`` loads),
+    Writes ``<ckpt_dir>/<filename>`` (``{"model": state_dict}``, the layout ``evaluate.json`` loads; frozen
+    encoders by reference, see :mod:`medfusion.engines.frozen`),
     ``<ckpt_dir>/meta_fusion_config.json`` (``{"head_kwargs": ...}`` for :func:`meta_fusion_classifier`) and,
     with ``output_dir``, ``<output_dir>/meta_fusion_summary.json`` (:meth:`MetaFusion.summary` + the rule;
     non-finite losses as ``null``).
@@ -466,7 +467,9 @@ def save_meta_fusion(
     ckpt = Path(ckpt_dir)
     ckpt.mkdir(parents=True, exist_ok=True)
     paths = {"checkpoint": ckpt / filename, "config": ckpt / CONFIG_NAME}
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    from medfusion.engines.frozen import ByReference  # frozen encoders by reference, not their weights
+
+    state = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in ByReference(net).state_dict().items()}
     _atomic_write(paths["checkpoint"], lambda p: torch.save({"model": state}, p))
     config = {"head_kwargs": head.head_kwargs()}
     _atomic_write(paths["config"], lambda p: p.write_text(json.dumps(config, indent=2)))

@@ -128,3 +128,30 @@ def test_trainable_or_sourceless_bert_is_saved_in_full(bert_dir):
     for enc in (trainable, tiny):
         state = ByReference(enc).state_dict()
         assert FROZEN_KEY not in state and set(state) == set(enc.state_dict())
+
+
+def test_export_of_a_model_loaded_by_reference_is_self_contained(bert_dir, tmp_path):
+    from transformers import AutoModel
+
+    from medfusion.export import export_encoder_from_model
+    from medfusion.models.classifier import Classifier
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        encoders = {
+            "ehr": {"name": "gru", "in_features": 4, "hidden": 8},
+            "report": {"name": "bert", "model_dir": str(bert_dir), "freeze": True, "out_dim": 8},
+        }
+        return Classifier(encoders=encoders, head="concat", num_classes=2)
+
+    trained = build()
+    torch.save({"model": ByReference(trained).state_dict()}, tmp_path / "model.pt")
+    model = build()
+    load_model(tmp_path / "model.pt", model)
+    out = export_encoder_from_model(model, "report", tmp_path / "report_encoder")
+    reloaded = AutoModel.from_pretrained(str(out), add_pooling_layer=False)
+    bert = model.encoders["report"].bert.state_dict()
+    got = reloaded.state_dict()
+    assert set(bert) <= set(got)
+    for key, value in bert.items():
+        assert torch.equal(got[key], value), key

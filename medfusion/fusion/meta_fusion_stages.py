@@ -19,6 +19,12 @@ plain functions a bundle calls one after the other (no trainer fork):
 
 :class:`MetaFusionStages` runs (b)-(d) from a bundle's ``"run"`` list. Importing this module registers
 the ``"meta_fusion"`` fusion head.
+
+Under ``torchrun`` (an initialised :mod:`torch.distributed` process group) :class:`MetaFusionStages` runs
+multi-process: the encoders are synchronised from rank 0, each rank extracts a shard of every split
+(:func:`extract_features_distributed`; gathered back in loader order), rank 0 alone fits the cohort and
+writes the files, and the fitted head is broadcast to the other ranks. The result equals the
+single-process one (``tests/bundles/test_clinical_meta_fusion_multi_gpu.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from medfusion.data._atomic import atomic_file
 from medfusion.encoders.base import EncoderOutput
@@ -48,6 +56,7 @@ __all__ = [
     "default_grids",
     "MetaFusionHead",
     "extract_features",
+    "extract_features_distributed",
     "tabular_data",
     "fit_meta_fusion",
     "attach_head",
@@ -305,6 +314,100 @@ def extract_features(
     return MetaFusionData({m: torch.cat(xs[m]) for m in mods}, torch.cat(masks), torch.cat(ys))
 
 
+def _world() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(loader: Iterable[Mapping[str, Any]], rank: int, world: int) -> tuple[Iterable[Any], list[int]] | None:
+    """The current rank's part of ``loader`` and its dataset indices in order; ``None``: cannot be sharded.
+
+    A loader with a :class:`~torch.utils.data.DistributedSampler` is used as it is (its indices for the
+    current epoch; padding duplicates are dropped when gathering). A ``DataLoader`` over a sequential sampler
+    (``shuffle=False``) is rebuilt with rank ``r`` reading samples ``r, r + W, r + 2W, ...``.
+    """
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(loader, DataLoader) and isinstance(sampler, DistributedSampler):
+        return loader, [int(i) for i in sampler]
+    if not isinstance(loader, DataLoader) or not isinstance(sampler, SequentialSampler):
+        return None
+    indices = list(range(rank, len(loader.dataset), world))  # type: ignore[arg-type]
+    part = DataLoader(
+        torch.utils.data.Subset(loader.dataset, indices),
+        batch_size=loader.batch_size,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )
+    return part, indices
+
+
+def extract_features_distributed(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    modalities: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
+    task: str = "classification",
+    target_key: str = Keys.LABEL,
+) -> MetaFusionData | None:
+    """Stage (b) split across the ranks of the process group; every rank gets the whole split back.
+
+    Each rank runs :func:`extract_features` on its shard (see :func:`_shard`: a ``DataLoader`` with a
+    ``DistributedSampler`` or ``shuffle=False``), the shards are all-gathered and put back in dataset order
+    (duplicates from sampler padding dropped), which is the order of a single-process ``shuffle=False``
+    loader. Without a process group (or with one process) this is :func:`extract_features`. A loader that
+    cannot be sharded is extracted by rank 0 alone (the other ranks return ``None``).
+
+    Args:
+        model: as for :func:`extract_features`; the encoders must be identical on every rank.
+        loader: the whole split's loader (every rank passes the same one).
+        modalities: as for :func:`extract_features`.
+        device: as for :func:`extract_features`.
+        task: as for :func:`extract_features`.
+        target_key: as for :func:`extract_features`.
+
+    Returns:
+        ``MetaFusionData`` of the whole split (``None`` on ranks > 0 for a loader that cannot be sharded).
+
+    Raises:
+        ValueError: the gathered indices do not cover the dataset, or the split is empty.
+    """
+    rank, world = _world()
+    if world == 1:
+        return extract_features(model, loader, modalities, device, task, target_key)
+    shard = _shard(loader, rank, world)
+    if shard is None:
+        logger.warning("meta fusion: loader %s cannot be sharded; rank 0 extracts it alone", type(loader).__name__)
+        return extract_features(model, loader, modalities, device, task, target_key) if rank == 0 else None
+    part, indices = shard
+    local = extract_features(model, part, modalities, device, task, target_key) if indices else None
+    logger.info("meta fusion: rank %d of %d extracted %d samples", rank, world, len(indices))
+    if local is not None and len(local.mask) != len(indices):
+        raise ValueError(
+            f"extract_features_distributed: rank {rank} got {len(local.mask)} samples, expected {len(indices)}."
+        )
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, (indices, None if local is None else (local.x, local.mask, local.y)))
+    filled = [(idx, data) for idx, data in parts if data is not None]
+    all_idx = [int(i) for idx, _ in filled for i in idx]
+    first: dict[int, int] = {}  # dataset index -> row in the rank-ordered concatenation (padding dropped)
+    for row, i in enumerate(all_idx):
+        first.setdefault(i, row)
+    order = sorted(first)
+    n = len(loader.dataset) if hasattr(loader, "dataset") else len(order)  # type: ignore[attr-defined]
+    if not order or order != list(range(n)):
+        raise ValueError(
+            f"extract_features_distributed: the ranks' shards cover {len(order)} distinct samples, expected "
+            f"indices 0..{n - 1} (a sampler that drops samples?)."
+        )
+    take = torch.tensor([first[i] for i in order], dtype=torch.long)
+    x = {m: torch.cat([d[0][m] for _, d in filled])[take] for m in filled[0][1][0]}
+    return MetaFusionData(x, torch.cat([d[1] for _, d in filled])[take], torch.cat([d[2] for _, d in filled])[take])
+
+
 def tabular_data(
     frame: Any, columns: Mapping[str, Sequence[str]], target: str, task: str = "regression"
 ) -> MetaFusionData:
@@ -544,6 +647,13 @@ class MetaFusionStages:
         filename: name of the saved checkpoint.
         resume: continue an interrupted fit from ``ckpt_dir/meta_fusion_stages.pt`` (written after every Meta
             Fusion stage, removed once ``model.pt`` is saved); features are re-extracted (deterministic).
+
+    Multi-process (an initialised process group, e.g. under ``torchrun``): the network's weights are
+    broadcast from rank 0 (after rank 0 loads ``encoder_checkpoint``), each rank extracts a shard of each
+    split (:func:`extract_features_distributed`), rank 0 fits the cohort (stage checkpoint and resume
+    included) while the others wait, the fitted head is broadcast to every rank (same head everywhere), and
+    rank 0 alone writes ``model.pt``, ``meta_fusion_config.json`` and the summary. The other ranks wait in a
+    collective during the fit: give ``init_process_group`` a ``timeout`` longer than the fit.
     """
 
     def __init__(
@@ -582,23 +692,57 @@ class MetaFusionStages:
         self.head: MetaFusionHead | None = None
 
     def extract(self) -> dict[str, MetaFusionData]:
-        """Stage (b) on the train and validation loaders (after loading ``encoder_checkpoint``)."""
-        if self.encoder_checkpoint is not None and Path(self.encoder_checkpoint).is_file():
+        """Stage (b) on the train and validation loaders (after loading ``encoder_checkpoint``).
+
+        Multi-process: rank 0's weights are broadcast first and each rank extracts a shard; every rank
+        returns the whole splits (a split that cannot be sharded is missing on ranks > 0).
+        """
+        rank, world = _world()
+        if rank == 0 and self.encoder_checkpoint is not None and Path(self.encoder_checkpoint).is_file():
             from medfusion.engines.checkpoint import load_checkpoint
 
             load_checkpoint(self.encoder_checkpoint, {"model": unwrap(self.network)})
             logger.info("meta fusion: encoders from %s", self.encoder_checkpoint)
+        if world > 1:
+            for tensor in unwrap(self.network).state_dict().values():
+                dist.broadcast(tensor, 0)  # same encoders on every rank (rank 0 read the checkpoint)
         task = str(self.meta_kwargs.get("task", "classification"))
-        self.data = {
-            s: extract_features(self.network, self.loaders[s], None, self.device, task, self.target_key)
+        data = {
+            s: extract_features_distributed(self.network, self.loaders[s], None, self.device, task, self.target_key)
             for s in (self.train_split, self.val_split)
         }
+        self.data = {s: d for s, d in data.items() if d is not None}
         return self.data
 
     def fit(self) -> MetaFusionHead:
-        """Stage (c) on the extracted features."""
+        """Stage (c) on the extracted features (multi-process: on rank 0, then broadcast to every rank)."""
         if not self.data:
             self.extract()
+        rank, world = _world()
+        if world == 1:
+            self.head = self._fit()
+            return self.head
+        message: list[Any] = [None]
+        if rank == 0:
+            try:
+                head = self._fit()
+                message = [(head.head_kwargs(), {k: v.cpu() for k, v in head.state_dict().items()})]
+            except Exception as err:
+                dist.broadcast_object_list([f"{type(err).__name__}: {err}"], src=0)  # release the waiting ranks
+                raise
+        dist.broadcast_object_list(message, src=0)
+        if isinstance(message[0], str):
+            raise RuntimeError(f"MetaFusionStages: the Meta Fusion fit failed on rank 0 ({message[0]}).")
+        if rank == 0:
+            self.head = head
+        else:
+            net = unwrap(self.network)
+            dims = {m: int(d) for m, d in message[0][0]["config"]["in_dims"].items()}
+            self.head = MetaFusionHead(net.modalities, dims, num_classes=self.num_classes, **message[0][0])
+            self.head.load_state_dict(message[0][1])
+        return self.head
+
+    def _fit(self) -> MetaFusionHead:
         mods = unwrap(self.network).modalities
         grids = self.grids
         if grids is not None and list(grids) != list(mods):
@@ -608,7 +752,7 @@ class MetaFusionStages:
         train = self.data[self.train_split]
         if grids is None:
             grids = default_grids(mods, {m: int(train.x[m].shape[1]) for m in mods})
-        self.head = fit_meta_fusion(
+        return fit_meta_fusion(
             train,
             self.data[self.val_split],
             grids,
@@ -618,12 +762,15 @@ class MetaFusionStages:
             resume=self.resume,
             **self.meta_kwargs,
         )
-        return self.head
 
     def run(self) -> MetaFusionHead:
-        """Stages (b)-(d): extract, fit, attach the head and save checkpoint, config and summary."""
+        """Stages (b)-(d): extract, fit, attach the head and save checkpoint, config and summary (rank 0 writes)."""
         head = self.fit()
         attach_head(self.network, head)
-        save_meta_fusion(self.network, self.ckpt_dir, self.output_dir, self.filename)
-        self.stage_checkpoint.unlink(missing_ok=True)
+        rank, world = _world()
+        if rank == 0:
+            save_meta_fusion(self.network, self.ckpt_dir, self.output_dir, self.filename)
+            self.stage_checkpoint.unlink(missing_ok=True)
+        if world > 1:
+            dist.barrier()  # the files exist once any rank returns
         return head

@@ -391,13 +391,22 @@ def extract_features_distributed(
         )
     parts: list[Any] = [None] * world
     dist.all_gather_object(parts, (indices, None if local is None else (local.x, local.mask, local.y)))
+    n = len(loader.dataset) if hasattr(loader, "dataset") else None  # type: ignore[attr-defined]
+    return _reassemble(parts, n)
+
+
+def _reassemble(parts: Sequence[tuple[Sequence[int], Any]], n: int | None) -> MetaFusionData:
+    """The ranks' ``(dataset indices, (x, mask, y) or None)`` shards as one split in dataset order.
+
+    A dataset index met twice (a ``DistributedSampler``'s padding) keeps its first row; the indices must be
+    exactly ``0..n-1`` (``n=None``: whatever they cover, without gaps).
+    """
     filled = [(idx, data) for idx, data in parts if data is not None]
-    all_idx = [int(i) for idx, _ in filled for i in idx]
-    first: dict[int, int] = {}  # dataset index -> row in the rank-ordered concatenation (padding dropped)
-    for row, i in enumerate(all_idx):
+    first: dict[int, int] = {}  # dataset index -> row in the rank-ordered concatenation
+    for row, i in enumerate(int(i) for idx, _ in filled for i in idx):
         first.setdefault(i, row)
     order = sorted(first)
-    n = len(loader.dataset) if hasattr(loader, "dataset") else len(order)  # type: ignore[attr-defined]
+    n = len(order) if n is None else n
     if not order or order != list(range(n)):
         raise ValueError(
             f"extract_features_distributed: the ranks' shards cover {len(order)} distinct samples, expected "

@@ -123,3 +123,37 @@ def test_meta_fusion_torchrun_matches_single_process(cohort, tmp_path):
         pa = ha(feats, mask).logits.exp()
         pb = hb(feats, mask).logits.exp()
     torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["sequential", "distributed_padded"])
+def test_shards_reassemble_in_dataset_order(sampler):
+    """Each rank's shard + the gather give every sample once, in dataset order (padding duplicates dropped)."""
+    from monai.data import DistributedSampler
+    from torch.utils.data import DataLoader
+
+    from medfusion.fusion.meta_fusion_stages import _reassemble, _shard
+
+    n, world = 7, 2
+    dataset = list(range(n))
+    parts = []
+    for rank in range(world):
+        loader = (
+            DataLoader(dataset, batch_size=2, shuffle=False)
+            if sampler == "sequential"
+            else DataLoader(
+                dataset,
+                batch_size=2,
+                sampler=DistributedSampler(dataset, even_divisible=True, num_replicas=2, rank=rank),
+            )
+        )
+        part, indices = _shard(loader, rank, world)
+        seen = torch.cat(list(part)).tolist()
+        assert seen == indices and len(indices) == (4 if sampler == "distributed_padded" or rank == 0 else 3)
+        value = torch.tensor(seen, dtype=torch.float32)
+        parts.append((indices, ({"m": value[:, None]}, value > 2, value.long())))
+    data = _reassemble(parts, n)
+    assert data.x["m"][:, 0].tolist() == list(range(n)) and data.y.tolist() == list(range(n))
+    assert data.mask.tolist() == [i > 2 for i in range(n)]
+    truncated = [(idx[:-1], ({"m": d[0]["m"][:-1]}, d[1][:-1], d[2][:-1])) for idx, d in parts]
+    with pytest.raises(ValueError, match="distinct samples, expected indices 0..6"):  # index 6 is gone
+        _reassemble(truncated, n)

@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--old_defaults", action="store_true", help="also the previous defaults on the first seed")
     parser.add_argument("--old_heads", nargs="+", default=None, choices=HEADS,
                         help="heads of the --old_defaults arm (default: every head of --heads)")  # fmt: skip
+    parser.add_argument("--only_old", action="store_true", help="with --old_defaults: skip the new-defaults arms")
     parser.add_argument("--minilm_check", action="store_true", help="concat with the default MiniLM, first seed")
     parser.add_argument("--quick", action="store_true", help="smoke run: 80 rows, concat + qmf, 2 epochs")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"seed": seed, "arm": "logreg", "defaults": "-", "vitals_auroc": lr["auroc"],
                         "vitals_auroc_lo": lr["auroc_lo"], "vitals_auroc_hi": lr["auroc_hi"]})  # fmt: skip
         logger.info("seed %d: logistic regression test AUROC %.3f (%s)", seed, lr["auroc"], split_rule)
-        arms = [("new", head, dict(extra)) for head in heads]
+        arms = [] if args.only_old else [("new", head, dict(extra)) for head in heads]
         if args.old_defaults and seed == seeds[0]:
             arms += [("old", head, {**OLD_DEFAULTS, **extra}) for head in (args.old_heads or heads)]
         if args.minilm_check and seed == seeds[0]:
@@ -342,7 +343,11 @@ def _markdown(table: pd.DataFrame, meta: dict[str, Any]) -> str:
             for r in meta.get("runs", [])
         ),
         *([""] if meta.get("runs") else []),
-        *([] if meta.get("complete", True) else ["**Partial: the run was cut short; only the arms below ran.**", ""]),
+        *(
+            []
+            if meta.get("complete", True)
+            else ["**Partial: planned arms of a run marked 'cut short' did not run; only the arms below ran.**", ""]
+        ),
         f"Cohort: `write_manifest_cohort(rows={meta['rows']}, seed=s, image_size={meta['image_size']})` per seed "
         "(signal shares ehr 0.5 / cxr 0.3 / note 0.2). Bundle: `train.json` defaults + the data overrides of "
         f"`cohort_bundle_overrides` + `image_size` {meta['image_size']} + `encoders#report` "

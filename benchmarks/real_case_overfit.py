@@ -179,7 +179,12 @@ def write_markdown(res: dict, path: Path) -> None:
         + ("met" if t["original_wt_ge_0.85"] else "NOT met")
         + "**; z-scored + mask WT within 0.05 of the original: **"
         + ("met" if t["zscored_mask_within_0.05"] else "NOT met")
-        + "**.",
+        + "**"
+        + (
+            f" (difference {res['arms']['zscored_mask']['dice_wt'] - res['arms']['original']['dice_wt']:+.3f})."
+            if {"original", "zscored_mask"} <= set(res["arms"])
+            else "."
+        ),
         "",
         "Data facts: " + json.dumps(res["facts"]),
         "",
@@ -238,12 +243,12 @@ def _targets(arms: dict) -> dict:
         "zscored_mask_within_0.05": bool(
             "original" in arms
             and "zscored_mask" in arms
-            and arms["zscored_mask"]["dice_wt"] >= arms["original"]["dice_wt"] - 0.05
+            and abs(arms["zscored_mask"]["dice_wt"] - arms["original"]["dice_wt"]) <= 0.05
         ),
     }
 
 
-def combine(sources: list[Path], out: Path, argv: list[str] | None) -> int:
+def combine(sources: list[Path], out: Path, argv: list[str] | None, log_note: str | None = None) -> int:
     """Merge arms measured by separate runs with the same settings (e.g. arms run side by side to save wall time).
 
     The first result JSON gives the data facts, checks and versions; every source must have the same iterations.
@@ -261,7 +266,8 @@ def combine(sources: list[Path], out: Path, argv: list[str] | None) -> int:
             run = {k: part[k] for k in ("command", "machine", "load_start", "load_end")}
         else:
             arms, iters = _arms_from_log(src)
-            run = {"command": f"(log {src.name}: stopped after these arms; numbers from its 'arm NAME: ...' lines)"}
+            note = f"{log_note}; " if log_note else ""
+            run = {"command": f"{note}log {src.name}: stopped after these arms, numbers from its 'arm NAME: ...' lines"}
         if iters != res["args"]["iterations"]:
             raise SystemExit(f"{src}: {iters} iterations, {jsons[0]}: {res['args']['iterations']}")
         res["arms"].update(arms)
@@ -295,10 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="merge the arms of earlier runs (result JSONs, or logs of runs stopped after some arms) into --out",
     )
+    p.add_argument("--log_note", default=None, help="with --combine: what the logs' runs were (their command)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.combine:
-        return combine(args.combine, args.out, argv)
+        return combine(args.combine, args.out, argv, args.log_note)
     if not args.real.is_dir():
         print(f"real case not found at {args.real}", file=sys.stderr)
         return 2

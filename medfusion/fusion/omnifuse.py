@@ -45,6 +45,7 @@ Decisions:
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -227,11 +228,33 @@ def simulate_missing(observed: torch.Tensor, generator: torch.Generator | None =
     return combos[pick].to(observed.device)
 
 
+_ZERO_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _frozen_state(encoder: nn.Module, x: torch.Tensor) -> Any:
+    """Key of a frozen encoder's zero-input output, or ``None`` when it may have changed since it was computed.
+
+    Frozen: no parameter requires a gradient and every submodule holding buffers is in eval mode (a module in
+    train mode may update running statistics in place). The key holds the input's shape/dtype/device and every
+    parameter's and buffer's storage and version counter (any in-place update, ``load_state_dict`` included,
+    changes it).
+    """
+    if any(p.requires_grad for p in encoder.parameters()):
+        return None
+    if any(mod.training for mod in encoder.modules() if next(mod.buffers(recurse=False), None) is not None):
+        return None
+    tensors = [*encoder.parameters(), *encoder.buffers()]
+    return (tuple(x.shape), x.dtype, str(x.device), tuple((t.data_ptr(), t._version) for t in tensors))
+
+
 def refresh_zero_pooled(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> None:
     """Store every encoder's pooled output on a zero input in the OmniFuse head (``e_m(0)``).
 
     Each encoder runs in eval mode without gradient on ``zeros_like(inputs[m][:1])`` (its train/eval mode
-    is restored afterwards).
+    is restored afterwards). A frozen encoder (no trainable parameter, buffers only in eval-mode modules, e.g.
+    the frozen MiniLM report encoder) is run again only when one of its parameters or buffers, or the input
+    shape, changed since its last run (:func:`_frozen_state`): the stored output is the same tensor it would
+    compute.
 
     Args:
         model: a ``FusionModel`` (possibly wrapped) whose head is an :class:`OmniFuseHead`.
@@ -242,11 +265,19 @@ def refresh_zero_pooled(model: nn.Module, inputs: Mapping[str, torch.Tensor]) ->
     pooled = {}
     for m in head.modalities:
         enc = net.encoders[m]
+        zero = torch.zeros_like(inputs[m][:1])
+        key = _frozen_state(enc, zero)
+        cached = _ZERO_CACHE.get(enc)
+        if key is not None and cached is not None and cached[0] == key:
+            pooled[m] = cached[1]
+            continue
         was_training = enc.training
         enc.eval()
         with torch.no_grad():
-            pooled[m] = enc(torch.zeros_like(inputs[m][:1])).pooled[0]
+            pooled[m] = enc(zero).pooled[0]
         enc.train(was_training)
+        if key is not None:
+            _ZERO_CACHE[enc] = (_frozen_state(enc, zero), pooled[m])
     head.set_zero_pooled(pooled)
 
 
@@ -457,9 +488,11 @@ def combination_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of the deployable prediction for every combination (TLA mining).
 
-    Encoders run once per batch; the head runs once per combination with only that combination present.
-    A sample counts for combination ``c`` only when all of ``c``'s modalities are observed in it. The
-    network is put in eval mode (and restored).
+    Encoders run once per batch; the head runs once per batch on every (combination, sample) pair folded
+    into its batch dimension, each row with only its combination present (heads are row-independent in eval
+    mode; same values as one head call per combination up to float rounding of the sums). A sample counts
+    for combination ``c`` only when all of ``c``'s modalities are observed in it. The network is put in eval
+    mode (and restored).
 
     Args:
         model: a ``FusionModel`` (possibly wrapped).
@@ -482,14 +515,19 @@ def combination_losses(
             observed = batch[Keys.MASK].bool()
             labels = batch[Keys.LABEL].long()
             feats = net.encode(model_inputs(batch, tuple(modalities)))
+            # every (combination, valid sample) row in ONE head call: rows are independent in eval mode
             rows = combos.to(observed.device)
-            for c in range(len(combos)):
-                valid = (observed | ~rows[c]).all(dim=1)
-                if not bool(valid.any()):
-                    continue
-                logits = net.head(feats, rows[c].expand(observed.shape[0], -1)).logits
-                sums[c] += float(F.cross_entropy(logits[valid].float(), labels[valid], reduction="sum"))
-                counts[c] += int(valid.sum())
+            valid = (observed.unsqueeze(0) | ~rows.unsqueeze(1)).all(dim=-1)  # [C, B]
+            comb_idx, sample_idx = valid.nonzero(as_tuple=True)
+            if comb_idx.numel() == 0:
+                continue
+            folded = {
+                m: EncoderOutput(f.pooled[sample_idx], tuple(t[sample_idx] for t in f.maps)) for m, f in feats.items()
+            }
+            logits = net.head(folded, rows[comb_idx]).logits
+            ce = F.cross_entropy(logits.float(), labels[sample_idx], reduction="none")
+            sums.index_add_(0, comb_idx.cpu(), ce.detach().cpu().to(sums.dtype))
+            counts.index_add_(0, comb_idx.cpu(), torch.ones_like(comb_idx.cpu()))
     finally:
         net.train(was_training)
     return sums, counts

@@ -1,0 +1,52 @@
+"""OmniFuse work removed for speed gives the same values: folded TLA mining, cached zero input of frozen encoders."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from medfusion.fusion.omnifuse import combination_losses, refresh_zero_pooled
+from medfusion.modality import all_combination_masks
+from tests.fusion.test_omnifuse import MODS, tiny_batch, tiny_model
+
+
+def test_folded_mining_equals_one_head_call_per_combination():
+    model = tiny_model().eval()
+    batches = [tiny_batch(5, seed=3), tiny_batch(6, seed=4, full=False)]
+    refresh_zero_pooled(model, batches[0])
+    sums, counts = combination_losses(model, batches, MODS)
+    combos = all_combination_masks(MODS)
+    ref_sums, ref_counts = torch.zeros(len(combos), dtype=torch.float64), torch.zeros(len(combos), dtype=torch.long)
+    with torch.no_grad():
+        for b in batches:
+            feats = model.encode({m: b[m] for m in MODS})
+            for c, combo in enumerate(combos):
+                valid = (b["modality_mask"] | ~combo).all(dim=1)
+                logits = model.head(feats, combo.expand(len(valid), -1)).logits
+                ref_sums[c] += float(F.cross_entropy(logits[valid], b["label"][valid], reduction="sum"))
+                ref_counts[c] += int(valid.sum())
+    assert counts.tolist() == ref_counts.tolist()
+    assert ref_counts.min() < ref_counts.max()  # the incomplete batch makes the counts differ
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-6, atol=1e-6)
+
+
+def test_frozen_encoder_zero_input_cached_until_it_changes():
+    model = tiny_model()
+    frozen = model.encoders["a"]
+    frozen.requires_grad_(False)
+    calls = {"a": 0, "b": 0}
+    for m in calls:
+        model.encoders[m].register_forward_hook(lambda *_, m=m: calls.__setitem__(m, calls[m] + 1))
+    batch = tiny_batch()
+    refresh_zero_pooled(model, batch)
+    refresh_zero_pooled(model, batch)
+    assert calls == {"a": 1, "b": 2}  # the trainable encoder runs every time
+    with torch.no_grad():
+        frozen.lin.bias.add_(1.0)  # an in-place change of a frozen weight is seen
+    refresh_zero_pooled(model, batch)
+    assert calls["a"] == 2
+    torch.testing.assert_close(model.head._zero_slices()["a"], torch.tanh(frozen.lin.bias))
+    frozen.load_state_dict({k: torch.zeros_like(v) for k, v in frozen.state_dict().items()})  # e.g. a checkpoint
+    refresh_zero_pooled(model, batch)
+    assert calls["a"] == 3
+    assert torch.equal(model.head._zero_slices()["a"], torch.zeros(5))

@@ -87,7 +87,8 @@ def predict_all_combinations(
         batch_combinations: cached path only: decode the combinations of a window together (see the
             module doc) instead of one decoder call per combination.
         memory_budget_gb: cached batched path: decoder activations per chunk of combinations.
-        progress: tqdm bar over the sliding windows (MONAI's ``progress``).
+        progress: tqdm bars over the sliding windows (MONAI's ``progress``; all combinations of a window are
+            computed together on the cached path) and, on the naive path, over the combinations.
 
     Returns:
         logits ``[C, out_channels, D, H, W]``.
@@ -123,7 +124,7 @@ def predict_all_combinations(
             )
             return out.reshape(n_comb, -1, *out.shape[2:]).float()
         outs = []
-        for c in range(n_comb):
+        for c in tqdm(range(n_comb), desc="combinations", unit="combination", leave=False, disable=not progress):
             mask = modality_mask & combination_masks[c : c + 1].to(modality_mask.device)
             outs.append(
                 sliding_window_inference(
@@ -229,7 +230,8 @@ def evaluate_segmentation(
         et_min_voxels: ET post-processing threshold.
         amp: autocast on CUDA.
         device: model device (default: CUDA when available).
-        progress: show a tqdm bar.
+        progress: tqdm bars: cases (with the case and its number of combinations) and, within a case, its
+            sliding windows (so a full-size case of a minute is not silent).
         title: heading of the summary / heatmap.
         record: facts about the run written to ``evaluation.json`` (split, checkpoint, network keys;
             ``medfusion compare`` checks that compared runs share them).
@@ -258,7 +260,8 @@ def evaluate_segmentation(
         transform = brats_transforms(modalities, mode="eval")
     model = model.to(dev).eval()
     rows: list[dict[str, Any]] = []
-    for i, entry in enumerate(tqdm(data, desc="evaluate", disable=not progress)):
+    bar = tqdm(data, desc="evaluate", unit="case", disable=not progress)
+    for i, entry in enumerate(bar):
         sample = transform(entry) if transform is not None else entry
         case_id = str(sample.get(Keys.CASE_ID, entry.get(Keys.CASE_ID, i)))
         if Keys.LABEL not in sample:
@@ -270,6 +273,7 @@ def evaluate_segmentation(
         if not keep:
             logger.warning("case %s: no requested combination is available; skipped", case_id)
             continue
+        bar.set_postfix_str(f"{case_id}: {len(keep)} combinations")
         logits = predict_all_combinations(
             model,
             image,
@@ -284,6 +288,7 @@ def evaluate_segmentation(
             device=dev,
             batch_combinations=batch_combinations,
             memory_budget_gb=memory_budget_gb,
+            progress=progress,
         ).cpu()
         for k, j in enumerate(keep):
             pred = logits[k : k + 1].sigmoid() > 0.5

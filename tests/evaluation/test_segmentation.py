@@ -93,3 +93,13 @@ def test_cached_equals_naive(tiny_cases, tmp_path):
 def test_no_cases_error():
     with pytest.raises(ValueError, match="no cases"):
         evaluate_segmentation(Segmenter(MODS, channels=(4, 8)), [], MODS)
+
+
+def test_progress_shows_cases_combinations_and_windows(tiny_cases, capsys):
+    net = Segmenter(MODS, channels=(4, 8, 16)).eval()
+    evaluate_segmentation(net, tiny_cases[1:], MODS, None, roi_size=(16, 16, 16), hd95=False, progress=True)
+    err = capsys.readouterr().err
+    assert "evaluate" in err and "c1: 7 combinations" in err  # the case bar names the case and its combinations
+    assert "3/3" in err  # the sliding-window bar of the 32x16x16 case (three 16^3 windows at overlap 0.25)
+    evaluate_segmentation(net, tiny_cases[1:], MODS, None, roi_size=(16, 16, 16), hd95=False, progress=False)
+    assert capsys.readouterr().err == ""

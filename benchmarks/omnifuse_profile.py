@@ -1,0 +1,259 @@
+"""B4, OmniFuse training cost: per-iteration and per-epoch time relative to concat, before and after the speed-ups.
+
+Setting (as ``benchmarks/clinical_b2.py``, data in memory so only the model's work is timed): EHR MLP on
+[24, 76], CXR ResNet10-2D (widen 0.25) at 48^2, report ``bert_tiny`` (96 tokens; trainable, or frozen as the
+clinical bundle's default MiniLM is), batch 32, ``--samples`` random samples, ``--epochs`` epochs, Adam.
+Heads: ``concat`` and ``omnifuse`` (library defaults: simulated missingness, ``e_m(0)`` refresh every
+iteration, TLA mining after every epoch).
+
+"before" runs the medfusion package of git revision ``--before_rev`` (extracted to a temporary folder and put
+first on ``PYTHONPATH``), "after" the working tree; every (code, head, report encoder) run is a fresh process,
+the runs alternate within each repeat, so machine load hits all of them alike. Per-iteration time = median of
+``ITERATION_STARTED -> ITERATION_COMPLETED`` (first iteration dropped); per-epoch time = mean of
+``EPOCH_STARTED -> EPOCH_COMPLETED`` after every handler (TLA mining included). The time inside
+``refresh_zero_pooled`` and TLA mining is reported too, and a ``torch.profiler`` table of one OmniFuse epoch
+(before) shows where the time goes.
+
+Usage (results land in benchmarks/results/omnifuse_profile.{json,md}):
+
+    python benchmarks/omnifuse_profile.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+MODS = ("ehr", "cxr", "report")
+BEFORE_REV = "f6a61e9"  # main before the OmniFuse speed-ups (folded TLA mining, cached e_m(0) of frozen encoders)
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Train one head in this process; print one JSON line (and the profiler table with ``--profile``)."""
+    import torch
+    from ignite.engine import Events
+
+    import medfusion.fusion.omnifuse as om
+    from medfusion.engines.trainer import build_trainer
+    from medfusion.fusion.recipes import create_method, default_head_kwargs, head_name
+    from medfusion.models.classifier import Classifier
+
+    torch.set_num_threads(args.threads)
+    acc: dict[str, float] = collections.defaultdict(float)
+
+    def timed(obj: Any, name: str, key: str) -> None:
+        fn = getattr(obj, name)
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            with torch.profiler.record_function(f"omnifuse.{key}"):
+                out = fn(*a, **k)
+            acc[key] += time.perf_counter() - t0
+            return out
+
+        setattr(obj, name, wrapper)
+
+    timed(om, "refresh_zero_pooled", "refresh_zero_pooled")
+    timed(om.OmniFuseMethod, "mine", "tla_mining")
+    n, b = args.samples, 32
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (n, 96), generator=g)
+    attn = (torch.arange(96)[None] < torch.randint(20, 96, (n,), generator=g)[:, None]).long()
+    data = {
+        "ehr": torch.randn(n, 24, 76, generator=g),
+        "cxr": torch.randn(n, 1, 48, 48, generator=g),
+        "report": torch.stack([ids * attn, attn], 1),
+        "label": torch.randint(0, 2, (n,), generator=g).float(),
+        "modality_mask": torch.ones(n, 3, dtype=torch.bool),
+        "sample_index": torch.arange(n),
+    }
+
+    class Batches:
+        def __init__(self) -> None:
+            self.gen = torch.Generator().manual_seed(0)
+
+        def __len__(self) -> int:
+            return n // b
+
+        def __iter__(self):
+            order = torch.randperm(n, generator=self.gen)
+            for i in range(0, n - b + 1, b):
+                idx = order[i : i + b]
+                yield {k: v[idx] for k, v in data.items()}
+
+    specs = {
+        "ehr": {"name": "mlp", "in_features": 24 * 76, "hidden": [64], "out_dim": 32, "dropout": 0.2},
+        "cxr": {"name": "resnet10", "spatial_dims": 2, "widen_factor": 0.25},
+        "report": {"name": "bert_tiny", "freeze": args.report == "frozen"},
+    }
+    torch.manual_seed(0)
+    net = Classifier(specs, head=head_name(args.head), num_classes=2, head_kwargs=default_head_kwargs(args.head, n))
+    method = create_method(args.head, MODS, {"seed": 0} if args.head == "omnifuse" else {})
+    loader = Batches()
+    trainer = build_trainer(
+        net, method, loader, max_epochs=args.epochs, lr=1e-3, device="cpu", log_every=10**9, epoch_length=len(loader)
+    )
+    logging.getLogger("medfusion.train").setLevel(logging.WARNING)
+    its: list[list[float]] = []
+    eps: list[list[float]] = []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: its.append([time.perf_counter()]))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: its[-1].append(time.perf_counter()))
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: eps.append([time.perf_counter()]))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: eps[-1].append(time.perf_counter()))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer.run()
+        table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=40)
+        print("PROFILE-TABLE-START\n" + table + "\nPROFILE-TABLE-END", flush=True)
+    else:
+        trainer.run()
+    it = [e - s for s, e in its[1:]]
+    ep = [e - s for s, e in eps]
+    print(
+        json.dumps(
+            {
+                "head": args.head,
+                "report": args.report,
+                "medfusion": str(Path(om.__file__).parents[1]),
+                "iteration_s_median": float(np.median(it)),
+                "epoch_s_mean": float(np.mean(ep)),
+                "iterations_per_epoch": len(loader),
+                "refresh_s_per_iteration": acc["refresh_zero_pooled"] / max(1, len(its)),
+                "mining_s_per_epoch": acc["tla_mining"] / max(1, len(ep)),
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
+def run(args: argparse.Namespace, src: str, head: str, report: str, before_dir: Path, profile: bool = False) -> str:
+    cmd = [sys.executable, __file__, "--worker", "--head", head, "--report", report]
+    cmd += ["--samples", str(args.samples), "--epochs", str(args.epochs), "--threads", str(args.threads)]
+    if profile:
+        cmd.append("--profile")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if src == "before":
+        env["PYTHONPATH"] = os.pathsep.join([str(before_dir), env.get("PYTHONPATH", "")])
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, check=True, cwd=ROOT).stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=192)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reports", nargs="+", default=["trainable", "frozen"], choices=["trainable", "frozen"])
+    p.add_argument("--before_rev", default=BEFORE_REV)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--head", default="omnifuse", help=argparse.SUPPRESS)
+    p.add_argument("--report", default="trainable", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    res: dict[str, Any] = {
+        "command": " ".join(["python benchmarks/omnifuse_profile.py", *(argv if argv is not None else sys.argv[1:])]),
+        "before_rev": args.before_rev,
+        "threads": args.threads,
+        "uptime_start": uptime(),
+        "runs": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "before.tar"
+        subprocess.run(["git", "archive", "-o", str(archive), args.before_rev, "medfusion"], check=True, cwd=ROOT)
+        with tarfile.open(archive) as tar:
+            tar.extractall(Path(tmp) / "before", filter="data")
+        before_dir = Path(tmp) / "before"
+        out = run(args, "before", "omnifuse", args.reports[0], before_dir, profile=True)
+        res["profile_before"] = out.split("PROFILE-TABLE-START\n")[1].split("\nPROFILE-TABLE-END")[0]
+        res["uptime_after_profile"] = uptime()
+        for rep in range(args.repeats):
+            for report in args.reports:
+                order = [(s, h) for s in ("before", "after") for h in ("concat", "omnifuse")]
+                if rep % 2:
+                    order.reverse()
+                for src, head in order:
+                    row = json.loads(run(args, src, head, report, before_dir).strip().splitlines()[-1])
+                    row.update(src=src, repeat=rep, uptime=uptime())
+                    res["runs"].append(row)
+                    print(json.dumps(row), flush=True)
+    res["uptime_end"] = uptime()
+    df = {}
+    for report in args.reports:
+        for src in ("before", "after"):
+            rows = [r for r in res["runs"] if r["report"] == report and r["src"] == src]
+            med = {
+                h: {
+                    k: float(np.median([r[k] for r in rows if r["head"] == h]))
+                    for k in ("iteration_s_median", "epoch_s_mean", "refresh_s_per_iteration", "mining_s_per_epoch")
+                }
+                for h in ("concat", "omnifuse")
+            }
+            df[f"{report}/{src}"] = {
+                **med,
+                "iteration_ratio": med["omnifuse"]["iteration_s_median"] / med["concat"]["iteration_s_median"],
+                "epoch_ratio": med["omnifuse"]["epoch_s_mean"] / med["concat"]["epoch_s_mean"],
+            }
+    res["summary"] = df
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "omnifuse_profile.json").write_text(json.dumps(res, indent=2))
+    lines = [
+        "# B4: OmniFuse training cost relative to concat, before / after",
+        "",
+        f"Command: `{res['command']}`; {args.threads} torch thread per process, {args.samples} samples, batch 32, "
+        f"{args.epochs} epochs, {args.repeats} repeats (median over repeats); before = medfusion at "
+        f"`{args.before_rev}`, after = this commit. The 2-core machine was shared with other benchmark runs: "
+        f"`uptime` at start: {res['uptime_start'].split('load average:')[-1].strip()}, at end: "
+        f"{res['uptime_end'].split('load average:')[-1].strip()} (per-run load in the json).",
+        "",
+        "| report encoder | code | concat s/iteration | OmniFuse s/iteration | ratio / iteration | concat s/epoch | "
+        "OmniFuse s/epoch | ratio / epoch | OmniFuse e_m(0) refresh s/iteration | OmniFuse TLA mining s/epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, d in df.items():
+        report, src = key.split("/")
+        c, o = d["concat"], d["omnifuse"]
+        lines.append(
+            f"| {report} | {src} | {c['iteration_s_median']:.3f} | {o['iteration_s_median']:.3f} | "
+            f"{d['iteration_ratio']:.2f}x | {c['epoch_s_mean']:.2f} | {o['epoch_s_mean']:.2f} | "
+            f"{d['epoch_ratio']:.2f}x | {o['refresh_s_per_iteration']:.3f} | {o['mining_s_per_epoch']:.2f} |"
+        )
+    lines += [
+        "",
+        f"## torch.profiler, one OmniFuse run before the change ({args.reports[0]} report encoder), by total CPU time",
+        "",
+        "```",
+        res["profile_before"],
+        "```",
+        "",
+    ]
+    (args.out / "omnifuse_profile.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

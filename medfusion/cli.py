@@ -170,6 +170,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         modalities=args.modalities,
         extra_overrides=parse_overrides(args.override),
+        overwrite=args.overwrite,
     )
     print(table)
     return 0
@@ -350,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bundle", type=Path, required=True, help="bundle folder (configs/ holds the network)")
     ev.add_argument("--dataset_dir", type=Path, required=True, help="dataset folder (any supported layout)")
     ev.add_argument("--output_dir", type=Path, required=True, help="where tables and the heatmap go")
+    ev.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir (otherwise refused)")
     ev.add_argument("--checkpoint", type=Path, default=None, help="default: <bundle>/models/model.pt")
     ev.add_argument("--combinations", nargs="*", default=None, help="e.g. flair+t1ce t1 (default: all)")
     ev.add_argument("--roi_size", nargs=3, type=int, default=None, help="sliding window (default: the bundle's)")
@@ -439,9 +441,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        print(f"medfusion {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:  # a bundle config wraps its errors in RuntimeError("Failed to evaluate ...")
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, _USER_ERRORS):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"medfusion {args.command}: error: {cause}", file=sys.stderr)
         return 2
+
+
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 
 if __name__ == "__main__":

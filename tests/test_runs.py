@@ -242,3 +242,115 @@ def test_old_checkpoints_load_with_a_warning_and_bad_files_fail_in_one_line(tmp_
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"does not fit the configured network: 1 of other shape"):
         load_model(tmp_path / "old.pt", torch.nn.Linear(4, 2))
+
+
+# ------------------------------------------------------------------------- 4. results never overwritten without asking
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_medfusion_evaluate_refuses_a_results_folder_unless_overwrite(cohort, trained, tmp_path, capsys):
+    from medfusion.cli import main
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "summary.md").write_text("an earlier evaluation")
+    argv = [
+        "evaluate", "--bundle", str(BRATS), "--dataset_dir", str(cohort), "--output_dir", str(out),
+        "--checkpoint", str(trained / "models" / "model.pt"), "--roi_size", "16", "16", "16", "--no_hd95",
+        "--combinations", "flair+t1ce", "--modalities", "flair", "t1ce",
+        "--override", "network_def#channels=[8,16,32,64]",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    assert "already holds files; pass --overwrite" in capsys.readouterr().err
+    assert _listing(out) == {"summary.md": b"an earlier evaluation"}
+    # a failing evaluation with --overwrite leaves the old results as they were, and no partial folder
+    assert main([*argv[:-1], "network_def#channels=[4,8,16,32]", "--overwrite"]) == 2
+    assert "does not match the configuration: network#channels" in capsys.readouterr().err
+    assert _listing(out) == {"summary.md": b"an earlier evaluation"}
+    assert main([*argv, "--overwrite"]) == 0
+    assert "an earlier evaluation" not in (out / "summary.md").read_text()
+    assert {"per_case.csv", "summary.csv", "summary.md", "evaluation.json"} <= set(_listing(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temporary folder left beside it
+
+
+def test_bundle_inference_refuses_a_results_folder_unless_overwrite(cohort, trained, tmp_path):
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "old_seg.nii.gz").write_bytes(b"old")
+    overrides = {
+        "dataset_dir": str(cohort), "ckpt_path": str(trained / "models" / "model.pt"), "output_dir": str(out),
+        "modalities": ["flair", "t1ce"], "roi_size": [16, 16, 16], "network_def#channels": [8, 16, 32, 64],
+    }  # fmt: skip
+
+    def infer(**extra):
+        wf = bundle_workflow(BRATS, ["inference.json"], "infer", {**overrides, **extra})
+        wf.initialize()
+        wf.run()
+
+    _cause(FileExistsError, r"pred already holds files; pass --overwrite", infer)
+    assert _listing(out) == {"old_seg.nii.gz": b"old"}
+    infer(overwrite=True)
+    written = sorted(_listing(out))
+    assert "old_seg.nii.gz" not in written and len(written) == 5 and all(n.endswith("_seg.nii.gz") for n in written)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred"]
+
+
+def test_results_folder_is_all_or_nothing(tmp_path):
+    from medfusion.evaluation.report import ResultsFolder
+
+    out = tmp_path / "results"
+    folder = ResultsFolder(out)
+    folder.run(lambda: (Path(folder.path) / "a.csv").write_text("1"))
+    assert _listing(out) == {"a.csv": b"1"}
+    with pytest.raises(FileExistsError, match="already holds files"):
+        ResultsFolder(out)
+    again = ResultsFolder(out, overwrite="true")
+
+    def fail():
+        (Path(again.path) / "half.csv").write_text("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        again.run(fail)
+    assert _listing(out) == {"a.csv": b"1"} and sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    again.run(lambda: (Path(again.path) / "b.csv").write_text("2"))
+    assert _listing(out) == {"b.csv": b"2"}  # the old run's files are gone with the old folder
+
+
+def test_results_folder_never_replaces_the_checkpoint_it_evaluates(tmp_path):
+    from medfusion.evaluation.report import ResultsFolder
+
+    with pytest.raises(ValueError, match=r"output folder .*models holds .*model.pt"):
+        ResultsFolder(tmp_path / "models", overwrite=True, protect=[tmp_path / "models" / "model.pt"])
+    with pytest.raises(ValueError, match="which the results would replace"):
+        ResultsFolder(tmp_path, overwrite=True, protect=[tmp_path / "models"])
+
+
+# ------------------------------------------------------------------------- also: Meta Fusion configs
+def test_meta_fusion_regression_config_writes_one_run_per_folder(latent_table, tmp_path):
+    ov = {
+        "table": str(latent_table), "ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "runs"),
+        "meta_fusion_kwargs": {"epochs": 3, "hidden": [8], "batch_size": 0, "rho_grid": [0.0], "seed": 0},
+        "meta_fusion_grids": {"m1": ["null", "identity"], "m2": ["null", "identity"]},
+        "eval_combinations": ["m1+m2"],
+    }  # fmt: skip
+
+    def run(**extra):
+        wf = bundle_workflow(CLINICAL, ["meta_fusion_regression.json"], "train", {**ov, **extra})
+        wf.initialize()
+        wf.run()
+
+    run()
+    first = _listing(tmp_path / "models")
+    _cause(FileExistsError, r"runs already holds files; pass --overwrite", run)
+    _cause(FileExistsError, r"models already holds a run .*--overwrite True", run, output_dir=str(tmp_path / "r2"))
+    assert _listing(tmp_path / "models") == first and not (tmp_path / "r2").exists()
+    (tmp_path / "runs" / "stale.csv").write_text("from another run")
+    run(overwrite=True, meta_fusion_kwargs={**ov["meta_fusion_kwargs"], "seed": 1})
+    assert "stale.csv" not in _listing(tmp_path / "runs") and "metrics.csv" in _listing(tmp_path / "runs")
+    assert sorted(_listing(tmp_path / "models")) == sorted(first)
+    # evaluate-only (--run_id evaluate) refuses the results folder too; output_dir may not hold the checkpoints
+    _cause(FileExistsError, r"runs already holds files", run, run_id="evaluate")
+    _cause(ValueError, r"which the results would replace", run, output_dir=str(tmp_path / "models"), overwrite=True)
+    assert sorted(_listing(tmp_path / "models")) == sorted(first)

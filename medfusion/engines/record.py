@@ -37,6 +37,7 @@ __all__ = [
     "read_checkpoint",
     "load_model",
     "CheckedLoader",
+    "stamp_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -293,6 +294,22 @@ def load_model(
             raise ValueError(f"checkpoint {p} does not fit the configured network: {err}.")
     network.load_state_dict(state, strict=strict)
     return ckpt
+
+
+def stamp_record(path: str | Path, record: RunRecord) -> Path:
+    """Add ``record`` to a checkpoint written without one (e.g. Meta Fusion's ``model.pt``), atomically.
+
+    Returns:
+        ``path``.
+    """
+    from medfusion.data._atomic import atomic_file
+
+    p = Path(path)
+    ckpt = read_checkpoint(p)
+    ckpt[RECORD_KEY] = record.state_dict()
+    with atomic_file(p) as tmp:
+        torch.save(ckpt, tmp)
+    return p
 
 
 class CheckedLoader:

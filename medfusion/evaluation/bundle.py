@@ -80,6 +80,7 @@ def evaluate_bundle(
     split: str = "all",
     extra_overrides: Mapping[str, Any] | None = None,
     modalities: Sequence[str] | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Evaluate a trained bundle on every modality combination of ``dataset_dir``.
 
@@ -98,9 +99,15 @@ def evaluate_bundle(
         split: ``"all"`` (every case of ``dataset_dir``) or a split name of the bundle (``"test"``).
         extra_overrides: any further config overrides (``{"label_convention": "brats2015"}``, network settings).
         modalities: the model's modality names in training order (default: the bundle's ``modalities``).
+        overwrite: replace a non-empty ``output_dir`` (otherwise refused). Results are written to a hidden
+            sibling folder and renamed into place when complete (all or nothing).
 
     Returns:
         The markdown summary table.
+
+    Raises:
+        FileExistsError: ``output_dir`` holds files and not ``overwrite``.
+        ValueError: the checkpoint was trained on other modalities/settings than asked for (one line).
     """
     overrides: dict[str, Any] = {
         "dataset_dir": str(dataset_dir),
@@ -108,6 +115,7 @@ def evaluate_bundle(
         "eval_split": split,
         "eval_cached": cached,
         "eval_hd95": hd95,
+        "overwrite": bool(overwrite),
     }
     if checkpoint is not None:
         overrides["ckpt_path"] = str(checkpoint)

@@ -7,7 +7,9 @@ combination names (``"flair+t1ce"``) and one column per metric.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ __all__ = [
     "write_reports",
     "write_record",
     "read_record",
+    "ResultsFolder",
 ]
 
 RECORD_FILE = "evaluation.json"
@@ -195,3 +198,77 @@ def read_record(output_dir: str | Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(record).__name__}.")
     return record
+
+
+class ResultsFolder:
+    """A result folder written all or nothing: files go to a hidden sibling, renamed into place at the end.
+
+    Built in a bundle config (``"results": ResultsFolder(@output_dir, @overwrite)``): construction refuses a
+    non-empty ``output_dir`` unless ``overwrite`` (before anything is computed); writers write into
+    :attr:`path`; :meth:`run` runs the workflow, then replaces ``output_dir`` by the new folder (the old
+    one, with every file of the previous results, is removed only then), or removes the partial folder
+    when the run fails.
+
+    Args:
+        output_dir: the final folder.
+        overwrite: replace a non-empty ``output_dir`` (``"true"``/``"false"`` strings from the MONAI CLI
+            accepted).
+        protect: paths that must not be inside ``output_dir`` (the checkpoint being evaluated, a checkpoint
+            folder), since publishing replaces the whole folder.
+
+    Raises:
+        FileExistsError: ``output_dir`` holds files and ``overwrite`` is false (the message names it).
+        ValueError: ``output_dir`` is or contains a protected path.
+    """
+
+    def __init__(
+        self, output_dir: str | os.PathLike, overwrite: bool | str = False, protect: Sequence[Any] = ()
+    ) -> None:
+        from medfusion.data._atomic import check_output_dir
+        from medfusion.engines.checkpoint import as_bool
+
+        self.overwrite = as_bool(overwrite, "overwrite")
+        final = Path(output_dir).resolve()
+        for kept in protect or ():
+            if kept is not None and (Path(kept).resolve() == final or final in Path(kept).resolve().parents):
+                raise ValueError(
+                    f"output folder {output_dir} holds {kept}, which the results would replace; write them elsewhere."
+                )
+        self.final = check_output_dir(output_dir, self.overwrite)
+        self.path = self.temporary_path(output_dir)
+
+    @staticmethod
+    def temporary_path(output_dir: str | os.PathLike) -> str:
+        """The hidden sibling folder the results of ``output_dir`` are written to (:attr:`path`).
+
+        For writers built before the :class:`ResultsFolder` (building them then checks nothing yet).
+        """
+        final = Path(output_dir)
+        return str(final.with_name(f".{final.name}.tmp-{os.getpid()}"))
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """Call ``fn`` (which writes into :attr:`path`), then publish :attr:`path` as the output folder.
+
+        Returns:
+            What ``fn`` returned.
+        """
+        from medfusion.data._atomic import check_output_dir, publish_mode
+
+        check_output_dir(self.final, self.overwrite)  # again: another command may have written meanwhile
+        tmp = Path(self.path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            result = fn()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish_mode(tmp, directory=True)
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            self.final.rename(old)
+            tmp.rename(self.final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(self.final)
+        return result

@@ -1,13 +1,18 @@
-"""multi_gpu_train.json under torchrun (2 processes, gloo on CPU) matches a single-process run."""
+"""multi_gpu_train.json under torchrun (2 processes, gloo on CPU) matches a single-process run; one rank
+failing stops every rank with its error and leaves only whole checkpoints."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from medfusion.evaluation.bundle import train_bundle
+from medfusion.evaluation.bundle import torchrun_command, train_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "brats_metakd"
@@ -92,3 +97,53 @@ def test_torchrun_qmf_matches_single_process(cohort, tmp_path, ddp_vs_single):
     assert a["method"]["history"]["history_count"].tolist() == b["method"]["history"]["history_count"].tolist()
     assert int(a["method"]["history"]["history_count"].min()) == 2
     torch.testing.assert_close(b["method"]["history"]["history"], a["method"]["history"]["history"], rtol=0, atol=1e-4)
+
+
+MULTI_GPU_IMPORTS = json.loads((BUNDLE / "configs" / "multi_gpu_train.json").read_text())["imports"]
+
+FAULT = textwrap.dedent(
+    """
+    import torch.distributed as dist
+    from ignite.engine import Events
+
+    class FailOnRank:
+        def __init__(self, rank, iteration):
+            self.rank, self.iteration = rank, iteration
+
+        def attach(self, engine):
+            engine.add_event_handler(Events.ITERATION_COMPLETED(once=self.iteration), self)
+
+        def __call__(self, engine):
+            if dist.get_rank() == self.rank:
+                raise RuntimeError(f"injected fault on rank {self.rank} at iteration {engine.state.iteration}")
+    """
+)
+
+
+def test_one_rank_failing_stops_all_ranks_with_its_error_and_no_half_written_checkpoint(cohort, tmp_path):
+    (tmp_path / "fault.py").write_text(FAULT)
+    # a config fragment merged after multi_gpu_train.json: rank 1 raises at iteration 3. 4 training cases, 2 ranks,
+    # batch 1: 2 iterations per epoch, so iteration 3 is in epoch 2 (after epoch 1's checkpoint and model.pt were
+    # written); rank 0 is then waiting in the gradient all-reduce
+    fragment = tmp_path / "fault.json"
+    handlers = "$(@train#handlers[: -2] if dist.get_rank() > 0 else @train#handlers) + @method.handlers()"
+    fragment.write_text(json.dumps({"train#trainer#train_handlers": handlers + " + [fault.FailOnRank(1, 3)]",
+                                    "imports": [*MULTI_GPU_IMPORTS, "$import fault"]}))  # fmt: skip
+    work = tmp_path / "ddp"
+    overrides = {
+        **COMMON, "dataset_dir": str(cohort), "batch_size": 1,
+        "ckpt_dir": str(work / "models"), "output_dir": str(work / "runs"),
+    }  # fmt: skip
+    configs = ["train.json", "multi_gpu_train.json", os.path.relpath(fragment, BUNDLE / "configs")]
+    cmd = torchrun_command(BUNDLE, configs, overrides)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode != 0, proc.stderr[-3000:]  # the whole job stops: no rank is left waiting
+    assert "injected fault on rank 1 at iteration 3" in proc.stderr, proc.stderr[-3000:]
+    files = sorted(p.name for p in (work / "models").iterdir())
+    assert files == ["last_checkpoint_epoch=1.pt", "model.pt"], files  # no temporary or partial file
+    for name in files:  # whole checkpoints of epoch 1, with their run record
+        ckpt = torch.load(work / "models" / name, weights_only=True)
+        assert ckpt["record"]["method"] == "metakd"
+    assert torch.load(work / "models" / files[0], weights_only=True)["trainer"]["iteration"] == 2  # epoch 1

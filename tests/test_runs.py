@@ -154,6 +154,7 @@ def test_prepare_run_dir_rules(tmp_path):
     [
         (BRATS, ["train.json"]), (BRATS, ["train.json", "multi_gpu_train.json"]), (CLINICAL, ["train.json"]),
         (CLINICAL, ["train.json", "multi_gpu_train.json"]), (CLINICAL, ["train.json", "meta_fusion.json"]),
+        (CLINICAL, ["train.json", "meta_fusion.json", "multi_gpu_train.json", "meta_fusion_multi_gpu.json"]),
     ],
 )  # fmt: skip
 def test_every_training_config_checks_its_folder_and_records_the_run(bundle, configs):

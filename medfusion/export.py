@@ -92,6 +92,7 @@ def load_bundle_model(
     checkpoint: str | os.PathLike | None = None,
     config: str | None = None,
     overrides: Mapping[str, Any] | None = None,
+    unchecked: Sequence[str] = (),
 ) -> tuple[nn.Module, Any]:
     """Build a bundle's ``network_def`` and load trained weights into it.
 
@@ -102,6 +103,8 @@ def load_bundle_model(
         config: config file name in ``configs/``; default ``inference.json`` if present, else ``train.json``.
         overrides: ``{config id: value}`` applied before building, e.g. ``{"network_def#channels": [8, 16, 32, 64]}``
             (they must match what the checkpoint was trained with).
+        unchecked: ``model_record`` keys not compared with the checkpoint's record (the router leaves out
+            ``inputs``: its own data pipeline prepares the inputs of every routed model).
 
     Returns:
         ``(model in eval mode on CPU, monai.bundle.ConfigParser)``.
@@ -141,6 +144,8 @@ def load_bundle_model(
             f"bundle config {cfg}: network_def built a {type(model).__name__}, expected a torch.nn.Module."
         )
     expected = parser.get_parsed_content("model_record") if "model_record" in parser else None
+    if expected is not None:
+        expected = {k: v for k, v in expected.items() if k not in set(unchecked)}
     try:
         load_model(ckpt, model, expected)
     except ValueError as err:

@@ -223,7 +223,7 @@ def load_routed_models(
             raise ValueError(f"router: run {run!r} in {routing_file} has no ckpt_path.")
         flat = _flatten(raw, {**dict(overrides or {}), **dict(spec.get("overrides") or {})})
         try:
-            net, parser = load_bundle_model(bundle_root, spec["ckpt_path"], config_file, flat)
+            net, parser = load_bundle_model(bundle_root, spec["ckpt_path"], config_file, flat, unchecked=("inputs",))
         except ValueError as err:
             raise ValueError(f"router: run {run!r}: {err}") from None
         if spec.get("calibration_file"):

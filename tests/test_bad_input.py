@@ -262,7 +262,7 @@ def test_bundle_id_typo_is_a_clear_error():
     with pytest.raises(KeyError, match=r"train::trainerr"):
         parser.get_parsed_content("train#trainerr")
     parser.update({"network_def#chanels": [8, 16]})  # misspelled override of a network kwarg
-    with pytest.raises(RuntimeError, match=r"Segmenter.*chanels"):
+    with pytest.raises(RuntimeError, match=r"(Segmenter|create_segmenter).*chanels"):
         parser.get_parsed_content("network_def")
 
 

@@ -40,7 +40,10 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"Output path {out} exists and is a file; expected a directory.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"Output directory {out} already holds files; pass --overwrite (medfusion CLI) or --overwrite True (bundle run) to replace it.")
+        raise FileExistsError(
+            f"Output directory {out} already holds files; pass --overwrite (medfusion CLI) or --overwrite True "
+            "(bundle run) to replace it."
+        )
     return out
 
 

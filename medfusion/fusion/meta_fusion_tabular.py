@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from medfusion.data._atomic import atomic_file
+from medfusion.engines.record import RECORD_KEY, RunRecord, model_difference, read_checkpoint, stamp_record
 from medfusion.engines.utils import resolve_device
 from medfusion.evaluation.regression import evaluate_regression
 from medfusion.fusion.meta_fusion import MetaFusionData
@@ -312,6 +313,7 @@ class TabularMetaFusion:
         if self.head is None:
             raise RuntimeError("TabularMetaFusion.save: fit first.")
         paths = save_meta_fusion(_Holder(self.head), self.ckpt_dir, self.output_dir, self.filename)
+        stamp_record(paths["checkpoint"], self.run_record())
         spec = {
             "table": str(self.table),
             "modality_columns": self.columns,
@@ -323,6 +325,25 @@ class TabularMetaFusion:
         with atomic_file(paths["table_spec"]) as tmp:
             tmp.write_text(json.dumps(spec, indent=2))
         return paths
+
+    def model_record(self) -> dict[str, Any]:
+        """What the model depends on: modality names (in order), their columns and the target."""
+        return {"modalities": list(self.modalities), "modality_columns": self.columns, "target": self.target}
+
+    def run_record(self) -> RunRecord:
+        """The run record stamped into ``model.pt`` (the same format as the bundles' checkpoints)."""
+        config = {
+            "table": str(self.table),
+            "target": self.target,
+            "modality_columns": self.columns,
+            "split_column": self.split_column,
+            "splits": list(self.splits),
+            "grids": self.grids,
+            "rule": self.rule,
+            "meta_fusion_kwargs": self.meta_kwargs,
+        }
+        seed = int(self.meta_kwargs.get("seed", 0) or 0)
+        return RunRecord(seed, self.modalities, "meta_fusion_regression", self.model_record(), config=config)
 
     # -------------------------------------------------------------------------------------- evaluate
     def evaluate(self, split: str | None = None) -> pd.DataFrame:
@@ -339,6 +360,12 @@ class TabularMetaFusion:
             ValueError: the saved modality columns or target differ from this table's.
         """
         split = self.splits[2] if split is None else split
+        ckpt_path = self.ckpt_dir / self.filename
+        saved = read_checkpoint(ckpt_path).get(RECORD_KEY) if ckpt_path.is_file() else None
+        if saved:
+            diff = model_difference(saved.get("model", {}), self.model_record())
+            if diff:
+                raise ValueError(f"TabularMetaFusion: the model {ckpt_path} was fitted on other data: {diff}.")
         spec_path = self.ckpt_dir / TABLE_SPEC_NAME
         if spec_path.is_file():
             spec = json.loads(spec_path.read_text())

@@ -86,9 +86,16 @@ def test_fit_save_evaluate_from_files(table, tmp_path):
     pd.testing.assert_frame_equal(again, metrics)
     preds = pd.read_csv(tmp_path / "eval" / "predictions.csv")
     assert set(preds["case_id"]) <= set(test["case_id"]) and len(preds) == int(metrics["n"].iloc[:3].sum())
-    # a table resolving to other columns is refused
-    with pytest.raises(ValueError, match="fitted on columns"):
+    # model.pt carries the run record (modalities in order, their columns, the target) like the bundles' checkpoints
+    record = torch.load(tmp_path / "ck" / "model.pt", weights_only=True)["record"]
+    assert record["modalities"] == ["m1", "m2"] and record["method"] == "meta_fusion_regression"
+    assert record["model"]["modality_columns"] == {"m1": M1, "m2": M2} and record["model"]["target"] == "y"
+    # a table resolving to other columns is refused, in one line naming what differs
+    with pytest.raises(ValueError, match="fitted on other data: modality_columns#m1"):
         TabularMetaFusion(table, tmp_path / "ck", modality_columns={"m1": M1[:3], "m2": M2}).evaluate()
+    # modalities in another order are refused too
+    with pytest.raises(ValueError, match=r"trained on \[m1, m2\], asked for \[m2, m1\]"):
+        TabularMetaFusion(table, tmp_path / "ck", modality_columns={"m2": M2, "m1": M1}).evaluate()
 
 
 def test_bad_input_errors_name_the_file_and_field(table, tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -82,11 +84,14 @@ def test_contract(name, kwargs):
 
 
 def test_registered():
-    import medfusion.fusion.meta_fusion_stages  # noqa: F401  (registers "meta_fusion")
     from medfusion.fusion.base import FUSIONS, FusionHead
 
     names = set(list_fusions())
     assert {"concat", "mean_features", "late", "qmf", "omnifuse", "metakd", "meta_fusion"} <= names
+    # a fresh interpreter that imports only the package sees meta_fusion too (it used to need meta_fusion_stages)
+    code = "from medfusion.fusion import list_fusions; print(' '.join(list_fusions()))"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "meta_fusion" in fresh and set(fresh) == names
     for name in names:  # every registry entry is a head class, not some other decorated callable
         entry = FUSIONS.factory(name)
         assert isinstance(entry, type) and issubclass(entry, FusionHead), name

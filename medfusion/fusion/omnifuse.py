@@ -653,14 +653,33 @@ class OmniFuseMethod(Method):
         Returns:
             ``(distance per combination [C], lazy index or -1)``.
         """
-        head = _omnifuse_head(model)
         sums, counts = combination_losses(model, loader, self.modalities, device)
-        dist, lazy = lazy_from_losses(sums, counts)
-        head.combination_distance.copy_(dist.to(head.combination_distance))
-        head.lazy_combination.fill_(lazy)
-        if lazy >= 0:
-            logger.info("OmniFuse TLA: lazy combination %s", combination_name(combinations(self.modalities)[lazy]))
-        return dist, lazy
+        return store_lazy(_omnifuse_head(model), sums, counts, self.modalities)
+
+
+def store_lazy(
+    owner: nn.Module, sums: torch.Tensor, counts: torch.Tensor, modalities: Sequence[str]
+) -> tuple[torch.Tensor, int]:
+    """Pick the lazy combination from mined losses (:func:`lazy_from_losses`) and store it in ``owner``'s buffers.
+
+    Shared by the classification head and the segmentation network (both hold ``combination_distance [C]``
+    and ``lazy_combination``).
+
+    Args:
+        owner: the module holding the buffers.
+        sums: summed loss per combination ``[C]``.
+        counts: samples per combination ``[C]``.
+        modalities: modality names (for the log line).
+
+    Returns:
+        ``(distance per combination [C], lazy index or -1)``.
+    """
+    dist, lazy = lazy_from_losses(sums, counts)
+    owner.combination_distance.copy_(dist.to(owner.combination_distance))
+    owner.lazy_combination.fill_(lazy)
+    if lazy >= 0:
+        logger.info("OmniFuse TLA: lazy combination %s", combination_name(combinations(modalities)[lazy]))
+    return dist, lazy
 
 
 class OmniFuseEpochHandler:

@@ -62,12 +62,12 @@ from medfusion.fusion.omnifuse import (
     OmniFuseMethod,
     dwfuse_loss,
     dwfuse_omega,
-    lazy_from_losses,
+    store_lazy,
     tla_loss,
 )
 from medfusion.fusion.seg_baselines import LateSegmenter, prob_logit
 from medfusion.fusion.seg_qmf import binary_class_logits
-from medfusion.modality import BRATS_MODALITIES, Keys, all_combination_masks, combination_name, combinations
+from medfusion.modality import BRATS_MODALITIES, Keys, all_combination_masks
 from medfusion.models.segmenter import Segmenter, build_decoder, impute_features
 
 __all__ = [
@@ -342,11 +342,5 @@ class SegOmniFuseMethod(OmniFuseMethod):
         Returns:
             ``(distance per combination [C], lazy index or -1)``.
         """
-        net = _omnifuse_net(model)
         sums, counts = seg_combination_losses(model, loader, self.modalities, device)
-        dist, lazy = lazy_from_losses(sums, counts)
-        net.combination_distance.copy_(dist.to(net.combination_distance))
-        net.lazy_combination.fill_(lazy)
-        if lazy >= 0:
-            logger.info("OmniFuse TLA: lazy combination %s", combination_name(combinations(self.modalities)[lazy]))
-        return dist, lazy
+        return store_lazy(_omnifuse_net(model), sums, counts, self.modalities)

@@ -1,31 +1,47 @@
-"""B1 (+ the B4 segmentation timings): MetaKD, its KD ablations and dedicated models on BraTS phantoms.
+"""B1 (+ the B4 segmentation timings): MetaKD, its KD ablations, the other segmentation methods and dedicated
+models on BraTS phantoms.
 
-Measures, in one run, on a generated cohort:
-  * Dice TC/WT/ET per combination and over the 15, per arm (``--arms``, by name: ``no_kd``, ``uniform_kd``,
-    ``oracle_kd``, ``metakd``; more segmentation methods can be added with :func:`register_arm`), mean and
-    standard error over seeds; paired differences to the reference arm (``no_kd``) per combination, over the
-    15, and over the combinations without t1ce (TC/ET) or without flair (WT);
-  * that each arm was exercised: the KD term's share of the loss, the KD ratios, how far the weights moved;
+Measures, in one run, on a generated cohort (``--contrast default|unequal``: the phantom's contrast profile,
+docs/synthetic_brats.md):
+  * Dice TC/WT/ET per combination and over the 15, per arm (``--arms``, by name: ``no_kd`` (= the bundle's
+    ``mean``), ``uniform_kd``, ``oracle_kd``, ``metakd``, ``hemis``, ``late``, ``qmf``, ``omnifuse``; more can be
+    added with :func:`register_arm`), mean and standard error over seeds; paired differences to the reference
+    arm (``no_kd``) per combination, over the 15, and over the combinations without t1ce (TC/ET) or without
+    flair (WT); which arm is best per combination;
+  * training time per iteration and peak memory per arm: the peak resident set size of the process, sampled
+    every 20 ms by a thread during the arm's training, minus the resident set size just before it (after
+    ``gc.collect`` and glibc ``malloc_trim``, so memory freed by earlier arms is returned first): the memory the
+    training loop itself needs (network, optimiser state, activations, method state), not the process total;
+  * that each arm was exercised: the KD term's share of the loss, the KD ratios, how far the weights moved and
+    d(meta loss)/dw per meta step (MetaKD); QMF's voxel weights across modalities and cases and its ranking
+    regulariser's share; OmniFuse's imputation (reconstruction losses, imputed vs zero-image bottleneck error on
+    test cases) and L_TLA (lazy combination, share of iterations where it is non-zero);
   * MetaKD's importance-weight trajectory (per meta step, figure) and final ranking next to the generator's
     contrast table, and the oracle arm's weights (single-modality validation Dice of the no-KD model);
   * dedicated per-combination models (reference upper line);
   * B4: cached vs naive 15-combination evaluation and the engine's train-step overhead (``--skip_speed``
     skips them); optional full-size inference of the real case (``--full_size``, or ``--only_full_size``).
 
-Usage (results land in benchmarks/results/brats_metakd.{json,md} and figures beside them):
+Usage (results land in benchmarks/results/<name>.{json,md}, ``--name`` default ``brats_metakd``, and figures
+beside them; they are rewritten after every seed, so a stopped run leaves the seeds it finished):
 
     nice -n 10 python benchmarks/brats_metakd.py --seeds 0 1 2 --iterations 600 --size 32 --overwrite
+    nice -n 5 python benchmarks/brats_metakd.py --name brats_methods --arms no_kd metakd hemis late qmf omnifuse \
+        --epoch_length 60 --cases 40 --size 32 --threads 1 --skip_speed --skip_dedicated --overwrite
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import logging
 import os
 import platform
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +58,7 @@ from torch import nn
 
 from medfusion.data.brats import brats_case_split, discover_brats
 from medfusion.data.synth_brats import (
+    contrast_profile,
     expected_region_ranking,
     load_contrast_table,
     region_contrast,
@@ -55,7 +72,7 @@ from medfusion.evaluation.segmentation import evaluate_segmentation
 from medfusion.fusion.metakd import MetaKDMethod, kd_weight_matrix
 from medfusion.fusion.recipes import create_method
 from medfusion.fusion.seg_recipes import build_seg_method, create_segmenter
-from medfusion.modality import BRATS_MODALITIES, combination_name, combinations
+from medfusion.modality import BRATS_MODALITIES, Keys, combination_name, combinations
 from medfusion.models.segmenter import Segmenter
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,6 +98,65 @@ def cycle(loader, n):
         except StopIteration:
             it = iter(loader)
             yield next(it)
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process now (Linux ``/proc/self/statm``; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakRSS:
+    """Context manager: peak resident set size while the block runs, sampled by a thread every ``interval`` s.
+
+    ``before`` is the RSS on entry (after :func:`_release_memory`), ``peak`` the largest sample (entry and exit
+    included), ``increase = peak - before``: the memory the block needed beyond what the process already held.
+    Allocations shorter than the interval can be missed, so the number is a lower bound of the true peak.
+    """
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.before = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self) -> PeakRSS:
+        _release_memory()
+        self.before = self.peak = _rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    def as_dict(self) -> dict[str, float]:
+        """``{"rss_before_mb", "rss_peak_mb", "rss_increase_mb"}`` (MiB)."""
+        mb = 1024**2
+        return {
+            "rss_before_mb": self.before / mb,
+            "rss_peak_mb": self.peak / mb,
+            "rss_increase_mb": (self.peak - self.before) / mb,
+        }
 
 
 def evaluate(net, test, args, combos=None, cached=True):
@@ -273,7 +349,13 @@ def _metakd_family(recipe: str, fixed_oracle: bool = False) -> Callable[[ArmCont
 
 
 register_arm(
-    SegArm("no_kd", "no-KD", "MetaKD network, alpha = 0 (recipe `metakd_no_kd`)", _metakd_family("metakd_no_kd"))
+    SegArm(
+        "no_kd",
+        "no-KD",
+        "MetaKD network, alpha = 0 (recipe `metakd_no_kd`; = the BraTS bundle's `--method_name mean`: mean "
+        "imputation, no KD)",
+        _metakd_family("metakd_no_kd"),
+    )
 )
 register_arm(
     SegArm(
@@ -331,8 +413,8 @@ for _name, _label, _desc in (
     (
         "omnifuse",
         "OmniFuse",
-        "bottleneck CRA imputation + voxel-wise DWFuse (`omnifuse`); in B1's single-epoch schedule the lazy "
-        "combination is mined once, after training, so L_TLA is never active",
+        "bottleneck CRA imputation + voxel-wise DWFuse + L_TLA (`omnifuse`); the lazy combination is mined at "
+        "every epoch end (`--epoch_length`), so L_TLA is active from the second epoch on (one epoch: never)",
     ),
 ):
     register_arm(SegArm(_name, _label, _desc, _seg_method(_name)))
@@ -352,24 +434,36 @@ class LossRecorder:
         self.rows.append({k: float(v) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1})
 
 
-def run_training(net, method, split, args, seed, iterations):
+def run_training(net, method, split, args, seed, iterations, memory=None):
+    """Train ``iterations`` iterations in epochs of ``args.epoch_length`` (default: one epoch).
+
+    Returns:
+        ``(seconds, per-iteration loss rows)``; with a :class:`PeakRSS` ``memory`` the training runs inside it.
+    """
     torch.manual_seed(seed)
     np.random.seed(seed)
     train_loader = make_loader(split["train"], [args.size] * 3, args.batch_size, seed)
     recorder = LossRecorder()
+    epoch_length = getattr(args, "epoch_length", None) or iterations
+    if iterations % epoch_length:
+        raise ValueError(f"iterations {iterations} must be a multiple of --epoch_length {epoch_length}")
     trainer = build_trainer(
         net,
         method,
         train_loader,
-        max_epochs=1,
+        max_epochs=iterations // epoch_length,
         lr=args.lr,
         device="cpu",
-        epoch_length=iterations,
+        epoch_length=epoch_length,
         log_every=10**9,
         handlers=[recorder],
     )
     t0 = time.time()
-    trainer.run()
+    if memory is None:
+        trainer.run()
+    else:
+        with memory:
+            trainer.run()
     return time.time() - t0, recorder.rows
 
 
@@ -383,6 +477,75 @@ def train_dedicated(split, args, seed, combination):
     )
     run_training(net, method, split, args, seed, args.dedicated_iterations)
     return net
+
+
+def _eval_batches(cases, limit=4):
+    """Up to ``limit`` full-volume cases (``eval`` transforms), one batch each."""
+    from monai.data import Dataset
+
+    ds = Dataset(cases[:limit], brats_transforms(MODS, "eval"))
+    return list(DataLoader(ds, batch_size=1, shuffle=False, num_workers=0))
+
+
+@torch.no_grad()
+def qmf_weight_stats(net, cases):
+    """QMF's voxel weights on test cases with every modality present.
+
+    Returns:
+        ``case_mean`` ``{modality: mean over cases of the voxel-mean weight}`` (brain voxels, the 3 regions),
+        ``tumour_mean`` (the same over WT voxels), ``sd_across_modalities`` (sd of the case-mean weights over
+        modalities, mean over cases), ``sd_across_cases`` (sd over cases of a modality's case-mean weight, mean
+        over modalities), ``sd_within_case`` (sd over voxels of one modality's weight, mean over cases and
+        modalities).
+    """
+    net.eval()
+    per_case, per_case_tumour, within = [], [], []
+    for b in _eval_batches(cases):
+        x = b[Keys.IMAGE]  # [1, M, D, H, W]
+        mask = torch.ones(1, len(MODS), dtype=torch.bool)
+        out = net.forward_outputs(x, mask)
+        w = out.aux["weights"][0]  # [M, R, D, H, W]
+        brain = (x[0] != 0).any(0)  # [D, H, W]
+        tumour = b[Keys.LABEL][0, 1].bool() & brain
+        wb = w[:, :, brain]  # [M, R, V]
+        per_case.append(wb.mean(dim=(1, 2)))
+        per_case_tumour.append(w[:, :, tumour].mean(dim=(1, 2)) if bool(tumour.any()) else wb.mean(dim=(1, 2)))
+        within.append(wb.flatten(1).std(dim=1).mean())
+    cm = torch.stack(per_case)  # [C, M]
+    tm = torch.stack(per_case_tumour)
+    return {
+        "case_mean": dict(zip(MODS, cm.mean(0).tolist())),
+        "tumour_mean": dict(zip(MODS, tm.mean(0).tolist())),
+        "sd_across_modalities": float(cm.std(dim=1).mean()),
+        "sd_across_cases": float(cm.std(dim=0).mean()) if cm.shape[0] > 1 else float("nan"),
+        "sd_within_case": float(torch.stack(within).mean()),
+        "cases": int(cm.shape[0]),
+    }
+
+
+@torch.no_grad()
+def omnifuse_imputation_stats(net, cases):
+    """How close OmniFuse's imputed bottleneck of a removed modality gets to the one its image gives.
+
+    For each test case and modality m: encode with every modality (target), then with m removed (its entry is
+    the zero-image encoding v0_m, the CRA's input) and compare the imputed v'_m: ``ratio_m = mean over cases of
+    ||v'_m - v_m||^2 / ||v0_m - v_m||^2`` (< 1: the imputation moves the absent modality's feature towards
+    the real one; 1: no better than the zero image).
+    """
+    net.eval()
+    ratios = {m: [] for m in MODS}
+    for b in _eval_batches(cases):
+        x = b[Keys.IMAGE]  # [1, M, D, H, W]
+        full = torch.ones(1, len(MODS), dtype=torch.bool)
+        for i, m in enumerate(MODS):
+            mask = full.clone()
+            mask[0, i] = False
+            out = net.forward_outputs(x, mask, target_mask=full)
+            target = out.aux["target"][0, i]
+            num = float(((out.aux["imputed"][0, i] - target) ** 2).sum())
+            den = float(((out.aux["observed"][0, i] - target) ** 2).sum())
+            ratios[m].append(num / max(den, 1e-12))
+    return {m: float(np.mean(v)) for m, v in ratios.items()}
 
 
 def oracle_from(net, split, args):
@@ -461,7 +624,33 @@ def main(argv=None):
     p.add_argument("--meta_steps", type=int, default=20)
     p.add_argument("--oracle_power", type=float, default=1.0, help="oracle KD weights ~ single-modality Dice^power")
     p.add_argument("--dropout", default="uniform")
-    p.add_argument("--data", type=Path, default=Path("/tmp/medfusion_bench_brats"))
+    p.add_argument(
+        "--contrast",
+        choices=("default", "unequal"),
+        default="default",
+        help="phantom contrast profile (docs/synthetic_brats.md); unequal: one modality carries each region",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="cohort folder (default /tmp/medfusion_bench_brats, /tmp/medfusion_bench_brats_unequal for --contrast "
+        "unequal); generated once, refused if its contrast table is not the requested profile's",
+    )
+    p.add_argument("--name", default="brats_metakd", help="results file stem: <out>/<name>.{md,json}, figures")
+    p.add_argument(
+        "--epoch_length",
+        type=int,
+        default=None,
+        help="iterations per epoch (default: --iterations, one epoch); OmniFuse mines its lazy combination at "
+        "every epoch end",
+    )
+    p.add_argument(
+        "--compare_to",
+        type=Path,
+        default=None,
+        help="an earlier results JSON of this script (e.g. the default-profile run) summarised in a section",
+    )
     p.add_argument("--real", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
     p.add_argument("--full_roi", type=int, default=128)
     p.add_argument("--skip_dedicated", action="store_true")
@@ -469,7 +658,7 @@ def main(argv=None):
     p.add_argument("--full_size", action="store_true", help="also time full-size inference of the real case (B4)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing brats_metakd.{md,json} results")
+    p.add_argument("--overwrite", action="store_true", help="replace existing <name>.{md,json} results")
     p.add_argument(
         "--only_full_size",
         type=int,
@@ -493,13 +682,25 @@ def main(argv=None):
         p.error(f"--reference {args.reference} must be one of --arms {args.arms}")
     if any(ARMS[a].needs_oracle for a in args.arms) and "no_kd" not in args.arms:
         p.error("the oracle arm derives its weights from the no_kd arm of the same seed: add no_kd to --arms")
-    if (args.out / "brats_metakd.md").exists() and not args.overwrite:
-        p.error(f"{args.out / 'brats_metakd.md'} exists; pass --overwrite to replace it")
+    if (args.out / f"{args.name}.md").exists() and not args.overwrite:
+        p.error(f"{args.out / (args.name + '.md')} exists; pass --overwrite to replace it")
+    if args.epoch_length is not None and (args.epoch_length < 1 or args.iterations % args.epoch_length):
+        p.error(f"--epoch_length {args.epoch_length} must divide --iterations {args.iterations}")
     arms = sorted(args.arms, key=lambda a: (a != "no_kd", args.arms.index(a)))  # no_kd first (oracle source)
+    if args.data is None:
+        suffix = "" if args.contrast == "default" else f"_{args.contrast}"
+        args.data = Path(f"/tmp/medfusion_bench_brats{suffix}")
+    previous = json.loads(args.compare_to.read_text()) if args.compare_to is not None else None
 
     if not (args.data / "done").exists():
-        write_brats_cohort(args.data / "cohort", cases=args.cases, size=args.size, seed=1234, overwrite=True)
+        write_brats_cohort(
+            args.data / "cohort", cases=args.cases, size=args.size, seed=1234, overwrite=True, contrast=args.contrast
+        )
         (args.data / "done").write_text("ok")
+    if load_contrast_table(args.data / "cohort") != contrast_profile(args.contrast):
+        p.error(
+            f"{args.data / 'cohort'} holds another contrast table than profile {args.contrast!r}: use another --data"
+        )
     data = discover_brats(args.data / "cohort", MODS, require_label=True)
     n = len(data)
     split = brats_case_split(data, {"meta_val": 6 / 50, "val": 0.0, "test": 14 / 50}, seed=0)
@@ -519,7 +720,9 @@ def main(argv=None):
         "cases": n,
         "split": {k: len(v) for k, v in split.items()},
         "arms": {a: ARMS[a].description for a in arms},
+        "contrast_profile": args.contrast,
     }
+    iwv_dir = args.out / f"{args.name}_iwv"
     order = [combination_name(c) for c in combinations(MODS)]
 
     # ---- arms over seeds (paired: same seed -> same initial network, data order and dropout draws)
@@ -527,20 +730,33 @@ def main(argv=None):
     train_time: dict[str, list[float]] = {a: [] for a in arms}
     evidence: dict[str, list[dict]] = {a: [] for a in arms}
     iwv, trajectories, oracles = [], {}, []
+    memory: dict[str, list[dict]] = {a: [] for a in arms}
+    seeds_done: list[int] = []
     for seed in args.seeds:
         oracle = None
         for arm in arms:
-            out_dir = args.out / "brats_metakd_iwv" / f"seed{seed}" if arm == "metakd" else None
+            out_dir = iwv_dir / f"seed{seed}" if arm == "metakd" else None
             if out_dir is not None and (out_dir / "iwv_trajectory.csv").exists():
                 (out_dir / "iwv_trajectory.csv").unlink()
             torch.manual_seed(seed)
             net, method = ARMS[arm].build(ArmContext(split, args, seed, out_dir, oracle))
-            sec, rows = run_training(net, method, split, args, seed, args.iterations)
+            mem = PeakRSS()
+            load_before = os.getloadavg()[0]
+            sec, rows = run_training(net, method, split, args, seed, args.iterations, memory=mem)
             train_time[arm].append(sec)
+            memory[arm].append(
+                mem.as_dict()
+                | {
+                    "s_per_iteration": sec / args.iterations,
+                    "load_before": load_before,
+                    "load_after": os.getloadavg()[0],
+                }
+            )
             df, _ = evaluate(net, split["test"], args)
             df["seed"] = seed
             per_arm[arm].append(df)
             ev = exercised(rows, getattr(method, "alpha", 0.0))
+            ev.update(method_evidence(arm, net, method, rows, split))
             if hasattr(method, "describe"):
                 ev.update(method.describe())
                 ratio = kd_weight_matrix(method.state.w)
@@ -555,34 +771,35 @@ def main(argv=None):
             if arm == "metakd":
                 iwv.append({"seed": seed, **method.state.as_dict(), "ranking": method.state.ranking()})
                 trajectories[seed] = pd.read_csv(out_dir / "iwv_trajectory.csv")
+                ev.update(meta_gradient_stats(trajectories[seed]))
             print(
-                f"seed {seed} {arm}: train {sec:.0f}s, mean dice {df[DICE].mean().round(3).to_dict()}, "
-                f"kd/task {ev['alpha_kd_over_task']:.3f}",
+                f"seed {seed} {arm}: train {sec:.0f}s, +{memory[arm][-1]['rss_increase_mb']:.0f} MiB, mean dice "
+                f"{df[DICE].mean().round(3).to_dict()}, kd/task {ev['alpha_kd_over_task']:.3f}",
                 flush=True,
             )
         loads[f"seed {seed} done"] = os.getloadavg()[0]
-
-    table = {}
-    for arm, dfs in per_arm.items():
-        stacked = seed_table(dfs)  # [S, 16, 3]
-        se = stacked.std(0, ddof=1) / np.sqrt(len(dfs)) if len(dfs) > 1 else np.full(stacked.shape[1:], np.nan)
-        table[arm] = {"per_seed": stacked, "mean": stacked.mean(0), "se": se, "subsets": subset_means(stacked)}
-    ref = table[args.reference]
-    diffs = {}
-    for arm in arms:
-        if arm == args.reference:
-            continue
-        d = table[arm]["per_seed"] - ref["per_seed"]
-        ds = table[arm]["subsets"] - ref["subsets"]
-        k = d.shape[0]
-        diffs[arm] = {
-            "mean": d.mean(0),
-            "se": d.std(0, ddof=1) / np.sqrt(k) if k > 1 else np.full(d.shape[1:], np.nan),
-            "positive": (d > 0).sum(0),
-            "subsets_mean": ds.mean(0),
-            "subsets_se": ds.std(0, ddof=1) / np.sqrt(k) if k > 1 else np.full(3, np.nan),
-            "subsets_positive": (ds > 0).sum(0),
-        }
+        seeds_done.append(seed)
+        results["seeds_done"] = list(seeds_done)
+        if seed != args.seeds[-1]:  # partial results after every seed: a stopped run keeps what it finished
+            write_results(
+                results,
+                args,
+                arms,
+                per_arm,
+                train_time,
+                memory,
+                evidence,
+                iwv,
+                oracles,
+                trajectories,
+                dict(loads),
+                None,
+                order,
+                split,
+                n,
+                t_start,
+                previous,
+            )
 
     # ---- dedicated (reference upper line)
     dedicated = None
@@ -616,21 +833,86 @@ def main(argv=None):
     if args.full_size and args.real.is_dir():
         results["full_size"] = bench_full_size(args.real, args)
     loads["end"] = os.getloadavg()[0]
+    md = write_results(
+        results,
+        args,
+        arms,
+        per_arm,
+        train_time,
+        memory,
+        evidence,
+        iwv,
+        oracles,
+        trajectories,
+        loads,
+        dedicated,
+        order,
+        split,
+        n,
+        t_start,
+        previous,
+    )
+    print(md)
+    return 0
 
+
+def write_results(
+    results,
+    args,
+    arms,
+    per_arm,
+    train_time,
+    memory,
+    evidence,
+    iwv,
+    oracles,
+    trajectories,
+    loads,
+    dedicated,
+    order,
+    split,
+    n,
+    t_start,
+    previous=None,
+):
+    """Tables, paired differences, markdown, JSON and figures of the seeds run so far; returns the markdown."""
+    table = {}
+    for arm, dfs in per_arm.items():
+        stacked = seed_table(dfs)  # [S, 16, 3]
+        se = stacked.std(0, ddof=1) / np.sqrt(len(dfs)) if len(dfs) > 1 else np.full(stacked.shape[1:], np.nan)
+        table[arm] = {"per_seed": stacked, "mean": stacked.mean(0), "se": se, "subsets": subset_means(stacked)}
+    ref = table[args.reference]
+    diffs = {}
+    for arm in arms:
+        if arm == args.reference:
+            continue
+        d = table[arm]["per_seed"] - ref["per_seed"]
+        ds = table[arm]["subsets"] - ref["subsets"]
+        k = d.shape[0]
+        diffs[arm] = {
+            "mean": d.mean(0),
+            "se": d.std(0, ddof=1) / np.sqrt(k) if k > 1 else np.full(d.shape[1:], np.nan),
+            "positive": (d > 0).sum(0),
+            "negative": (d < 0).sum(0),
+            "subsets_mean": ds.mean(0),
+            "subsets_se": ds.std(0, ddof=1) / np.sqrt(k) if k > 1 else np.full(3, np.nan),
+            "subsets_positive": (ds > 0).sum(0),
+        }
     contrast = load_contrast_table(args.data / "cohort")
     results.update(
         iwv=iwv,
         oracle=oracles,
         evidence=evidence,
+        memory=memory,
         expected_ranking={r: expected_region_ranking(r, contrast) for r in ("TC", "WT", "ET")},
         region_contrast={r: region_contrast(r, contrast) for r in ("TC", "WT", "ET")},
         contrast_table=contrast,
-        train_seconds={k: mean_se(v) for k, v in train_time.items()},
+        train_seconds={k: mean_se(v) for k, v in train_time.items() if v},
         load_average_1m=loads,
         total_seconds=time.time() - t_start,
     )
-    md = report(results, args, arms, table, diffs, dedicated, order, split, n)
-    (args.out / "brats_metakd.md").write_text(md)
+    md = report(results, args, arms, table, diffs, dedicated, order, split, n, previous)
+    (args.out / f"{args.name}.md").write_text(md)
     serial = dict(results)
     serial["table"] = {
         a: {k: np.asarray(v).tolist() for k, v in t.items()} | {"rows": order + ["mean"], "columns": DICE}
@@ -639,24 +921,233 @@ def main(argv=None):
     serial["diffs"] = {a: {k: np.asarray(v).tolist() for k, v in d.items()} for a, d in diffs.items()}
     if dedicated is not None:
         serial["dedicated"] = dedicated.to_dict()
-    (args.out / "brats_metakd.json").write_text(json.dumps(serial, indent=1, default=str))
+    (args.out / f"{args.name}.json").write_text(json.dumps(serial, indent=1, default=str))
     heat = pd.concat(
         [pd.DataFrame(table[a]["mean"], index=order + ["mean"], columns=DICE).add_prefix(f"{a}:") for a in arms], axis=1
     ).assign(n=0)
     plot_heatmap(
         heat,
         [f"{a}:{d}" for a in arms for d in DICE],
-        args.out / "brats_metakd_heatmap.png",
-        title="Dice per combination and arm (seed mean)",
+        args.out / f"{args.name}_heatmap.png",
+        title=f"Dice per combination and arm (mean of seeds {results.get('seeds_done', args.seeds)})",
         labels=[f"{ARMS[a].label} {d[5:].upper()}" for a in arms for d in DICE],
     )
     if trajectories:
-        plot_trajectories(trajectories, args.out / "brats_metakd_iwv.png")
-    print(md)
-    return 0
+        plot_trajectories(trajectories, args.out / f"{args.name}_iwv.png")
+    return md
 
 
-def report(results, args, arms, table, diffs, dedicated, order, split, n):
+def meta_gradient_stats(traj):
+    """d(meta loss)/dw over the meta steps of one run (``grad_<m>`` columns of ``iwv_trajectory.csv``).
+
+    Returns ``meta_grad_abs_median`` (median over steps of max_m |g_m|), ``meta_grad_consistency``
+    ``{m: |mean_t g_m| / mean_t |g_m|}`` (1: every step pushes w_m the same way; near 0: the sign flips, Adam's
+    steps cancel), ``w_span`` (max_m (max_t w_m - min_t w_m)) and the meta loss of the first and last 20 steps.
+    """
+    cols = [f"grad_{m}" for m in MODS]
+    out: dict[str, Any] = {
+        "meta_loss_first20": float(traj["meta_loss"].head(20).mean()),
+        "meta_loss_last20": float(traj["meta_loss"].tail(20).mean()),
+        "w_span": float(max(traj[f"w_{m}"].max() - traj[f"w_{m}"].min() for m in MODS)),
+    }
+    if all(c in traj for c in cols):
+        g = traj[cols].to_numpy()
+        out["meta_grad_abs_median"] = float(np.median(np.abs(g).max(axis=1)))
+        out["meta_grad_consistency"] = {
+            m: float(abs(g[:, i].mean()) / max(np.abs(g[:, i]).mean(), 1e-30)) for i, m in enumerate(MODS)
+        }
+    return out
+
+
+def method_evidence(arm, net, method, rows, split):
+    """What shows that a method's own mechanism was active (beyond its task loss); see the module docstring."""
+    ev: dict[str, Any] = {}
+    keys = set().union(*(r.keys() for r in rows)) if rows else set()
+
+    def avg(key, part):
+        vals = [r[key] for r in part if key in r]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    if "rank_loss" in keys:  # QMF
+        lam = float(getattr(method, "lam", 0.0))
+        ev["rank_loss_first"] = avg("rank_loss", rows[:50])
+        ev["rank_loss_last"] = avg("rank_loss", rows[-50:])
+        ev["rank_loss_share"] = float(np.mean([lam * r["rank_loss"] / r["loss"] for r in rows[-50:]]))
+        ev["rank_loss_nonzero"] = float(np.mean([r["rank_loss"] != 0 for r in rows]))
+        ev["modality_loss_last"] = avg("modality_loss", rows[-50:])
+        ev["qmf_weights"] = qmf_weight_stats(net, split["test"])
+    if "fw_loss" in keys:  # OmniFuse
+        for k in ("fw_loss", "bw_loss", "dwfuse_loss", "tla_loss"):
+            ev[f"{k}_first"] = avg(k, rows[:50])
+            ev[f"{k}_last"] = avg(k, rows[-50:])
+        ev["tla_nonzero"] = float(np.mean([r.get("tla_loss", 0.0) != 0 for r in rows]))
+        ev["tla_share"] = float(np.mean([method.lambda_tla * r.get("tla_loss", 0.0) / r["loss"] for r in rows[-50:]]))
+        lazy = int(net.lazy_combination)
+        ev["lazy_combination"] = combination_name(combinations(MODS)[lazy]) if lazy >= 0 else None
+        ev["imputation_error_ratio"] = omnifuse_imputation_stats(net, split["test"])
+    return ev
+
+
+def method_evidence_lines(results, arms, label):
+    """Markdown: MetaKD's meta gradients, QMF's weights and regulariser, OmniFuse's imputation and L_TLA."""
+    ev = results["evidence"]
+    lines: list[str] = []
+    if "metakd" in arms and "meta_grad_abs_median" in ev["metakd"][0]:
+        lines += [
+            "",
+            "MetaKD meta steps (`iwv_trajectory.csv` per seed: w, softmax(w), meta loss and d(meta loss)/dw per "
+            "step). 'consistency' = |mean over steps of g_m| / mean |g_m| (1: every step pushes w_m the same way; "
+            "near 0: the sign flips and Adam's steps cancel); 'w span' = the largest range of a w_m over training:",
+            "",
+            "| seed | median max abs(dL/dw) | consistency " + " / ".join(MODS) + " | w span | meta loss first 20 -> "
+            "last 20 steps |",
+            "|---|---|---|---|---|",
+        ]
+        for e in ev["metakd"]:
+            cons = " / ".join(f"{e['meta_grad_consistency'][m]:.2f}" for m in MODS)
+            lines.append(
+                f"| {e['seed']} | {e['meta_grad_abs_median']:.2e} | {cons} | {e['w_span']:.3f} | "
+                f"{e['meta_loss_first20']:.3f} -> {e['meta_loss_last20']:.3f} |"
+            )
+    if "qmf" in arms:
+        lines += [
+            "",
+            "QMF exercised? Ranking regulariser (lam = 0.1) over the first / last 50 iterations, its share "
+            "lam·L_reg / L of the loss (last 50) and the fraction of iterations where it is non-zero; the voxel "
+            "weights on up to 4 test cases with every modality present: case-mean weight per modality over the "
+            "brain (and over WT voxels), their sd across modalities, across cases and over voxels within a case:",
+            "",
+            "| seed | L_reg first -> last | lam·L_reg / L | L_reg != 0 | mean weight " + " / ".join(MODS) + " (brain) "
+            "| (WT voxels) | sd modalities | sd cases | sd voxels |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for e in ev["qmf"]:
+            q = e["qmf_weights"]
+            lines.append(
+                f"| {e['seed']} | {e['rank_loss_first']:.4f} -> {e['rank_loss_last']:.4f} | {e['rank_loss_share']:.4f} "
+                f"| {e['rank_loss_nonzero']:.2f} | "
+                + " / ".join(f"{q['case_mean'][m]:.3f}" for m in MODS)
+                + " | "
+                + " / ".join(f"{q['tumour_mean'][m]:.3f}" for m in MODS)
+                + f" | {q['sd_across_modalities']:.3f} | {q['sd_across_cases']:.3f} | {q['sd_within_case']:.3f} |"
+            )
+    if "omnifuse" in arms:
+        lines += [
+            "",
+            "OmniFuse exercised? Imputation losses L_fw and L_bw and L_TLA over the first -> last 50 iterations, "
+            "the share of iterations with L_TLA != 0 and lambda_tla·L_TLA / L (last 50), the lazy combination "
+            "mined last, and on up to 4 test cases the imputed bottleneck's error relative to the zero-image "
+            "encoding for each removed modality (||v'_m - v_m||² / ||v0_m - v_m||²; < 1: imputation helps):",
+            "",
+            "| seed | L_fw | L_bw | L_TLA | L_TLA != 0 | TLA share | lazy | imputation error ratio "
+            + " / ".join(MODS)
+            + " |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for e in ev["omnifuse"]:
+            r = e["imputation_error_ratio"]
+            lines.append(
+                f"| {e['seed']} | {e['fw_loss_first']:.4f} -> {e['fw_loss_last']:.4f} | {e['bw_loss_first']:.4f} -> "
+                f"{e['bw_loss_last']:.4f} | {e['tla_loss_first']:.4f} -> {e['tla_loss_last']:.4f} | "
+                f"{e['tla_nonzero']:.2f} | {e['tla_share']:.4f} | {e['lazy_combination']} | "
+                + " / ".join(f"{r[m]:.3f}" for m in MODS)
+                + " |"
+            )
+    return lines
+
+
+def wins_losses_lines(arms, label, table, diffs, order, ref):
+    """Markdown: the best arm per combination and region, and where each arm wins and loses against ``ref``."""
+    rows = order + ["mean"]
+    lines = [
+        "",
+        "## Where each method wins and loses",
+        "",
+        "Best arm per combination (seed mean; the margin to the runner-up in points):",
+        "",
+        "| combination | TC | WT | ET |",
+        "|---|---|---|---|",
+    ]
+    for i, c in enumerate(rows):
+        cells = []
+        for j in range(3):
+            vals = sorted(((table[a]["mean"][i, j], a) for a in arms), reverse=True)
+            margin = f" (+{100 * (vals[0][0] - vals[1][0]):.1f})" if len(vals) > 1 else ""
+            cells.append(f"{label[vals[0][1]]} {100 * vals[0][0]:.1f}{margin}")
+        lines.append(f"| {'**mean**' if c == 'mean' else c} | " + " | ".join(cells) + " |")
+    wins = {a: 0 for a in arms}
+    for i in range(len(order)):
+        for j in range(3):
+            wins[max(arms, key=lambda a: table[a]["mean"][i, j])] += 1
+    k = next(iter(table.values()))["per_seed"].shape[0]
+    lines += [
+        "",
+        f"Against {label[ref]}, over the 45 cells (15 combinations x TC/WT/ET): cells where the arm is best of all "
+        f"arms; cells above / below {label[ref]} in every one of the {k} seeds; the largest mean gain and loss:",
+        "",
+        f"| arm | best in cells | above {label[ref]} in every seed | below in every seed | largest gain | "
+        "largest loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    names = [(c, r) for c in order for r in ("TC", "WT", "ET")]
+    for a in arms:
+        if a == ref:
+            lines.append(f"| {label[a]} | {wins[a]} | - | - | - | - |")
+            continue
+        d = diffs[a]
+        flat = d["mean"][:-1].reshape(-1)
+        up = int((d["positive"][:-1] == k).sum())
+        down = int((d["negative"][:-1] == k).sum())
+        gi, li = int(flat.argmax()), int(flat.argmin())
+        gain = f"{names[gi][0]} {names[gi][1]} {100 * flat[gi]:+.1f}"
+        loss = f"{names[li][0]} {names[li][1]} {100 * flat[li]:+.1f}"
+        lines.append(f"| {label[a]} | {wins[a]} | {up} | {down} | {gain} | {loss} |")
+    return lines
+
+
+def previous_run_lines(previous, args):
+    """Markdown: a short summary of an earlier results JSON (``--compare_to``), its numbers as recorded."""
+    prof = previous.get("contrast_profile", "default")
+    prev_args = previous.get("args", {})
+    tab = previous["table"]
+    lines = [
+        "",
+        f"## Earlier run for comparison: contrast profile `{prof}`",
+        "",
+        f"Numbers as recorded by `{previous['command']}` (seeds {prev_args.get('seeds')}, "
+        f"{prev_args.get('iterations')} iterations, 1-min load average "
+        + ", ".join(f"{k} {v:.1f}" for k, v in previous.get("load_average_1m", {}).items())
+        + "). 15-combination mean Dice and paired difference to no-KD (points, mean ± SE over seeds), and how far "
+        "the weighted arms' softmax(w) moved from 1/4:",
+        "",
+        "| arm | TC | WT | ET | Δ TC | Δ WT | Δ ET | max abs(w - 1/4) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a, t in tab.items():
+        m, se = np.asarray(t["mean"])[-1], np.asarray(t["se"])[-1]
+        cells = [f"{100 * m[j]:.1f} ± {100 * se[j]:.1f}" for j in range(3)]
+        if a in previous.get("diffs", {}):
+            d = previous["diffs"][a]
+            dm, ds = np.asarray(d["mean"])[-1], np.asarray(d["se"])[-1]
+            cells += [f"{100 * dm[j]:+.1f} ± {100 * ds[j]:.1f}" for j in range(3)]
+        else:
+            cells += ["-"] * 3
+        ev = previous.get("evidence", {}).get(a, [])
+        dist = [e["weights_max_abs_from_uniform"] for e in ev if "weights_max_abs_from_uniform" in e]
+        cells.append(f"{np.mean(dist):.3f}" if dist else "-")
+        lines.append(f"| {ARMS[a].label if a in ARMS else a} | " + " | ".join(cells) + " |")
+    rc = previous.get("region_contrast", {})
+    if rc:
+        lines += [
+            "",
+            "Its contrast-to-noise per region: "
+            + "; ".join(f"{r} " + ", ".join(f"{m} {rc[r][m]:.1f}" for m in MODS) for r in ("TC", "WT", "ET"))
+            + ".",
+        ]
+    return lines
+
+
+def report(results, args, arms, table, diffs, dedicated, order, split, n, previous=None):
     """The markdown results file."""
 
     def fmt(m, s=float("nan")):
@@ -667,15 +1158,22 @@ def report(results, args, arms, table, diffs, dedicated, order, split, n):
 
     label = {a: ARMS[a].label for a in arms}
     ref = args.reference
+    kd_only = all(a in ("no_kd", "uniform_kd", "oracle_kd", "metakd") for a in arms)
+    title = "MetaKD and its KD ablations" if kd_only else "segmentation fusion methods"
+    done = results.get("seeds_done", args.seeds)
+    partial = f" **Partial: seeds {done} of {args.seeds} finished.**" if list(done) != list(args.seeds) else ""
+    epochs = f" in epochs of {args.epoch_length}" if args.epoch_length else " (one epoch)"
     lines = [
-        "# B1: MetaKD and its KD ablations on BraTS phantoms (15 combinations)",
+        f"# B1: {title} on BraTS phantoms, contrast profile `{args.contrast}` (15 combinations)",
         "",
         f"Command: `{results['command']}`",
         "",
-        f"Cohort: {n} phantom cases at {args.size}^3 (generator seed 1234), split {results['split']}; "
-        f"training seeds {args.seeds} (paired: every arm of a seed starts from the same network, data order and "
-        f"modality-dropout draws); {args.iterations} iterations, batch {args.batch_size}, Adam lr {args.lr}, "
-        f"modality dropout `{args.dropout}`, alpha 0.1; MetaKD: every {args.meta_interval} iterations "
+        f"Cohort: {n} phantom cases at {args.size}^3 (generator seed 1234, contrast profile `{args.contrast}`, "
+        f"docs/synthetic_brats.md), split {results['split']}; "
+        f"training seeds {list(done)} (paired: every arm of a seed starts from the same network, data order and "
+        f"modality-dropout draws);{partial} {args.iterations} iterations{epochs}, batch {args.batch_size}, Adam lr "
+        f"{args.lr}, modality dropout `{args.dropout}` (OmniFuse simulates its own missingness), alpha 0.1; "
+        f"MetaKD: every {args.meta_interval} iterations "
         f"{args.meta_steps} meta steps (Adam lr 1e-2 on w) over the meta-val split. Versions {results['versions']}; "
         f"{results['machine']['cpus']} CPUs, {results['machine']['threads']} torch threads. 1-min load average: "
         + ", ".join(f"{k} {v:.1f}" for k, v in results["load_average_1m"].items())
@@ -698,8 +1196,9 @@ def report(results, args, arms, table, diffs, dedicated, order, split, n):
         "'no t1ce' = mean over the 7 combinations without t1ce (TC and ET need it most); 'no flair' = the 7 "
         "without flair (WT).",
         "",
-        "| arm | TC | WT | ET | no t1ce: TC | no t1ce: ET | no flair: WT | train s/seed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | TC | WT | ET | no t1ce: TC | no t1ce: ET | no flair: WT | train s/seed | s/iteration "
+        "| peak RSS increase (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in arms:
         t = table[a]
@@ -709,6 +1208,10 @@ def report(results, args, arms, table, diffs, dedicated, order, split, n):
         cells = [fmt(t["mean"][-1, j], t["se"][-1, j]) for j in range(3)]
         cells += [fmt(sub.mean(0)[j], sub_se[j]) for j in range(3)]
         cells.append(f"{results['train_seconds'][a][0]:.0f}")
+        mem = results["memory"][a]
+        cells.append(f"{np.mean([m['s_per_iteration'] for m in mem]):.2f}")
+        inc = [m["rss_increase_mb"] for m in mem]
+        cells.append(f"{np.mean(inc):.0f} (max {np.max(inc):.0f})")
         lines.append(f"| {label[a]} | " + " | ".join(cells) + " |")
     if dedicated is not None:
         dd = dedicated.loc[order, DICE]
@@ -716,11 +1219,22 @@ def report(results, args, arms, table, diffs, dedicated, order, split, n):
         no_flair = [c for c in order if "flair" not in c.split("+")]
         cells = [fmt(dedicated.loc["mean", d]) for d in DICE]
         cells += [fmt(dd.loc[no_t1ce, "dice_tc"].mean()), fmt(dd.loc[no_t1ce, "dice_et"].mean())]
-        cells += [fmt(dd.loc[no_flair, "dice_wt"].mean()), "-"]
+        cells += [fmt(dd.loc[no_flair, "dice_wt"].mean()), "-", "-", "-"]
         lines.append("| dedicated | " + " | ".join(cells) + " |")
+    loads_train = [m["load_before"] for a in arms for m in results["memory"][a]]
     lines += [
         "",
-        f"Paired differences to {label[ref]} (points; mean ± SE over seeds; [seeds > 0 of {len(args.seeds)}]):",
+        "Time: wall-clock training seconds per seed and per iteration (meta steps, TLA mining included) on "
+        f"{results['machine']['threads']} torch thread(s) with 1-min load average {min(loads_train):.1f}-"
+        f"{max(loads_train):.1f} at the arms' starts (the machine was shared: compare arms within a seed, not with "
+        "other runs). Memory: peak resident set size sampled every 20 ms during the arm's training minus the "
+        "resident set size just before it (after garbage collection and `malloc_trim`), mean over seeds (max): "
+        "what the training loop needs beyond the process (data cache, Python, libraries; "
+        f"{np.mean([m['rss_before_mb'] for a in arms for m in results['memory'][a]]):.0f} MiB on average).",
+    ]
+    lines += [
+        "",
+        f"Paired differences to {label[ref]} (points; mean ± SE over seeds; [seeds > 0 of {len(done)}]):",
         "",
         "| arm | Δ TC | Δ WT | Δ ET | Δ no t1ce: TC | Δ no t1ce: ET | Δ no flair: WT | cells > 0 (of 45) |",
         "|---|---|---|---|---|---|---|---|",
@@ -740,7 +1254,8 @@ def report(results, args, arms, table, diffs, dedicated, order, split, n):
         "'alpha·KD / task' is the share the distillation term adds to the task loss. For the weighted arms: the "
         "largest KD ratio softmax(w)_i / softmax(w)_j and the largest |softmax(w)_m - 1/4| at the end.",
         "",
-        "| arm | task loss | KD loss (first 50 -> last 50) | alpha·KD / task | max KD ratio | max abs(w - 1/4) "
+        "| arm | task loss (QMF, OmniFuse: total) | KD loss (first 50 -> last 50) | alpha·KD / task | max KD ratio "
+        "| max abs(w - 1/4) "
         "| meta steps |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -759,6 +1274,8 @@ def report(results, args, arms, table, diffs, dedicated, order, split, n):
             f"| {label[a]} | {avg['task_loss']:.3f} | {avg['kd_loss_first']:.3f} -> {avg['kd_loss']:.3f} | "
             f"{share:.3f} | {ratio} | {dist} | {steps} |"
         )
+
+    lines += method_evidence_lines(results, arms, label)
 
     # ---- importance weights vs contrast table
     lines += ["", "## Importance weights vs the generator's contrast table", ""]
@@ -793,8 +1310,8 @@ def report(results, args, arms, table, diffs, dedicated, order, split, n):
     if results["iwv"]:
         lines += [
             "",
-            "MetaKD's learned softmax(w) at the end of training (trajectory per meta step: `brats_metakd_iwv.png`, "
-            "`brats_metakd_iwv/seed*/iwv_trajectory.csv`):",
+            f"MetaKD's learned softmax(w) at the end of training (trajectory per meta step: `{args.name}_iwv.png`, "
+            f"`{args.name}_iwv/seed*/iwv_trajectory.csv`):",
             "",
             "| seed | " + " | ".join(MODS) + " | ranking |",
             "|---|" + "---|" * (len(MODS) + 1),
@@ -803,6 +1320,10 @@ def report(results, args, arms, table, diffs, dedicated, order, split, n):
             lines.append(
                 f"| {r['seed']} | " + " | ".join(f"{r[m]:.3f}" for m in MODS) + f" | {' > '.join(r['ranking'])} |"
             )
+
+    lines += wins_losses_lines(arms, label, table, diffs, order, ref)
+    if previous is not None:
+        lines += previous_run_lines(previous, args)
 
     # ---- per combination
     lines += ["", "## Dice per combination", ""]

@@ -39,7 +39,13 @@ def _cmd_synth_brats(args: argparse.Namespace) -> int:
     from medfusion.data.synth_brats import write_brats_cohort
 
     paths = write_brats_cohort(
-        args.out, cases=args.cases, size=args.size, seed=args.seed, overwrite=args.overwrite, style=args.style
+        args.out,
+        cases=args.cases,
+        size=args.size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        style=args.style,
+        contrast=args.contrast,
     )
     what = "BraTS 2021-layout" if args.style == "brats2021" else "BRATS 2015 toolkit-style (see manifest.csv)"
     print(f"wrote {len(paths)} {what} phantom cases ({args.size}^3) to {args.out}")
@@ -259,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="brats2021",
         help="brats2021: BraTS 2021 folders; brats2015: a BRATS 2015 toolkit export (FLAIR + T1c z-scored, background "
         "not 0, brainmask.nii.gz, OTMultiClass.nii.gz with labels 1-4) with a volume manifest OUT/manifest.csv",
+    )
+    sb.add_argument(
+        "--contrast",
+        choices=("default", "unequal"),
+        default="default",
+        help="contrast table (docs/synthetic_brats.md): default, or unequal (one modality carries each region)",
     )
     sb.set_defaults(func=_cmd_synth_brats)
     sc = synth_sub.add_parser("clinical", help="MIMIC-style EHR + CXR + report cohort")

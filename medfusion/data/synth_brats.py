@@ -48,6 +48,9 @@ from medfusion.modality import BRATS_MODALITIES
 
 __all__ = [
     "CONTRAST",
+    "CONTRAST_UNEQUAL",
+    "CONTRAST_PROFILES",
+    "contrast_profile",
     "CLASSES",
     "LABELS",
     "REGIONS",
@@ -92,6 +95,21 @@ CONTRAST: dict[str, dict[str, float]] = {
 """Mean intensity of each class per modality relative to normal brain (= 1.0), and the Gaussian noise sd
 (same units). t1ce: ET strongly bright, NCR dark; flair: the whole tumour bright, ED brightest; t2: the whole
 tumour moderately bright, NCR (fluid) brightest; t1: weak differences everywhere."""
+
+CONTRAST_UNEQUAL: dict[str, dict[str, float]] = {
+    "flair": {"brain": 1.0, "NCR": 1.76, "ED": 1.80, "ET": 1.78, "noise_sd": 0.1},
+    "t1": {"brain": 1.0, "NCR": 0.96, "ED": 0.98, "ET": 1.00, "noise_sd": 0.1},
+    "t1ce": {"brain": 1.0, "NCR": 0.96, "ED": 1.02, "ET": 2.00, "noise_sd": 0.1},
+    "t2": {"brain": 1.0, "NCR": 1.06, "ED": 1.02, "ET": 1.04, "noise_sd": 0.1},
+}
+"""The ``"unequal"`` profile: in each region ONE modality carries the signal and the others are nearly
+uninformative. flair: the whole tumour uniformly bright (WT contrast 8.0, TC/ET 0.2); t1ce: only the ET ring
+bright (TC/ET 9.8, WT 0.2); t1 and t2: 0.2 everywhere. The weak edges are 40-49 times below the dominant ones
+(:func:`region_contrast`), so the modality importance a method should learn is unambiguous (flair for WT, t1ce
+for TC/ET, t1 and t2 for nothing)."""
+
+CONTRAST_PROFILES: dict[str, dict[str, dict[str, float]]] = {"default": CONTRAST, "unequal": CONTRAST_UNEQUAL}
+"""Named contrast tables for :func:`write_brats_cohort` (``contrast=``) and ``medfusion synth brats --contrast``."""
 
 TEXTURE_SD: float = 0.05
 """Standard deviation of the multiplicative tissue texture ``1 + TEXTURE_SD * T`` (all modalities)."""
@@ -176,6 +194,25 @@ def _validate_table(table: Any, source: str = "contrast table") -> dict[str, dic
             raise ValueError(f"{source}: '{mod}.noise_sd' must be > 0, got {clean['noise_sd']}.")
         out[mod] = clean
     return out
+
+
+def contrast_profile(contrast: str | Mapping[str, Mapping[str, float]] = "default") -> dict[str, dict[str, float]]:
+    """The contrast table of a named profile (:data:`CONTRAST_PROFILES`) or a validated copy of a given table.
+
+    Args:
+        contrast: ``"default"`` (:data:`CONTRAST`), ``"unequal"`` (:data:`CONTRAST_UNEQUAL`) or a table mapping.
+
+    Returns:
+        A validated deep copy ``{modality: {"brain", "NCR", "ED", "ET", "noise_sd": float}}``.
+
+    Raises:
+        ValueError: unknown profile name or invalid table.
+    """
+    if isinstance(contrast, str):
+        if contrast not in CONTRAST_PROFILES:
+            raise ValueError(f"Unknown contrast profile {contrast!r}; expected one of {list(CONTRAST_PROFILES)}.")
+        return _validate_table(CONTRAST_PROFILES[contrast], source=f"contrast profile {contrast!r}")
+    return _validate_table(contrast)
 
 
 def load_contrast_table(path: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
@@ -495,7 +532,8 @@ def write_brats2015_case(
     return row
 
 
-def _readme(cases: int, size: int, seed: int, style: str = "brats2021") -> str:
+def _readme(cases: int, size: int, seed: int, style: str = "brats2021", profile: str = "default") -> str:
+    flag = "" if profile == "default" else f" --contrast {profile}"
     if style == "brats2015":
         first, last = case_name(0, style), case_name(cases - 1, style)
         lines = [
@@ -507,7 +545,7 @@ def _readme(cases: int, size: int, seed: int, style: str = "brats2021") -> str:
             "labels: 1 necrosis, 2 edema, 3 non-enhancing, 4 enhancing; TC={1,3,4}, WT={1,2,3,4}, ET={4}",
             "manifest.csv: volume manifest (case_id, flair, t1ce, label, brain_mask, label_convention)",
             "the phantoms are those of the brats2021 style with the same seed (docs/synthetic_brats.md);",
-            f"  medfusion synth brats OUT --cases {cases} --size {size} --seed {seed} --style brats2015",
+            f"  medfusion synth brats OUT --cases {cases} --size {size} --seed {seed} --style brats2015{flag}",
             "Synthetic data: not derived from any patient.",
         ]
         return "\n".join(lines) + "\n"
@@ -517,25 +555,29 @@ def _readme(cases: int, size: int, seed: int, style: str = "brats2021") -> str:
         f"cases: {cases} (BraTS2021_00000 .. {case_name(cases - 1)}), volume {size}^3 voxels at 1 mm, seed {seed}",
         "files: BraTS2021_NNNNN/BraTS2021_NNNNN_{flair,t1,t1ce,t2,seg}.nii.gz (float32 images, uint8 seg)",
         "labels: 1 NCR (necrotic core), 2 ED (edema), 4 ET (enhancing ring); TC={1,4}, WT={1,2,4}, ET={4}",
-        f"contrast table: {CONTRAST_FILE} (class means relative to normal brain = 1.0, noise sd)",
+        f"contrast table: {CONTRAST_FILE} (profile {profile!r}; class means relative to normal brain = 1.0, noise sd)",
         f"image model: scale U{SCALE_RANGE} x exp({BIAS_SD} x smooth bias) x mean x (1 + {TEXTURE_SD} x texture)"
         " + Gaussian noise (sd noise_sd x scale); background exactly 0",
         f"case i is generated with numpy.random.default_rng([{seed}, i]); regenerate with:",
-        f"  medfusion synth brats OUT --cases {cases} --size {size} --seed {seed}",
+        f"  medfusion synth brats OUT --cases {cases} --size {size} --seed {seed}{flag}",
         "Synthetic data: not derived from any patient. See docs/synthetic_brats.md.",
     ]
     return "\n".join(lines) + "\n"
 
 
-def _contrast_document(cases: int, size: int, seed: int) -> dict[str, Any]:
+def _contrast_document(
+    cases: int, size: int, seed: int, table: Mapping[str, Mapping[str, float]] | None = None, profile: str = "default"
+) -> dict[str, Any]:
+    table = contrast_profile("default" if table is None else table)
     return {
-        "table": copy.deepcopy(CONTRAST),
+        "profile": profile,
+        "table": table,
         "classes": dict(LABELS),
         "regions": {r: list(c) for r, c in REGIONS.items()},
         "adjacent_classes": [list(p) for p in ADJACENT_CLASSES],
         "ranking_rule": RANKING_RULE,
-        "region_contrast": {r: region_contrast(r) for r in REGIONS},
-        "expected_ranking": {r: expected_region_ranking(r) for r in REGIONS},
+        "region_contrast": {r: region_contrast(r, table) for r in REGIONS},
+        "expected_ranking": {r: expected_region_ranking(r, table) for r in REGIONS},
         "generator": {
             "texture_sd": TEXTURE_SD,
             "bias_sd": BIAS_SD,
@@ -555,6 +597,7 @@ def write_brats_cohort(
     seed: int = 0,
     overwrite: bool = False,
     style: str = "brats2021",
+    contrast: str | Mapping[str, Mapping[str, float]] = "default",
 ) -> list[Path]:
     """Write a cohort of phantoms in the BraTS 2021 layout (or a BRATS 2015 toolkit export), all or nothing.
 
@@ -575,13 +618,15 @@ def write_brats_cohort(
         seed: non-negative generator seed.
         overwrite: replace an existing non-empty ``out`` (only once the new cohort is complete).
         style: ``"brats2021"`` or ``"brats2015"`` (:data:`STYLES`).
+        contrast: contrast profile name (``"default"``, ``"unequal"``; :data:`CONTRAST_PROFILES`) or a table;
+            written to ``brats_contrast.json`` (``profile`` holds the name, ``"custom"`` for a table).
 
     Returns:
         The case directories (final paths under ``out``), in case order.
 
     Raises:
-        ValueError: ``cases`` < 1, ``size`` < 16, a negative/non-integer ``seed`` or an unknown ``style``
-            (checked before writing).
+        ValueError: ``cases`` < 1, ``size`` < 16, a negative/non-integer ``seed``, an unknown ``style`` or an
+            unknown/invalid ``contrast`` (checked before writing).
         FileExistsError: ``out`` is non-empty (or a file) and ``overwrite`` is False.
     """
     if isinstance(cases, bool) or not isinstance(cases, int | np.integer) or cases < 1:
@@ -591,13 +636,15 @@ def write_brats_cohort(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
     if style not in STYLES:
         raise ValueError(f"style must be one of {list(STYLES)}, got {style!r}.")
+    table = contrast_profile(contrast)
+    profile = contrast if isinstance(contrast, str) else "custom"
     cases, seed = int(cases), int(seed)
     out = Path(out)
     names = [case_name(i, style) for i in range(cases)]
     with atomic_output_dir(out, overwrite) as tmp:
         rows = []
         for i, name in enumerate(names):
-            images, seg = make_phantom(size, np.random.default_rng([seed, i]))
+            images, seg = make_phantom(size, np.random.default_rng([seed, i]), table)
             case_dir = tmp / name
             if style == "brats2015":
                 seg15 = split_nonenhancing(seg, np.random.default_rng([seed, i, 2015]))
@@ -614,7 +661,9 @@ def write_brats_cohort(
             frame = pd.DataFrame(rows, columns=["case_id", *BRATS2015_MODALITIES, "label", "brain_mask"])
             frame["label_convention"] = "brats2015"
             frame.to_csv(tmp / "manifest.csv", index=False)
-        (tmp / CONTRAST_FILE).write_text(json.dumps(_contrast_document(cases, size, seed), indent=2) + "\n")
-        (tmp / "README.txt").write_text(_readme(cases, size, seed, style))
+        (tmp / CONTRAST_FILE).write_text(
+            json.dumps(_contrast_document(cases, size, seed, table, profile), indent=2) + "\n"
+        )
+        (tmp / "README.txt").write_text(_readme(cases, size, seed, style, profile))
     logger.info("wrote %d BraTS phantom cases (%s style, %d^3, seed %d) to %s", cases, style, size, seed, out)
     return [out / name for name in names]

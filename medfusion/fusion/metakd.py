@@ -285,6 +285,7 @@ class MetaKDMethod(Method):
         self._meta_handler: MetaStepHandler | None = None
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self._trajectory_checked = False
+        self.last_meta_grad: torch.Tensor | None = None  # d(meta loss)/dw of the last meta step [M] (logging)
 
     def _set_kd_weights(self, kd_weights: str | Mapping[str, float]) -> str | dict[str, float]:
         """Validate ``kd_weights``; a fixed mapping sets ``w = log(weight / sum(weight))``."""
@@ -395,6 +396,7 @@ class MetaKDMethod(Method):
             # every rank steps w identically (w is outside DistributedDataParallel)
             torch.distributed.all_reduce(grad)
             grad = grad / torch.distributed.get_world_size()
+        self.last_meta_grad = grad.detach().cpu()
         self.meta_optimizer.zero_grad(set_to_none=True)
         w.grad = grad
         self.meta_optimizer.step()
@@ -419,6 +421,8 @@ class MetaKDMethod(Method):
         }
         row.update({f"w_{m}": float(v) for m, v in zip(self.modalities, self.state.w.detach().cpu().tolist())})
         row.update({f"softmax_{m}": v for m, v in weights.items()})
+        if self.last_meta_grad is not None:  # the gradient the step used (before Adam's normalisation)
+            row.update({f"grad_{m}": float(g) for m, g in zip(self.modalities, self.last_meta_grad.tolist())})
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             path = self.output_dir / "iwv_trajectory.csv"

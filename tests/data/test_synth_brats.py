@@ -353,3 +353,74 @@ def test_brats2015_style_export(tmp_path: Path) -> None:
         assert np.array_equal(a, np.asarray(nib.load(str(again / cases[0].name / name)).dataobj))
     with pytest.raises(ValueError, match="style must be one of"):
         write_brats_cohort(tmp_path / "x", cases=1, size=SIZE, style="brats2013")
+
+
+# ------------------------------------------------------------------------------------------------ unequal profile
+
+
+@pytest.fixture(scope="module")
+def unequal_phantoms() -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    table = sb.contrast_profile("unequal")
+    return [make_phantom(SIZE, np.random.default_rng([3, i]), table) for i in range(6)]
+
+
+def test_unequal_profile_table_one_modality_per_region() -> None:
+    table = sb.contrast_profile("unequal")
+    assert table == sb.CONTRAST_UNEQUAL and sb.contrast_profile("default") == CONTRAST
+    assert region_contrast("WT", table) == pytest.approx({"flair": 8.0, "t1": 0.2, "t1ce": 0.2, "t2": 0.2})
+    assert region_contrast("TC", table) == pytest.approx({"flair": 0.2, "t1": 0.2, "t1ce": 9.8, "t2": 0.2})
+    assert region_contrast("ET", table) == pytest.approx({"flair": 0.2, "t1": 0.2, "t1ce": 9.8, "t2": 0.2})
+    assert expected_region_ranking("WT", table)[0] == "flair"
+    assert expected_region_ranking("TC", table)[0] == expected_region_ranking("ET", table)[0] == "t1ce"
+    for region in ("TC", "WT", "ET"):  # the dominant modality is ~40x every other one
+        c = sorted(region_contrast(region, table).values())
+        assert c[-1] > 39 * c[-2]
+    with pytest.raises(ValueError, match="contrast profile"):
+        sb.contrast_profile("flat")
+
+
+def test_unequal_profile_realised_contrast_follows_its_table(unequal_phantoms: list) -> None:
+    """Measured class / normal-brain ratios match the unequal table; the default's t2 / flair-core contrast is gone."""
+    table = sb.CONTRAST_UNEQUAL
+    for mod in MODS:
+        for cls, lab in (("NCR", 1), ("ED", 2), ("ET", 4)):
+            ratios = [_ratio(img[mod], seg, [lab]) for img, seg in unequal_phantoms]
+            assert abs(np.mean(ratios) - table[mod][cls]) < 0.06, (mod, cls, np.mean(ratios))
+    # the smooth bias field moves a per-case ratio by up to ~0.13 (measured); the mean over cases is tighter
+    wt_edge, tc_edge = [], []
+    for img, seg in unequal_phantoms:
+        wt_edge.append({m: _ratio(img[m], seg, [2]) for m in MODS})  # ED / brain: the WT edge
+        tc_edge.append({m: float(img[m][seg == 4].mean() / img[m][seg == 2].mean()) for m in MODS})  # ET / ED
+        # flair ~1.8 on the WT edge, t1ce ~2 on the TC edge, the rest within 0.15 of no contrast per case
+        assert wt_edge[-1]["flair"] > 1.6 and tc_edge[-1]["t1ce"] > 1.6
+        assert all(abs(wt_edge[-1][m] - 1) < 0.15 for m in ("t1", "t1ce", "t2")), wt_edge[-1]
+        assert all(abs(tc_edge[-1][m] - 1) < 0.15 for m in ("flair", "t1", "t2")), tc_edge[-1]
+    # on the mean of the cases, within 0.05 of no contrast (the default table: t2 1.5 on WT, flair 0.92 and
+    # t2 0.83 on the TC edge)
+    for m in ("t1", "t1ce", "t2"):
+        assert abs(np.mean([r[m] for r in wt_edge]) - 1) < 0.05, m
+    for m in ("flair", "t1", "t2"):
+        assert abs(np.mean([r[m] for r in tc_edge]) - 1) < 0.05, m
+
+
+def test_cohort_writes_the_requested_profile(tmp_path: Path) -> None:
+    out = tmp_path / "unequal"
+    write_brats_cohort(out, cases=1, size=16, seed=2, contrast="unequal")
+    doc = json.loads((out / "brats_contrast.json").read_text())
+    assert doc["profile"] == "unequal" and load_contrast_table(out) == sb.CONTRAST_UNEQUAL
+    assert doc["expected_ranking"]["WT"][0] == "flair" and doc["expected_ranking"]["ET"][0] == "t1ce"
+    assert "--contrast unequal" in (out / "README.txt").read_text()
+    # same geometry as the default profile (same seed): only the intensities change
+    write_brats_cohort(tmp_path / "default", cases=1, size=16, seed=2)
+    name = "BraTS2021_00000"
+    seg_u = nib.load(str(out / name / f"{name}_seg.nii.gz")).get_fdata()
+    seg_d = nib.load(str(tmp_path / "default" / name / f"{name}_seg.nii.gz")).get_fdata()
+    assert np.array_equal(seg_u, seg_d)
+    assert json.loads((tmp_path / "default" / "brats_contrast.json").read_text())["profile"] == "default"
+    with pytest.raises(ValueError, match="contrast profile"):
+        write_brats_cohort(tmp_path / "bad", cases=1, size=16, contrast="flat")
+    assert not (tmp_path / "bad").exists()
+    from medfusion.cli import main
+
+    assert main(["synth", "brats", str(tmp_path / "cli"), "--cases", "1", "--size", "16", "--contrast", "unequal"]) == 0
+    assert load_contrast_table(tmp_path / "cli") == sb.CONTRAST_UNEQUAL

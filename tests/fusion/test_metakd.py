@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -236,6 +237,10 @@ def test_meta_steps_cycle_the_loader_and_log_every_step(tmp_path):
     traj = pd.read_csv(tmp_path / "iwv_trajectory.csv")
     assert traj["meta_step"].tolist() == [1, 2, 3, 4, 5] and traj["step_in_interval"].tolist() == [0, 1, 2, 3, 4]
     assert (traj["iteration"] == 7).all() and traj["meta_loss"].notna().all()
+    # d(meta loss)/dw of every step is logged; the last one is the gradient the method kept
+    grads = traj[["grad_a", "grad_b", "grad_c"]].to_numpy()
+    assert np.isfinite(grads).all() and np.abs(grads).max() > 0
+    assert grads[-1] == pytest.approx(method.last_meta_grad.numpy().tolist(), rel=1e-5)
     with pytest.raises(ValueError, match="meta_steps"):
         MetaKDMethod(("a", "b"), meta_steps=0)
     empty = MetaKDMethod(("a", "b", "c"), task="classification", meta_loader=[])

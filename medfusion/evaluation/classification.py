@@ -26,7 +26,7 @@ from monai.metrics import compute_roc_auc
 from sklearn.metrics import accuracy_score, average_precision_score, balanced_accuracy_score, f1_score
 from tqdm.auto import tqdm
 
-from medfusion.engines.method import model_inputs, to_device, unwrap
+from medfusion.batch import model_inputs, to_device, unwrap
 from medfusion.engines.utils import resolve_device
 from medfusion.evaluation.calibration import (
     apply_temperature,

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from ignite.engine import Events
 from monai.transforms import MapTransform
 
+from medfusion.batch import model_inputs, to_device, unwrap
 from medfusion.data.splits import random_split, renumber
-from medfusion.engines.method import model_inputs, to_device, unwrap
 from medfusion.engines.utils import resolve_device
 from medfusion.evaluation.report import save_figure
 from medfusion.modality import Keys, combination_name, validate_modalities

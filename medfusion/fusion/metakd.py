@@ -35,8 +35,9 @@ import torch
 from ignite.engine import Events
 from torch import nn
 
+from medfusion.batch import forward_outputs, model_inputs, to_device, unwrap
 from medfusion.encoders.base import EncoderOutput
-from medfusion.engines.method import Method, forward_outputs, model_inputs, to_device, unwrap
+from medfusion.engines.method import Method
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
 from medfusion.modality import Keys, combination_name, parse_combination, validate_modalities
 

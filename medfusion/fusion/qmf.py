@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfusion.batch import forward_outputs, model_inputs, unwrap
 from medfusion.encoders.base import EncoderOutput
-from medfusion.engines.method import DropoutMethod, forward_outputs, model_inputs, unwrap
+from medfusion.engines.method import DropoutMethod
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
 from medfusion.fusion.baselines import (
     check_in_dims,

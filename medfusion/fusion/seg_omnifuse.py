@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medfusion.engines.method import forward_outputs, model_inputs, to_device, unwrap
+from medfusion.batch import forward_outputs, model_inputs, to_device, unwrap
 from medfusion.fusion.base import FusionOutput
 from medfusion.fusion.metakd import default_task_loss
 from medfusion.fusion.omnifuse import (

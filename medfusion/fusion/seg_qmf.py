@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medfusion.engines.method import forward_outputs, model_inputs
+from medfusion.batch import forward_outputs, model_inputs
 from medfusion.fusion.base import FusionOutput
 from medfusion.fusion.metakd import default_task_loss
 from medfusion.fusion.qmf import QMFHead, QMFMethod, qmf_rank_regulariser, qmf_weights

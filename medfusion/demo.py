@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.time()
     out: Path = args.out
-    from medfusion.data._atomic import check_output_dir
+    from medfusion.io import check_output_dir
 
     try:
         check_output_dir(out, overwrite=args.overwrite)

@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from medfusion.data._atomic import atomic_file
 from medfusion.encoders.base import Encoder
 from medfusion.encoders.text import BertEncoder
 from medfusion.engines.record import RECORD_KEY, load_model, read_checkpoint
 from medfusion.fusion.base import FusionModel
+from medfusion.io import atomic_file
 from medfusion.models.segmenter import Segmenter
 
 __all__ = [
@@ -411,8 +411,8 @@ def _export_bert(
 ) -> Path:
     from transformers import AutoModel
 
-    from medfusion.data._atomic import atomic_output_dir
     from medfusion.data.text import get_tokenizer
+    from medfusion.io import atomic_output_dir
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         encoder.bert.save_pretrained(str(tmp))

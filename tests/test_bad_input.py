@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 
 from medfusion.cli import main
-from medfusion.data._atomic import check_output_dir
 from medfusion.data.check import check_brats, check_clinical, check_manifest, validate_before_training
 from medfusion.data.synth_brats import write_brats_cohort
 from medfusion.data.synth_clinical import write_clinical_cohort
+from medfusion.io import check_output_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_JSON = ROOT / "bundles" / "brats_metakd" / "configs" / "train.json"

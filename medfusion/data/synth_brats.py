@@ -43,7 +43,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from medfusion.data._atomic import atomic_output_dir
+from medfusion.io import atomic_output_dir
 from medfusion.modality import BRATS_MODALITIES
 
 __all__ = [

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from medfusion.data._atomic import atomic_output_dir
 from medfusion.data.ehr import EHR_CHANNELS
+from medfusion.io import atomic_output_dir
 
 __all__ = [
     "EHR_VARIABLES",

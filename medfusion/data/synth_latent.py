@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medfusion.data._atomic import atomic_output_dir
+from medfusion.io import atomic_output_dir
 
 __all__ = ["LINKS", "latent_factor_data", "paper_split", "write_latent_table"]
 

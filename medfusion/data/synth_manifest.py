@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from medfusion.data._atomic import atomic_output_dir
 from medfusion.data.synth_clinical import LABEL_NOISE_STD, _auroc, _cxr_image, _rng, _sigmoid, _write_csv, _write_jpg
+from medfusion.io import atomic_output_dir
 
 __all__ = ["MANIFEST_COHORT_SHARES", "EHR_COLUMNS", "write_manifest_cohort", "cohort_bundle_overrides"]
 

@@ -15,7 +15,8 @@ method state lives in the model's parameters/buffers so ``CheckpointSaver`` save
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,10 +42,44 @@ class Method:
     """Base class of training recipes.
 
     Subclasses implement :meth:`loss_step`; they may override :meth:`handlers` and
-    :meth:`prepare`.
+    :meth:`prepare`, and the class hooks :meth:`data_head_kwargs` and :meth:`evaluation_outputs`
+    (what varies between methods beyond their kwargs; read by the method registry,
+    :mod:`medfusion.fusion.recipes`).
     """
 
     name: str = "method"
+
+    @classmethod
+    def data_head_kwargs(cls, num_train_samples: int) -> dict[str, Any]:
+        """Head kwargs sized by the training data (e.g. QMF's ``num_samples``); none by default.
+
+        Args:
+            num_train_samples: size of the training split (the ``sample_index`` range).
+        """
+        return {}
+
+    @classmethod
+    def evaluation_outputs(
+        cls,
+        model: nn.Module,
+        loader: Iterable[Mapping[str, Any]],
+        modalities: Sequence[str],
+        output_dir: str | Path,
+        device: str | torch.device | None = None,
+    ) -> list[Path]:
+        """Method-specific evaluation files written next to the all-combination results; none by default.
+
+        Args:
+            model: the trained network.
+            loader: evaluation batches.
+            modalities: the network's ordered modality names.
+            output_dir: evaluation folder.
+            device: default automatic.
+
+        Returns:
+            Files written.
+        """
+        return []
 
     def prepare(self, batch: dict[str, Any], engine: Any) -> dict[str, Any]:
         """Per-iteration batch transform on the device (e.g. batch-level modality dropout)."""

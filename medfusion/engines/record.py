@@ -288,11 +288,12 @@ def load_model(
             if diff:
                 raise ValueError(f"checkpoint {p} does not match the configuration: {diff}.")
     state = complete_state(network, _state_dict(ckpt, p, key), p)  # frozen encoders saved by reference
-    if strict:
-        err = _fit_error(network, state)
-        if err:
-            raise ValueError(f"checkpoint {p} does not fit the configured network: {err}.")
-    network.load_state_dict(state, strict=strict)
+    try:  # modules may size buffers from the checkpoint while loading (QMF's history), so load first
+        network.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise ValueError(
+            f"checkpoint {p} does not fit the configured network: {_fit_error(network, state) or e}."
+        ) from e
     return ckpt
 
 
@@ -302,7 +303,7 @@ def stamp_record(path: str | Path, record: RunRecord) -> Path:
     Returns:
         ``path``.
     """
-    from medfusion.data._atomic import atomic_file
+    from medfusion.io import atomic_file
 
     p = Path(path)
     ckpt = read_checkpoint(p)

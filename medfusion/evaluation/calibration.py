@@ -29,7 +29,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch import nn
 
-from medfusion.evaluation.report import save_figure
+from medfusion.io import save_figure
 from medfusion.modality import combination_name, combinations, mask_to_name, validate_modalities
 
 __all__ = [

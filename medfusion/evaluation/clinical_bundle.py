@@ -33,10 +33,8 @@ import torch.nn.functional as F
 from ignite.engine import Events
 from monai.transforms import MapTransform
 
-from medfusion.batch import model_inputs, to_device, unwrap
+from medfusion.batch import model_inputs, to_device
 from medfusion.data.splits import random_split, renumber
-from medfusion.engines.utils import resolve_device
-from medfusion.evaluation.report import save_figure
 from medfusion.modality import Keys, combination_name, validate_modalities
 
 __all__ = [
@@ -54,14 +52,11 @@ __all__ = [
     "bundle_check_settings",
     "RestrictToCombinationd",
     "clinical_preprocessing",
-    "checkpoint_num_samples",
     "clinical_datalist",
     "clinical_splits",
     "ModalityBatch",
     "auroc_output",
     "PredictionWriter",
-    "qmf_weight_loss",
-    "plot_weights_vs_loss",
     "method_figures",
 ]
 
@@ -233,20 +228,6 @@ def clinical_preprocessing(
     ordered = ordered_kinds(modalities, kinds)
     tab = {m: int(f) for m, f in (tabular_features or {}).items() if ordered.get(m) == "tabular"}
     return clinical_transforms(ordered, mode=mode, tabular_features=tab or None, **kwargs)
-
-
-def checkpoint_num_samples(path: str | Path, key: str = "model") -> int:
-    """Training-set size stored in a QMF checkpoint (rows of ``head.history``), 0 when absent.
-
-    Inference builds the QMF head with this ``num_samples`` so the checkpoint loads strictly.
-    """
-    p = Path(path)
-    if not p.is_file():
-        return 0
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    state = ckpt.get(key, ckpt) if isinstance(ckpt, Mapping) else {}
-    hist = state.get("head.history") if isinstance(state, Mapping) else None
-    return int(hist.shape[0]) if isinstance(hist, torch.Tensor) else 0
 
 
 def _manifest_spec(modalities: Sequence[str], columns: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -717,92 +698,6 @@ def bundle_check_settings(
     }
 
 
-@torch.no_grad()
-def qmf_weight_loss(
-    model: torch.nn.Module,
-    loader: Iterable[Mapping[str, Any]],
-    modalities: Sequence[str],
-    device: str | torch.device | None = None,
-) -> pd.DataFrame:
-    """Per-sample QMF fusion weight and per-modality cross-entropy, every sample with ALL its available modalities.
-
-    Args:
-        model: a classifier whose head is QMF (``aux["weights"]`` [B, M], ``aux["modality_logits"]``).
-        loader: labelled batches.
-        modalities: the model's ordered modality names.
-        device: default automatic.
-
-    Returns:
-        One row per (sample, present modality): ``sample_index``, ``case_id``, ``modality``, ``weight``,
-        ``loss`` (CE of that modality's own logits against the label), ``label``.
-
-    Raises:
-        ValueError: the model's head does not expose QMF ``weights`` / ``modality_logits``.
-    """
-    dev = resolve_device(device)
-    net = unwrap(model).to(dev).eval()
-    mods = validate_modalities(modalities)
-    rows: list[dict[str, Any]] = []
-    for batch in loader:
-        batch = to_device(batch, dev)
-        mask = batch[Keys.MASK].bool()
-        out = net.forward_outputs(model_inputs(batch, mods), mask)
-        if "weights" not in out.aux or "modality_logits" not in out.aux:
-            raise ValueError("qmf_weight_loss: the model's head exposes no QMF 'weights'/'modality_logits' aux.")
-        labels = batch[Keys.LABEL].reshape(mask.shape[0], -1)[:, 0].long()
-        weights = out.aux["weights"].float().cpu().numpy()
-        idx = batch.get(Keys.INDEX, torch.arange(mask.shape[0])).reshape(-1).cpu().numpy()
-        ids = batch.get(Keys.CASE_ID, [str(i) for i in idx])
-        for j, m in enumerate(mods):
-            ce = F.cross_entropy(out.aux["modality_logits"][m].float(), labels, reduction="none").cpu().numpy()
-            for i in np.flatnonzero(mask[:, j].cpu().numpy()):
-                rows.append(
-                    {
-                        "sample_index": int(idx[i]),
-                        "case_id": str(ids[i]),
-                        "modality": m,
-                        "weight": float(weights[i, j]),
-                        "loss": float(ce[i]),
-                        "label": int(labels[i]),
-                    }
-                )
-    return pd.DataFrame(rows, columns=["sample_index", "case_id", "modality", "weight", "loss", "label"])
-
-
-def plot_weights_vs_loss(table: pd.DataFrame, path: str | Path, title: str = "QMF weight vs modality loss") -> Path:
-    """Scatter of per-sample fusion weight against the modality's own cross-entropy, one panel per modality.
-
-    Args:
-        table: rows of :func:`qmf_weight_loss`.
-        path: PNG file to write.
-        title: figure title.
-
-    Returns:
-        ``path``.
-
-    Raises:
-        ValueError: an empty table.
-    """
-    if table.empty:
-        raise ValueError("plot_weights_vs_loss: the table is empty (no sample had a present modality).")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mods = list(dict.fromkeys(table["modality"].tolist()))
-    fig, axes = plt.subplots(1, len(mods), figsize=(3.2 * len(mods), 3.0), squeeze=False)
-    for ax, m in zip(axes[0], mods):
-        part = table[table["modality"] == m]
-        ax.scatter(part["loss"], part["weight"], s=10, alpha=0.7, c=part["label"], cmap="coolwarm", vmin=0, vmax=1)
-        rho = part[["loss", "weight"]].corr(method="spearman").iloc[0, 1] if len(part) > 2 else float("nan")
-        ax.set_title(f"{m} (Spearman {rho:.2f})", fontsize=9)
-        ax.set_xlabel("per-sample CE of the modality")
-        ax.set_ylabel("fusion weight")
-    fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
-
-
 def method_figures(
     method_name: str,
     model: torch.nn.Module,
@@ -811,7 +706,10 @@ def method_figures(
     output_dir: str | Path,
     device: str | torch.device | None = None,
 ) -> list[Path]:
-    """Method-specific evaluation outputs (QMF: ``qmf_weight_loss.csv`` and ``qmf_weight_vs_loss.png``).
+    """Method-specific evaluation outputs: the method class's ``evaluation_outputs`` hook.
+
+    QMF and its ablations write ``qmf_weight_loss.csv`` and ``qmf_weight_vs_loss.png``
+    (:meth:`medfusion.fusion.qmf.QMFMethod.evaluation_outputs`); the other methods write nothing.
 
     Args:
         method_name: the bundle's ``method_name``.
@@ -823,14 +721,10 @@ def method_figures(
 
     Returns:
         Files written (empty for methods without extra outputs).
-    """
-    from medfusion.fusion.recipes import RECIPES
 
-    recipe = RECIPES.get(method_name)
-    if recipe is None or recipe.head != "qmf":  # qmf and its ablations (e.g. qmf_no_detach)
-        return []
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = qmf_weight_loss(model, loader, modalities, device)
-    table.to_csv(out / "qmf_weight_loss.csv", index=False)
-    return [out / "qmf_weight_loss.csv", plot_weights_vs_loss(table, out / "qmf_weight_vs_loss.png")]
+    Raises:
+        KeyError: unknown method name.
+    """
+    from medfusion.fusion.recipes import method_class
+
+    return method_class(method_name).evaluation_outputs(model, loader, modalities, output_dir, device)

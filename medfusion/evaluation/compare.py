@@ -32,10 +32,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from medfusion.data._atomic import atomic_output_dir, check_output_dir
 from medfusion.evaluation.calibration import expected_calibration_error
-from medfusion.evaluation.report import RECORD_FILE, read_record, save_figure
+from medfusion.evaluation.report import RECORD_FILE, read_record
 from medfusion.evaluation.stats import PairedResult, delong_test, holm, paired_bootstrap
+from medfusion.io import atomic_output_dir, check_output_dir, save_figure
 from medfusion.modality import combination_name, combinations
 
 __all__ = [

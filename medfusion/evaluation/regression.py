@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medfusion.data._atomic import atomic_file
 from medfusion.fusion.meta_fusion import MetaFusionData
+from medfusion.io import atomic_file
 from medfusion.modality import combination_mask, combination_name, combinations, parse_combination
 
 __all__ = ["REG_METRICS", "regression_metrics", "predict_regression", "evaluate_regression", "plot_mse"]

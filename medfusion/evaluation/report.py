@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medfusion.io import save_figure
 from medfusion.modality import combination_name, combinations
 
 __all__ = [
     "RECORD_FILE",
-    "save_figure",
     "summarize",
     "to_markdown",
     "plot_heatmap",
@@ -33,18 +33,6 @@ __all__ = [
 RECORD_FILE = "evaluation.json"
 """What an evaluation folder says about its run: task, modalities, split (name, rule, seed), method,
 checkpoint and the bundle keys that rebuild the network. ``medfusion compare`` reads it."""
-
-
-def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
-    """Lay out, write (parent folders created) and close a matplotlib figure; returns the path."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
-    return out
 
 
 def summarize(per_case: pd.DataFrame, metrics: Sequence[str], modalities: Sequence[str]) -> pd.DataFrame:
@@ -224,8 +212,8 @@ class ResultsFolder:
     def __init__(
         self, output_dir: str | os.PathLike, overwrite: bool | str = False, protect: Sequence[Any] = ()
     ) -> None:
-        from medfusion.data._atomic import check_output_dir
         from medfusion.engines.checkpoint import as_bool
+        from medfusion.io import check_output_dir
 
         self.overwrite = as_bool(overwrite, "overwrite")
         final = Path(output_dir).resolve()
@@ -252,7 +240,7 @@ class ResultsFolder:
         Returns:
             What ``fn`` returned.
         """
-        from medfusion.data._atomic import check_output_dir, publish_mode
+        from medfusion.io import check_output_dir, publish_mode
 
         check_output_dir(self.final, self.overwrite)  # again: another command may have written meanwhile
         tmp = Path(self.path)

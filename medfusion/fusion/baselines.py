@@ -34,6 +34,7 @@ from medfusion.batch import forward_outputs, model_inputs
 from medfusion.encoders.base import EncoderOutput
 from medfusion.engines.method import DropoutMethod
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
+from medfusion.fusion.recipes import register_method
 from medfusion.modality import Keys, validate_modalities
 
 __all__ = [
@@ -272,6 +273,16 @@ class LateFusionHead(FusionHead):
         return FusionOutput(safe_log(fused), emb, aux)
 
 
+@register_method("concat", head="concat", description="early fusion: zero-filled features concatenated, MLP")
+@register_method("late", head="late", description="late fusion: average of per-modality probabilities")
+@register_method(
+    "late_modality_ce",
+    head="late",
+    method_kwargs={"modality_loss_weight": 1.0},
+    ablation_of="qmf",
+    description="late fusion + the per-modality cross-entropy QMF adds (QMF's fair baseline)",
+)
+@register_method("mean_features", head="mean_features", description="HeMIS-style masked mean of features")
 class SupervisedMethod(DropoutMethod):
     """Generic supervised recipe: ``L = CE(logits, y) [+ modality_loss_weight * sum_m CE(z_m, y)]``.
 

@@ -42,11 +42,11 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from medfusion.batch import to_device, unwrap
-from medfusion.data._atomic import atomic_file
 from medfusion.encoders.base import EncoderOutput
 from medfusion.engines.utils import resolve_device
 from medfusion.fusion.base import FusionHead, FusionModel, FusionOutput, register_fusion
 from medfusion.fusion.meta_fusion import RULES, STAGES, MetaFusion, MetaFusionData, build_cohort
+from medfusion.io import atomic_file
 from medfusion.modality import Keys, check_mask, validate_modalities
 
 __all__ = [

@@ -31,7 +31,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-from medfusion.data._atomic import atomic_file
 from medfusion.engines.record import RECORD_KEY, RunRecord, model_difference, read_checkpoint, stamp_record
 from medfusion.engines.utils import resolve_device
 from medfusion.evaluation.regression import evaluate_regression
@@ -44,6 +43,7 @@ from medfusion.fusion.meta_fusion_stages import (
     save_meta_fusion,
     tabular_data,
 )
+from medfusion.io import atomic_file
 from medfusion.modality import validate_modalities
 
 __all__ = [

@@ -39,6 +39,7 @@ from medfusion.batch import forward_outputs, model_inputs, to_device, unwrap
 from medfusion.encoders.base import EncoderOutput
 from medfusion.engines.method import Method
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
+from medfusion.fusion.recipes import register_method
 from medfusion.modality import Keys, combination_name, parse_combination, validate_modalities
 
 __all__ = [
@@ -206,6 +207,35 @@ def default_task_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch
     raise ValueError(f"task must be 'segmentation' or 'classification', got {task!r}.")
 
 
+# the classification registry: MetaKD recipes default to task="classification" (the caller's kwargs win)
+@register_method(
+    "metakd",
+    head="metakd",
+    method_kwargs={"task": "classification"},
+    description="MetaKD: KD weighted by meta-learned importance weights",
+)
+@register_method(
+    "metakd_no_kd",
+    head="metakd",
+    method_kwargs={"task": "classification", "alpha": 0.0},
+    ablation_of="metakd",
+    description="MetaKD network, no KD",
+)
+@register_method(
+    "metakd_uniform_kd",
+    head="metakd",
+    method_kwargs={"task": "classification", "kd_weights": "uniform"},
+    ablation_of="metakd",
+    description="KD with fixed uniform weights (no meta step)",
+)
+@register_method(
+    "metakd_fixed_kd",
+    head="metakd",
+    method_kwargs={"task": "classification"},
+    ablation_of="metakd",
+    required_method_kwargs=("kd_weights",),
+    description="KD with fixed weights kd_weights={modality: weight} (e.g. an oracle; no meta step)",
+)
 class MetaKDMethod(Method):
     """MetaKD training recipe (also the "no KD" and "dedicated" baselines).
 

@@ -58,6 +58,7 @@ from medfusion.encoders.base import EncoderOutput
 from medfusion.engines.method import Method, forward_outputs, model_inputs, to_device, unwrap
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
 from medfusion.fusion.baselines import check_in_dims, mlp, per_modality_ce, safe_log, stack_modality_logits
+from medfusion.fusion.recipes import register_method
 from medfusion.modality import Keys, all_combination_masks, combination_name, combinations, validate_modalities
 
 __all__ = [
@@ -541,6 +542,21 @@ def lazy_from_losses(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Te
     return dist, int(torch.where(counts > 0, dist, torch.full_like(dist, -float("inf"))).argmax())
 
 
+@register_method("omnifuse", head="omnifuse", description="OmniFuse: CRA imputation + DWFuse + TLA")
+@register_method(
+    "omnifuse_no_imputation",
+    head="omnifuse",
+    head_kwargs={"impute": "off"},
+    ablation_of="omnifuse",
+    description="OmniFuse, same predictor, imputation off (classifiers on v, no L_fw/L_bw)",
+)
+@register_method(
+    "omnifuse_no_cra",
+    head="omnifuse",
+    head_kwargs={"impute": "none"},
+    ablation_of="omnifuse",
+    description="OmniFuse without any CRA (joint head on v)",
+)
 class OmniFuseMethod(Method):
     """OmniFuse training recipe: ``L = L_fw + lambda_bw * L_bw + lambda_dw * L_DWFuse + lambda_tla * L_TLA``.
 

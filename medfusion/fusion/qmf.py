@@ -13,21 +13,30 @@ Pieces (each maps to a test with hand-computed values, see docs/methods.md):
 * per-sample loss history ``kappa`` (head buffers ``history``/``history_count``, :meth:`QMFHead.update_history`),
   min-max normalised per modality over the samples seen so far (:func:`minmax_normalise`);
 * ranking regulariser, paper Eq. 16 as written (:func:`eq16_pair_loss`, :func:`qmf_rank_regulariser`);
-* ``L = CE(z, y) + sum_m CE(z_m, y) + lambda * L_reg`` (:class:`QMFMethod`).
+* ``L = CE(z, y) + sum_m CE(z_m, y) + lambda * L_reg`` (:class:`QMFMethod`);
+* evaluation outputs: per-sample fusion weight against the modality's own loss (:func:`qmf_weight_loss`,
+  :func:`plot_weights_vs_loss`, written by the :meth:`QMFMethod.evaluation_outputs` hook).
+
+The history buffers take the checkpoint's size when a checkpoint is loaded, so inference builds the head
+without ``num_samples``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medfusion.batch import forward_outputs, model_inputs, unwrap
+from medfusion.batch import forward_outputs, model_inputs, to_device, unwrap
 from medfusion.encoders.base import EncoderOutput
 from medfusion.engines.method import DropoutMethod
+from medfusion.engines.utils import resolve_device
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
 from medfusion.fusion.baselines import (
     check_in_dims,
@@ -37,6 +46,8 @@ from medfusion.fusion.baselines import (
     per_modality_ce,
     stack_modality_logits,
 )
+from medfusion.fusion.recipes import register_method
+from medfusion.io import save_figure
 from medfusion.modality import Keys, validate_modalities
 
 __all__ = [
@@ -48,6 +59,8 @@ __all__ = [
     "qmf_rank_regulariser",
     "QMFHead",
     "QMFMethod",
+    "qmf_weight_loss",
+    "plot_weights_vs_loss",
 ]
 
 
@@ -251,6 +264,22 @@ class QMFHead(FusionHead):
         return FusionOutput(fused, emb, aux)
 
     # ------------------------------------------------------------ history
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Resize ``history``/``history_count`` to the checkpoint's rows before loading.
+
+        Inference then needs no ``num_samples``; a checkpoint for another number of modalities still fails to load.
+        """
+        for name in ("history", "history_count"):
+            saved, own = state_dict.get(prefix + name), getattr(self, name)
+            if (
+                isinstance(saved, torch.Tensor)
+                and saved.dim() == 2
+                and saved.shape[1] == own.shape[1]
+                and saved.shape[0] != own.shape[0]
+            ):
+                setattr(self, name, own.new_zeros(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def num_samples(self) -> int:
         """Size of the history (training-set size)."""
@@ -317,6 +346,14 @@ def _qmf_head(model: nn.Module) -> QMFHead:
     return head
 
 
+@register_method("qmf", head="qmf", description="QMF: energy-weighted late fusion, weights detached in the fusion")
+@register_method(
+    "qmf_no_detach",
+    head="qmf",
+    head_kwargs={"detach_weights": False},
+    ablation_of="qmf",
+    description="QMF with gradient through the fusion weights in the fused prediction",
+)
 class QMFMethod(DropoutMethod):
     """QMF training recipe: ``L = CE(z, y) + sum_m CE(z_m, y) + lam * L_reg``.
 
@@ -367,3 +404,110 @@ class QMFMethod(DropoutMethod):
             head.update_history(idx, per_modality_ce(z.detach(), labels), mask)
         loss = fused + mod + self.lam * reg
         return {"loss": loss, "fused_loss": fused, "modality_loss": mod, "rank_loss": reg}
+
+    @classmethod
+    def data_head_kwargs(cls, num_train_samples: int) -> dict[str, Any]:
+        """``num_samples``: the head's loss history has one row per training sample."""
+        return {"num_samples": int(num_train_samples)}
+
+    @classmethod
+    def evaluation_outputs(
+        cls,
+        model: nn.Module,
+        loader: Iterable[Mapping[str, Any]],
+        modalities: Sequence[str],
+        output_dir: str | Path,
+        device: str | torch.device | None = None,
+    ) -> list[Path]:
+        """``qmf_weight_loss.csv`` (:func:`qmf_weight_loss`) and ``qmf_weight_vs_loss.png`` in ``output_dir``."""
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        table = qmf_weight_loss(model, loader, modalities, device)
+        table.to_csv(out / "qmf_weight_loss.csv", index=False)
+        return [out / "qmf_weight_loss.csv", plot_weights_vs_loss(table, out / "qmf_weight_vs_loss.png")]
+
+
+@torch.no_grad()
+def qmf_weight_loss(
+    model: torch.nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    modalities: Sequence[str],
+    device: str | torch.device | None = None,
+) -> pd.DataFrame:
+    """Per-sample QMF fusion weight and per-modality cross-entropy, every sample with ALL its available modalities.
+
+    Args:
+        model: a classifier whose head is QMF (``aux["weights"]`` [B, M], ``aux["modality_logits"]``).
+        loader: labelled batches.
+        modalities: the model's ordered modality names.
+        device: default automatic.
+
+    Returns:
+        One row per (sample, present modality): ``sample_index``, ``case_id``, ``modality``, ``weight``,
+        ``loss`` (CE of that modality's own logits against the label), ``label``.
+
+    Raises:
+        ValueError: the model's head does not expose QMF ``weights`` / ``modality_logits``.
+    """
+    dev = resolve_device(device)
+    net = unwrap(model).to(dev).eval()
+    mods = validate_modalities(modalities)
+    rows: list[dict[str, Any]] = []
+    for batch in loader:
+        batch = to_device(batch, dev)
+        mask = batch[Keys.MASK].bool()
+        out = net.forward_outputs(model_inputs(batch, mods), mask)
+        if "weights" not in out.aux or "modality_logits" not in out.aux:
+            raise ValueError("qmf_weight_loss: the model's head exposes no QMF 'weights'/'modality_logits' aux.")
+        labels = batch[Keys.LABEL].reshape(mask.shape[0], -1)[:, 0].long()
+        weights = out.aux["weights"].float().cpu().numpy()
+        idx = batch.get(Keys.INDEX, torch.arange(mask.shape[0])).reshape(-1).cpu().numpy()
+        ids = batch.get(Keys.CASE_ID, [str(i) for i in idx])
+        for j, m in enumerate(mods):
+            ce = F.cross_entropy(out.aux["modality_logits"][m].float(), labels, reduction="none").cpu().numpy()
+            for i in np.flatnonzero(mask[:, j].cpu().numpy()):
+                rows.append(
+                    {
+                        "sample_index": int(idx[i]),
+                        "case_id": str(ids[i]),
+                        "modality": m,
+                        "weight": float(weights[i, j]),
+                        "loss": float(ce[i]),
+                        "label": int(labels[i]),
+                    }
+                )
+    return pd.DataFrame(rows, columns=["sample_index", "case_id", "modality", "weight", "loss", "label"])
+
+
+def plot_weights_vs_loss(table: pd.DataFrame, path: str | Path, title: str = "QMF weight vs modality loss") -> Path:
+    """Scatter of per-sample fusion weight against the modality's own cross-entropy, one panel per modality.
+
+    Args:
+        table: rows of :func:`qmf_weight_loss`.
+        path: PNG file to write.
+        title: figure title.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: an empty table.
+    """
+    if table.empty:
+        raise ValueError("plot_weights_vs_loss: the table is empty (no sample had a present modality).")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mods = list(dict.fromkeys(table["modality"].tolist()))
+    fig, axes = plt.subplots(1, len(mods), figsize=(3.2 * len(mods), 3.0), squeeze=False)
+    for ax, m in zip(axes[0], mods):
+        part = table[table["modality"] == m]
+        ax.scatter(part["loss"], part["weight"], s=10, alpha=0.7, c=part["label"], cmap="coolwarm", vmin=0, vmax=1)
+        rho = part[["loss", "weight"]].corr(method="spearman").iloc[0, 1] if len(part) > 2 else float("nan")
+        ax.set_title(f"{m} (Spearman {rho:.2f})", fontsize=9)
+        ax.set_xlabel("per-sample CE of the modality")
+        ax.set_ylabel("fusion weight")
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)

@@ -1,7 +1,21 @@
 """Method recipes by name, so a bundle switches the method with ONE override (``--method_name qmf``).
 
 A recipe pairs a fusion head (with default head kwargs) and a training method (with default method
-kwargs). The four published methods and the baselines have one recipe each; the ablations that isolate one
+kwargs). Recipes are registered where the method is defined, with :func:`register_method` on the
+:class:`~medfusion.engines.method.Method` class (after timm's ``@register_model``)::
+
+    @register_method("qmf", head="qmf", description="QMF: energy-weighted late fusion")
+    @register_method("qmf_no_detach", head="qmf", head_kwargs={"detach_weights": False}, ablation_of="qmf")
+    class QMFMethod(DropoutMethod): ...
+
+Importing :mod:`medfusion.fusion` imports every method module, so the registry is complete whenever
+this module is usable. What varies between methods beyond the recipe's kwargs is a class hook of the
+method: :meth:`~medfusion.engines.method.Method.data_head_kwargs` (head kwargs sized by the training
+data, e.g. QMF's ``num_samples``) and :meth:`~medfusion.engines.method.Method.evaluation_outputs`
+(method-specific evaluation files, e.g. QMF's weight-vs-loss figure). Adding a method is its file plus
+one import line in ``medfusion/fusion/__init__.py``.
+
+The four published methods and the baselines have one recipe each; the ablations that isolate one
 ingredient are recipes too, so a benchmark or a bundle selects them by name instead of forking the trainer:
 
 * ``late_modality_ce``: late fusion trained with the same per-modality cross-entropy QMF adds (Eq. 18), the
@@ -19,22 +33,25 @@ Recipe defaults are overridden by the caller's kwargs (bundle ``head_kwargs`` / 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from medfusion.engines.method import Method
 
 __all__ = [
     "Recipe",
     "RECIPES",
-    "METHOD_HEADS",
+    "register_method",
+    "method_class",
     "create_method",
     "list_methods",
     "head_name",
     "default_head_kwargs",
     "build_method",
 ]
+
+M = TypeVar("M", bound=type[Method])
 
 
 @dataclass(frozen=True)
@@ -43,7 +60,7 @@ class Recipe:
 
     Attributes:
         head: registered fusion-head name.
-        method: training recipe kind: ``"supervised"``, ``"qmf"``, ``"omnifuse"`` or ``"metakd"``.
+        method_class: the training recipe's :class:`~medfusion.engines.method.Method` class.
         head_kwargs: default head kwargs (the caller's win).
         method_kwargs: default method kwargs (the caller's win).
         ablation_of: the published method / baseline this recipe isolates an ingredient of (``None`` for the
@@ -53,7 +70,7 @@ class Recipe:
     """
 
     head: str
-    method: str
+    method_class: type[Method]
     head_kwargs: Mapping[str, Any] = field(default_factory=dict)
     method_kwargs: Mapping[str, Any] = field(default_factory=dict)
     ablation_of: str | None = None
@@ -61,92 +78,83 @@ class Recipe:
     description: str = ""
 
 
-RECIPES: dict[str, Recipe] = {
-    "concat": Recipe("concat", "supervised", description="early fusion: zero-filled features concatenated, MLP"),
-    "late": Recipe("late", "supervised", description="late fusion: average of per-modality probabilities"),
-    "late_modality_ce": Recipe(
-        "late",
-        "supervised",
-        method_kwargs={"modality_loss_weight": 1.0},
-        ablation_of="qmf",
-        description="late fusion + the per-modality cross-entropy QMF adds (QMF's fair baseline)",
-    ),
-    "mean_features": Recipe("mean_features", "supervised", description="HeMIS-style masked mean of features"),
-    "qmf": Recipe("qmf", "qmf", description="QMF: energy-weighted late fusion, weights detached in the fusion"),
-    "qmf_no_detach": Recipe(
-        "qmf",
-        "qmf",
-        head_kwargs={"detach_weights": False},
-        ablation_of="qmf",
-        description="QMF with gradient through the fusion weights in the fused prediction",
-    ),
-    "omnifuse": Recipe("omnifuse", "omnifuse", description="OmniFuse: CRA imputation + DWFuse + TLA"),
-    "omnifuse_no_imputation": Recipe(
-        "omnifuse",
-        "omnifuse",
-        head_kwargs={"impute": "off"},
-        ablation_of="omnifuse",
-        description="OmniFuse, same predictor, imputation off (classifiers on v, no L_fw/L_bw)",
-    ),
-    "omnifuse_no_cra": Recipe(
-        "omnifuse",
-        "omnifuse",
-        head_kwargs={"impute": "none"},
-        ablation_of="omnifuse",
-        description="OmniFuse without any CRA (joint head on v)",
-    ),
-    "metakd": Recipe("metakd", "metakd", description="MetaKD: KD weighted by meta-learned importance weights"),
-    "metakd_no_kd": Recipe(
-        "metakd", "metakd", method_kwargs={"alpha": 0.0}, ablation_of="metakd", description="MetaKD network, no KD"
-    ),
-    "metakd_uniform_kd": Recipe(
-        "metakd",
-        "metakd",
-        method_kwargs={"kd_weights": "uniform"},
-        ablation_of="metakd",
-        description="KD with fixed uniform weights (no meta step)",
-    ),
-    "metakd_fixed_kd": Recipe(
-        "metakd",
-        "metakd",
-        ablation_of="metakd",
-        required_method_kwargs=("kd_weights",),
-        description="KD with fixed weights kd_weights={modality: weight} (e.g. an oracle; no meta step)",
-    ),
-}
-"""Method name -> :class:`Recipe`."""
+RECIPES: dict[str, Recipe] = {}
+"""Method name -> :class:`Recipe`, filled by :func:`register_method` (complete once :mod:`medfusion.fusion` is
+imported)."""
 
-METHOD_HEADS: dict[str, str] = {name: r.head for name, r in RECIPES.items()}
-"""Method name -> fusion head name."""
+
+def register_method(
+    name: str,
+    head: str,
+    *,
+    head_kwargs: Mapping[str, Any] | None = None,
+    method_kwargs: Mapping[str, Any] | None = None,
+    ablation_of: str | None = None,
+    required_method_kwargs: Sequence[str] = (),
+    description: str = "",
+) -> Callable[[M], M]:
+    """Class decorator registering the recipe ``name``: fusion head ``head`` trained by the decorated method.
+
+    Stack it to register ablations of the same method class with other default kwargs.
+
+    Args:
+        name: the method name (a bundle's ``method_name``).
+        head: registered fusion-head name (:func:`~medfusion.fusion.base.list_fusions`).
+        head_kwargs: default head kwargs.
+        method_kwargs: default method kwargs.
+        ablation_of: the method / baseline this recipe isolates an ingredient of.
+        required_method_kwargs: method kwargs the caller must give.
+        description: one line for listings and errors.
+
+    Returns:
+        The decorator (returns the class unchanged).
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+
+    def deco(cls: M) -> M:
+        if name in RECIPES:
+            raise ValueError(f"method {name!r} is already registered.")
+        RECIPES[name] = Recipe(
+            head,
+            cls,
+            dict(head_kwargs or {}),
+            dict(method_kwargs or {}),
+            ablation_of,
+            tuple(required_method_kwargs),
+            description,
+        )
+        return cls
+
+    return deco
+
+
+def _registry() -> dict[str, Recipe]:
+    import medfusion.fusion  # noqa: F401  (imports every method module: registration is complete)
+
+    return RECIPES
 
 
 def list_methods(include_ablations: bool = True) -> list[str]:
     """Names accepted by :func:`create_method` (``include_ablations=False``: the methods and baselines only)."""
-    return sorted(n for n, r in RECIPES.items() if include_ablations or r.ablation_of is None)
+    return sorted(n for n, r in _registry().items() if include_ablations or r.ablation_of is None)
 
 
 def _recipe(name: str) -> Recipe:
-    if name not in RECIPES:
+    recipes = _registry()
+    if name not in recipes:
         raise KeyError(f"unknown method {name!r}; known methods: {list_methods()}.")
-    return RECIPES[name]
+    return recipes[name]
 
 
-def _method_class(kind: str) -> type[Method]:
-    if kind == "supervised":
-        from medfusion.fusion.baselines import SupervisedMethod
+def method_class(name: str) -> type[Method]:
+    """Training-recipe class of method ``name`` (its class hooks: ``data_head_kwargs``, ``evaluation_outputs``).
 
-        return SupervisedMethod
-    if kind == "qmf":
-        from medfusion.fusion.qmf import QMFMethod
-
-        return QMFMethod
-    if kind == "omnifuse":
-        from medfusion.fusion.omnifuse import OmniFuseMethod
-
-        return OmniFuseMethod
-    from medfusion.fusion.metakd import MetaKDMethod
-
-    return MetaKDMethod
+    Raises:
+        KeyError: unknown method name.
+    """
+    return _recipe(name).method_class
 
 
 def create_method(name: str, modalities: Sequence[str], kwargs: Mapping[str, Any] | None = None) -> Method:
@@ -171,9 +179,7 @@ def create_method(name: str, modalities: Sequence[str], kwargs: Mapping[str, Any
             f"method {name!r} ({recipe.description}) needs method kwargs {missing}, e.g. "
             "--method_kwargs \"{'kd_weights': {'ehr': 0.5, 'cxr': 0.3, 'report': 0.2}}\"."
         )
-    if recipe.method == "metakd":
-        kw.setdefault("task", "classification")
-    return _method_class(recipe.method)(modalities, **kw)
+    return recipe.method_class(modalities, **kw)
 
 
 def head_name(name: str) -> str:
@@ -186,16 +192,18 @@ def head_name(name: str) -> str:
 
 
 def default_head_kwargs(
-    name: str, num_train_samples: int, overrides: Mapping[str, Any] | None = None
+    name: str, num_train_samples: int | None = None, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Head kwargs the method needs (recipe defaults and data-dependent ones), updated with ``overrides``.
+    """Head kwargs the method needs (recipe defaults and data-sized ones), updated with ``overrides``.
 
-    QMF keeps a per-sample loss history in its head, so it needs ``num_samples`` = training-set size;
-    the ablation recipes set their head switches (e.g. ``impute="off"``).
+    The data-sized kwargs come from the method class's
+    :meth:`~medfusion.engines.method.Method.data_head_kwargs` hook (QMF: ``num_samples`` = training-set size,
+    the rows of its loss history); the ablation recipes set their head switches (e.g. ``impute="off"``).
 
     Args:
         name: method name.
-        num_train_samples: size of the training split (``sample_index`` range).
+        num_train_samples: size of the training split (``sample_index`` range); ``None`` (inference) leaves the
+            data-sized kwargs out: loading the checkpoint sizes those buffers.
         overrides: further head kwargs (win over the defaults).
 
     Raises:
@@ -203,8 +211,8 @@ def default_head_kwargs(
     """
     recipe = _recipe(name)
     kw: dict[str, Any] = dict(recipe.head_kwargs)
-    if recipe.head == "qmf":
-        kw["num_samples"] = int(num_train_samples)
+    if num_train_samples is not None:
+        kw.update(recipe.method_class.data_head_kwargs(int(num_train_samples)))
     kw.update(dict(overrides or {}))
     return kw
 
@@ -233,7 +241,7 @@ def build_method(
     Raises:
         KeyError: unknown method name.
     """
-    params = set(inspect.signature(_method_class(_recipe(name).method).__init__).parameters)
+    params = set(inspect.signature(method_class(name).__init__).parameters)
     ctx = dict(context or {})
     mode = ctx.pop("modality_dropout", None)
     kw: dict[str, Any] = {k: v for k, v in ctx.items() if k in params and v is not None}

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from medfusion.fusion.base import FusionOutput
+from medfusion.fusion.metakd import MetaKDMethod
+from medfusion.fusion.seg_recipes import register_seg_method
 from medfusion.modality import BRATS_MODALITIES
 from medfusion.models.segmenter import Segmenter
 
@@ -251,3 +253,19 @@ class LateSegmenter(SegmentationHead):
             present = mask.view(*mask.shape, *([1] * (z.ndim - 2)))
             outs.append(self.fuse_modalities(torch.where(present, z, zero), mask).logits)
         return torch.cat(outs, dim=1)
+
+
+# MetaKD and the no-KD baselines (MetaKD's recipe at alpha = 0: the arms differ only in the fusion)
+register_seg_method("metakd", Segmenter, description="MetaKD: KD weighted by meta-learned importance weights")(
+    MetaKDMethod
+)
+register_seg_method("mean", Segmenter, method_kwargs={"alpha": 0.0}, description="mean imputation, no KD")(MetaKDMethod)
+register_seg_method(
+    "hemis", HeMISSegmenter, method_kwargs={"alpha": 0.0}, description="HeMIS: mean + variance per level"
+)(MetaKDMethod)
+register_seg_method(
+    "late",
+    LateSegmenter,
+    method_kwargs={"alpha": 0.0},
+    description="late fusion: average of per-modality probabilities",
+)(MetaKDMethod)

@@ -67,6 +67,7 @@ from medfusion.fusion.omnifuse import (
 )
 from medfusion.fusion.seg_baselines import LateSegmenter, prob_logit
 from medfusion.fusion.seg_qmf import binary_class_logits
+from medfusion.fusion.seg_recipes import register_seg_method
 from medfusion.modality import BRATS_MODALITIES, Keys, all_combination_masks
 from medfusion.models.segmenter import Segmenter, build_decoder, impute_features
 
@@ -287,6 +288,13 @@ def _omnifuse_net(model: nn.Module) -> OmniFuseSegmenter:
     return net
 
 
+# alpha is OmniFuse's L_ra weight (0.1), not MetaKD's KD weight of the bundle's shared settings
+@register_seg_method(
+    "omnifuse",
+    OmniFuseSegmenter,
+    method_kwargs={"alpha": 0.1},
+    description="OmniFuse: bottleneck CRA imputation + DWFuse + TLA",
+)
 class SegOmniFuseMethod(OmniFuseMethod):
     """OmniFuse training recipe for segmentation (see the module docstring).
 

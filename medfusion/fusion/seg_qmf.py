@@ -48,6 +48,7 @@ from medfusion.fusion.base import FusionOutput
 from medfusion.fusion.metakd import default_task_loss
 from medfusion.fusion.qmf import QMFHead, QMFMethod, qmf_rank_regulariser, qmf_weights
 from medfusion.fusion.seg_baselines import LateSegmenter
+from medfusion.fusion.seg_recipes import register_seg_method
 from medfusion.modality import BRATS_MODALITIES, Keys
 
 __all__ = [
@@ -165,6 +166,7 @@ class QMFSegmenter(LateSegmenter):
         return FusionOutput(fused, {}, {"modality_logits": z, "weights": weights, "energy": energy})
 
 
+@register_seg_method("qmf", QMFSegmenter, description="QMF: voxel-wise energy-weighted late fusion, weights detached")
 class SegQMFMethod(QMFMethod):
     """QMF training recipe for segmentation: ``L = L_task(Z) + sum_m L_task(z_m) + lam * L_reg`` (Eq. 16-18).
 

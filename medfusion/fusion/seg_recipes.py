@@ -2,6 +2,9 @@
 
 Same meaning as the clinical bundle's ``--method_name`` (:mod:`medfusion.fusion.recipes`): one name picks
 the network (the fusion between the shared Segmenter encoders and the decoder) and the training recipe.
+Recipes are registered with :func:`register_seg_method` on the training-recipe class, next to the network
+(:mod:`medfusion.fusion.seg_baselines`, :mod:`medfusion.fusion.seg_qmf`, :mod:`medfusion.fusion.seg_omnifuse`);
+the lookups below import those modules, so the registry is complete when it is read.
 
 * ``metakd``: :class:`~medfusion.models.segmenter.Segmenter` + :class:`~medfusion.fusion.metakd.MetaKDMethod`;
 * ``mean``: the Segmenter (mean imputation, paper Eq. 2) + MetaKDMethod with ``alpha = 0`` (no KD);
@@ -24,45 +27,95 @@ Keyword precedence in :func:`build_seg_method`: the recipe class's defaults < th
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from torch import nn
 
 from medfusion.engines.method import Method
-from medfusion.fusion.recipes import Recipe
 from medfusion.modality import BRATS_MODALITIES, parse_combination
 
-__all__ = ["SEG_RECIPES", "list_seg_methods", "segmenter_class", "create_segmenter", "build_seg_method"]
+__all__ = [
+    "SegRecipe",
+    "SEG_RECIPES",
+    "register_seg_method",
+    "list_seg_methods",
+    "segmenter_class",
+    "create_segmenter",
+    "build_seg_method",
+]
 
-SEG_RECIPES: dict[str, Recipe] = {
-    "metakd": Recipe("segmenter", "metakd", description="MetaKD: KD weighted by meta-learned importance weights"),
-    "mean": Recipe("segmenter", "metakd", method_kwargs={"alpha": 0.0}, description="mean imputation, no KD"),
-    "hemis": Recipe("hemis", "metakd", method_kwargs={"alpha": 0.0}, description="HeMIS: mean + variance per level"),
-    "late": Recipe(
-        "late", "metakd", method_kwargs={"alpha": 0.0}, description="late fusion: average of per-modality probabilities"
-    ),
-    "qmf": Recipe("qmf", "qmf", description="QMF: voxel-wise energy-weighted late fusion, weights detached"),
-    # alpha is OmniFuse's L_ra weight (0.1), not MetaKD's KD weight of the bundle's shared settings
-    "omnifuse": Recipe(
-        "omnifuse",
-        "omnifuse",
-        method_kwargs={"alpha": 0.1},
-        description="OmniFuse: bottleneck CRA imputation + DWFuse + TLA",
-    ),
-}
-"""Method name -> :class:`~medfusion.fusion.recipes.Recipe` (``head`` names the network class)."""
+M = TypeVar("M", bound=type[Method])
+
+
+@dataclass(frozen=True)
+class SegRecipe:
+    """One named segmentation method: network class + training recipe + its default kwargs.
+
+    Attributes:
+        network: the network class (a :class:`~medfusion.models.segmenter.Segmenter` or subclass).
+        method_class: the training recipe's :class:`~medfusion.engines.method.Method` class.
+        method_kwargs: the recipe's defining kwargs (win over the bundle's shared settings).
+        description: one line for listings and errors.
+    """
+
+    network: type[nn.Module]
+    method_class: type[Method]
+    method_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+SEG_RECIPES: dict[str, SegRecipe] = {}
+"""Method name -> :class:`SegRecipe`, filled by :func:`register_seg_method`."""
+
+
+def register_seg_method(
+    name: str,
+    network: type[nn.Module],
+    *,
+    method_kwargs: Mapping[str, Any] | None = None,
+    description: str = "",
+) -> Callable[[M], M]:
+    """Class decorator registering the segmentation recipe ``name``: ``network`` trained by the decorated method.
+
+    Args:
+        name: the method name (the BraTS bundle's ``method_name``).
+        network: the network class.
+        method_kwargs: the recipe's defining kwargs (e.g. ``alpha=0`` of the no-KD baselines).
+        description: one line for listings and errors.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+
+    def deco(cls: M) -> M:
+        if name in SEG_RECIPES:
+            raise ValueError(f"segmentation method {name!r} is already registered.")
+        SEG_RECIPES[name] = SegRecipe(network, cls, dict(method_kwargs or {}), description)
+        return cls
+
+    return deco
+
+
+def _registry() -> dict[str, SegRecipe]:
+    # the segmentation method modules (imported here, not by ``medfusion.fusion``: they build on
+    # ``medfusion.models.segmenter``, which imports ``medfusion.fusion``)
+    from medfusion.fusion import seg_baselines, seg_omnifuse, seg_qmf  # noqa: F401
+
+    return SEG_RECIPES
 
 
 def list_seg_methods() -> list[str]:
     """Names accepted by :func:`create_segmenter` and :func:`build_seg_method`."""
-    return sorted(SEG_RECIPES)
+    return sorted(_registry())
 
 
-def _recipe(name: str) -> Recipe:
-    if name not in SEG_RECIPES:
+def _recipe(name: str) -> SegRecipe:
+    recipes = _registry()
+    if name not in recipes:
         raise KeyError(f"unknown segmentation method {name!r}; known methods: {list_seg_methods()}.")
-    return SEG_RECIPES[name]
+    return recipes[name]
 
 
 def segmenter_class(name: str) -> type[nn.Module]:
@@ -71,26 +124,7 @@ def segmenter_class(name: str) -> type[nn.Module]:
     Raises:
         KeyError: unknown method name.
     """
-    head = _recipe(name).head
-    if head == "hemis":
-        from medfusion.fusion.seg_baselines import HeMISSegmenter
-
-        return HeMISSegmenter
-    if head == "late":
-        from medfusion.fusion.seg_baselines import LateSegmenter
-
-        return LateSegmenter
-    if head == "qmf":
-        from medfusion.fusion.seg_qmf import QMFSegmenter
-
-        return QMFSegmenter
-    if head == "omnifuse":
-        from medfusion.fusion.seg_omnifuse import OmniFuseSegmenter
-
-        return OmniFuseSegmenter
-    from medfusion.models.segmenter import Segmenter
-
-    return Segmenter
+    return _recipe(name).network
 
 
 def create_segmenter(
@@ -102,20 +136,6 @@ def create_segmenter(
         KeyError: unknown method name.
     """
     return segmenter_class(method_name)(modalities, **kwargs)
-
-
-def _method_class(kind: str) -> type[Method]:
-    if kind == "qmf":
-        from medfusion.fusion.seg_qmf import SegQMFMethod
-
-        return SegQMFMethod
-    if kind == "omnifuse":
-        from medfusion.fusion.seg_omnifuse import SegOmniFuseMethod
-
-        return SegOmniFuseMethod
-    from medfusion.fusion.metakd import MetaKDMethod
-
-    return MetaKDMethod
 
 
 def build_seg_method(
@@ -140,7 +160,7 @@ def build_seg_method(
         KeyError: unknown method name.
     """
     recipe = _recipe(method_name)
-    cls = _method_class(recipe.method)
+    cls = recipe.method_class
     params = set(inspect.signature(cls.__init__).parameters)
     kw: dict[str, Any] = {k: v for k, v in context.items() if k in params and v is not None}
     mode = context.get("dropout_mode")

@@ -230,6 +230,19 @@ def test_history_in_state_dict():
     assert {"history", "history_count"} <= set(head.state_dict())
 
 
+def test_loading_a_checkpoint_sizes_the_history():
+    trained = QMFHead(MODS, DIMS, num_classes=3, num_samples=4)
+    trained.update_history(torch.tensor([0, 3]), torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool))
+    fresh = QMFHead(MODS, DIMS, num_classes=3)  # inference: built without num_samples
+    assert fresh.num_samples == 0
+    fresh.load_state_dict(trained.state_dict())  # strict
+    assert fresh.num_samples == 4 and fresh.history_count.dtype == torch.long
+    assert torch.equal(fresh.history, trained.history) and torch.equal(fresh.history_count, trained.history_count)
+    other = QMFHead(("a", "b"), {"a": 5, "b": 6}, num_classes=3)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # another modality count still fails
+        other.load_state_dict({k: v for k, v in trained.state_dict().items() if k.startswith("history")}, strict=False)
+
+
 def test_method_requires_qmf_head():
     from medfusion.fusion.baselines import LateFusionHead
 

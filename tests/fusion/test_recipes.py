@@ -104,3 +104,17 @@ def test_ablation_recipes_switch_their_ingredient():
     assert build("metakd_no_kd", {"alpha": 0.2})[1].alpha == 0.2
     assert default_head_kwargs("omnifuse_no_imputation", 3, {"impute": "cra"})["impute"] == "cra"
     assert default_head_kwargs("qmf_no_detach", 11) == {"detach_weights": False, "num_samples": 11}
+    # inference: no data-sized kwargs (loading the checkpoint sizes QMF's history)
+    assert default_head_kwargs("qmf_no_detach") == {"detach_weights": False}
+
+
+def test_register_method_refuses_a_taken_name_and_hooks_reach_the_registry():
+    from medfusion.engines.method import Method
+    from medfusion.fusion.qmf import QMFMethod
+    from medfusion.fusion.recipes import method_class, register_method
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("qmf", head="qmf")(QMFMethod)
+    assert method_class("qmf_no_detach") is QMFMethod
+    assert QMFMethod.data_head_kwargs(9) == {"num_samples": 9} and Method.data_head_kwargs(9) == {}
+    assert method_class("late").evaluation_outputs(None, [], MODS, "unused") == []

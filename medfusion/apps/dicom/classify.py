@@ -37,7 +37,7 @@ from medfusion.apps.dicom.models import LoadedModel, load_bundle_network
 from medfusion.apps.dicom.results import SIDECAR, open_target, result_uids, send_result
 from medfusion.apps.dicom.rules import SeriesInfo
 from medfusion.apps.dicom.source import DicomStore
-from medfusion.data._atomic import atomic_output_dir
+from medfusion.io import atomic_output_dir
 from medfusion.modality import Keys, combination_name
 
 __all__ = [

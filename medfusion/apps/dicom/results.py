@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 
 import medfusion
 from medfusion.apps.dicom.source import DicomStore
-from medfusion.data._atomic import atomic_file
+from medfusion.io import atomic_file
 
 __all__ = ["SIDECAR", "result_uids", "open_target", "send_result", "write_sidecar"]
 

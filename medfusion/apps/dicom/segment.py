@@ -59,9 +59,9 @@ from medfusion.apps.dicom.volumes import (
     stack_on_grid,
     volume_to_metatensor,
 )
-from medfusion.data._atomic import atomic_output_dir
 from medfusion.data.labels import LabelConvention, regions_to_labels
 from medfusion.data.volume import LoadModalitiesd, brats_transforms
+from medfusion.io import atomic_output_dir
 from medfusion.modality import Keys, combination_name
 
 __all__ = ["SEGMENT_MODES", "SegmentResult", "predict_labels", "segment_descriptions", "dicom_segment"]

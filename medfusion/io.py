@@ -1,7 +1,9 @@
-"""Write a whole output directory or nothing: build it in a temporary sibling, rename when complete.
+"""Atomic output: a whole output directory or file is written completely or not at all.
 
-Used by the synthetic generators and every command that writes a result folder, so a failure
-(bad argument, disk full, Ctrl-C) never leaves a half-written directory behind.
+:func:`atomic_output_dir` builds a directory in a temporary sibling and renames it when complete;
+:func:`atomic_file` does the same for one file. Used by the synthetic generators, every command that
+writes a result folder, checkpoints and exports, so a failure (bad argument, disk full, Ctrl-C) never
+leaves a half-written result behind. :func:`save_figure` writes a matplotlib figure.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_output_dir", "atomic_file", "check_output_dir", "publish_mode"]
+__all__ = ["atomic_output_dir", "atomic_file", "check_output_dir", "publish_mode", "save_figure"]
 
 
 def publish_mode(path: str | os.PathLike, directory: bool = False) -> None:
@@ -97,3 +100,24 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Lay out, write (parent folders created) and close a matplotlib figure.
+
+    Args:
+        fig: a matplotlib figure.
+        path: image file to write (format from the suffix).
+        dpi: resolution.
+
+    Returns:
+        ``path`` as :class:`~pathlib.Path`.
+    """
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out

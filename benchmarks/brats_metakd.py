@@ -203,7 +203,7 @@ def bench_step_overhead(split, args, steps=20):
             t0 = time.perf_counter()
             if kind == "engine":
                 trainer.state.batch = b
-                trainer._iteration(trainer, b)  # the exact callable SupervisedTrainer runs per iteration
+                trainer._process_function(trainer, b)  # the exact callable the trainer runs per iteration (TrainStep)
             else:
                 plain(b)
             (t_engine if kind == "engine" else t_plain).append(time.perf_counter() - t0)

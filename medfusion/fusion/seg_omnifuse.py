@@ -54,7 +54,6 @@ from torch import nn
 
 from medfusion.batch import forward_outputs, model_inputs, to_device, unwrap
 from medfusion.fusion.base import FusionOutput
-from medfusion.fusion.metakd import default_task_loss
 from medfusion.fusion.omnifuse import (
     OBSERVED_MASK_KEY,
     CascadeResidualAutoencoder,
@@ -305,12 +304,6 @@ class SegOmniFuseMethod(OmniFuseMethod):
     """
 
     name = "omnifuse"
-
-    def __init__(self, modalities: Sequence[str], **kwargs: Any) -> None:
-        super().__init__(modalities, **kwargs)
-        # the bundle's trainer takes a ``loss_function`` (Dice + BCE, as every method); OmniFuse's objective is
-        # :meth:`loss_step`, which does not use it
-        self.task_loss = default_task_loss("segmentation")
 
     def loss_step(self, model: nn.Module, batch: Mapping[str, Any], engine: Any) -> dict[str, torch.Tensor]:
         """All OmniFuse losses on the (simulated-missing) batch."""

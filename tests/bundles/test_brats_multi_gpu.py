@@ -126,7 +126,7 @@ def test_one_rank_failing_stops_all_ranks_with_its_error_and_no_half_written_che
     # batch 1: 2 iterations per epoch, so iteration 3 is in epoch 2 (after epoch 1's checkpoint and model.pt were
     # written); rank 0 is then waiting in the gradient all-reduce
     fragment = tmp_path / "fault.json"
-    handlers = "$(@train#handlers[: -2] if dist.get_rank() > 0 else @train#handlers) + @method.handlers()"
+    handlers = "$(@train#handlers[: -2] if dist.get_rank() > 0 else @train#handlers)"
     fragment.write_text(json.dumps({"train#trainer#train_handlers": handlers + " + [fault.FailOnRank(1, 3)]",
                                     "imports": [*MULTI_GPU_IMPORTS, "$import fault"]}))  # fmt: skip
     work = tmp_path / "ddp"

@@ -9,7 +9,7 @@ importing the training engine (:mod:`medfusion.engines`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -64,7 +64,7 @@ class OutputsWrapper(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """``module.forward_outputs(*args, **kwargs)``."""
-        return self.module.forward_outputs(*args, **kwargs)
+        return cast(Any, self.module).forward_outputs(*args, **kwargs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -78,4 +78,4 @@ def forward_outputs(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Full ``FusionOutput`` of ``model``, through DDP when the model is wrapped (see :class:`OutputsWrapper`)."""
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return model(*args, **kwargs)
-    return unwrap(model).forward_outputs(*args, **kwargs)
+    return cast(Any, unwrap(model)).forward_outputs(*args, **kwargs)

@@ -22,7 +22,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -95,7 +95,7 @@ def _active_config() -> dict[str, Any] | None:
     while frame is not None:
         obj = frame.f_locals.get("self")
         if isinstance(obj, ConfigParser):
-            return obj.config  # type: ignore[no-any-return]
+            return cast(dict[str, Any], obj.config)
         frame = frame.f_back
     return None
 

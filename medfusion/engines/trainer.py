@@ -9,7 +9,7 @@ resumable ``last_checkpoint_epoch=N.pt`` checkpoints), for benchmarks, tests and
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from medfusion.engines.determinism import EpochSeed
 from medfusion.engines.method import Method, TrainStep
 from medfusion.engines.utils import resolve_device
 
-__all__ = ["MethodTrainer", "loss_output", "build_trainer"]
+__all__ = ["MethodTrainer", "loss_output", "build_trainer", "every"]
 
 #: ``SupervisedTrainer`` arguments a :class:`MethodTrainer` sets itself.
 _SET_BY_METHOD = ("loss_function", "iteration_update", "decollate")
@@ -31,6 +31,20 @@ _SET_BY_METHOD = ("loss_function", "iteration_update", "decollate")
 def loss_output(output: Mapping[str, Any]) -> Any:
     """``output_transform`` for StatsHandler/TensorBoard: the optimised loss of a TrainStep output."""
     return output["loss"]
+
+
+def every(n: int) -> bool | Callable[[Any, int], bool]:
+    """``StatsHandler(iteration_log=...)`` logging every ``n``-th iteration (``n <= 0``: never).
+
+    StatsHandler takes a bool or an event filter; an int is only truthy (every iteration).
+    """
+    if n <= 1:
+        return n == 1
+
+    def every_n(_: Any, iteration: int) -> bool:
+        return iteration % n == 0
+
+    return every_n
 
 
 class MethodTrainer(SupervisedTrainer):
@@ -149,7 +163,7 @@ def build_trainer(
         epoch_length: iterations per epoch (default: ``len(train_loader)``).
         output_dir: checkpoint folder; it must hold no other run unless ``resume`` or ``overwrite``.
         save_interval: epochs between checkpoints.
-        log_every: StatsHandler print interval in iterations.
+        log_every: StatsHandler print interval in iterations (0 = no iteration lines).
         seed: the run's base seed: every epoch starts re-seeded (``EpochSeed``, exact resume); ``None`` = not.
         datasets: datasets whose random transforms ``EpochSeed`` re-seeds.
         lr_scheduler: stepped every epoch.
@@ -175,7 +189,7 @@ def build_trainer(
         train_handlers.append(EpochSeed(seed, method, datasets))
     train_handlers.append(
         StatsHandler(
-            name="medfusion.train", tag_name="train_loss", output_transform=loss_output, iteration_log=log_every
+            name="medfusion.train", tag_name="train_loss", output_transform=loss_output, iteration_log=every(log_every)
         )
     )
     train_handlers += list(handlers)

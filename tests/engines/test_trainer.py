@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from ignite.engine import Events
@@ -151,3 +153,11 @@ def test_build_trainer_writes_the_bundles_checkpoints_and_resumes(tmp_path):
     trainer.run()
     assert trainer.state.epoch == 3 and trainer.state.iteration == 6
     assert [p.name for p in tmp_path.iterdir()] == ["last_checkpoint_epoch=3.pt"]
+
+
+@pytest.mark.parametrize(("log_every", "lines"), [(1, 4), (2, 2), (0, 0)])
+def test_build_trainer_logs_the_loss_every_log_every_iterations(caplog, log_every, lines):
+    trainer = build_trainer(nn.Linear(4, 1), Regression(), batches(4), max_epochs=1, device="cpu", log_every=log_every)
+    with caplog.at_level(logging.INFO, logger="medfusion.train"):
+        trainer.run()
+    assert sum("train_loss" in r.getMessage() for r in caplog.records if r.name == "medfusion.train") == lines

@@ -7,16 +7,24 @@ Heads: ``concat`` and ``omnifuse`` (library defaults: simulated missingness, ``e
 iteration, TLA mining after every epoch).
 
 "before" runs the medfusion package of git revision ``--before_rev`` (extracted to a temporary folder and put
-first on ``PYTHONPATH``), "after" the working tree; every (code, head, report encoder) run is a fresh process,
-the runs alternate within each repeat, so machine load hits all of them alike. Per-iteration time = median of
+first on ``PYTHONPATH``), "after" the working tree with the default TLA mining (``tla_mining="epoch"``, the paper's
+pass after every epoch) and with ``tla_mining="online"`` (per-combination CE summed from the epoch's own training
+forwards, no extra pass); every (code, head, report encoder) run is a fresh process, the runs alternate within
+each repeat, so machine load hits all of them alike. Per-iteration time = median of
 ``ITERATION_STARTED -> ITERATION_COMPLETED`` (first iteration dropped); per-epoch time = mean of
 ``EPOCH_STARTED -> EPOCH_COMPLETED`` after every handler (TLA mining included). The time inside
-``refresh_zero_pooled`` and TLA mining is reported too, and a ``torch.profiler`` table of one OmniFuse epoch
-(before) shows where the time goes.
+``refresh_zero_pooled`` and TLA mining is reported too, and a ``torch.profiler`` table of one OmniFuse run
+(after, default mining) shows where the time goes.
+
+``--phantom`` adds the comparison of the two mining options on the clinical phantom of ``benchmarks/clinical_b2.py``
+(``--phantom_samples`` stays, complete modalities, OmniFuse simulating its own missingness; ``--phantom_epochs``
+epochs, seeds ``--phantom_seeds``): per seed one run per option; in every epoch of the online run the paper's pass
+is also computed on the same weights (not used for training) and the two lazy combinations compared; test AUROC
+(all modalities) and the mean AUROC over the 7 combinations of both runs.
 
 Usage (results land in benchmarks/results/omnifuse_profile.{json,md}):
 
-    python benchmarks/omnifuse_profile.py
+    python benchmarks/omnifuse_profile.py --phantom
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 MODS = ("ehr", "cxr", "report")
-BEFORE_REV = "f6a61e9"  # main before the OmniFuse speed-ups (folded TLA mining, cached e_m(0) of frozen encoders)
+BEFORE_REV = "be8dd51"  # main before the mining pass in inference mode and the online mining option
 
 
 def uptime() -> str:
@@ -73,6 +81,8 @@ def worker(args: argparse.Namespace) -> int:
 
     timed(om, "refresh_zero_pooled", "refresh_zero_pooled")
     timed(om.OmniFuseMethod, "mine", "tla_mining")
+    if hasattr(om.OmniFuseMethod, "accumulate_online"):
+        timed(om.OmniFuseMethod, "accumulate_online", "online_mining")
     n, b = args.samples, 32
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 30000, (n, 96), generator=g)
@@ -106,7 +116,10 @@ def worker(args: argparse.Namespace) -> int:
     }
     torch.manual_seed(0)
     net = Classifier(specs, head=head_name(args.head), num_classes=2, head_kwargs=default_head_kwargs(args.head, n))
-    method = create_method(args.head, MODS, {"seed": 0} if args.head == "omnifuse" else {})
+    kw: dict[str, Any] = {"seed": 0} if args.head == "omnifuse" else {}
+    if args.head == "omnifuse" and args.tla_mining != "epoch":
+        kw["tla_mining"] = args.tla_mining
+    method = create_method(args.head, MODS, kw)
     loader = Batches()
     trainer = build_trainer(
         net, method, loader, max_epochs=args.epochs, lr=1e-3, device="cpu", log_every=10**9, epoch_length=len(loader)
@@ -133,13 +146,14 @@ def worker(args: argparse.Namespace) -> int:
         json.dumps(
             {
                 "head": args.head,
+                "tla_mining": args.tla_mining if args.head == "omnifuse" else None,
                 "report": args.report,
                 "medfusion": str(Path(om.__file__).parents[1]),
                 "iteration_s_median": float(np.median(it)),
                 "epoch_s_mean": float(np.mean(ep)),
                 "iterations_per_epoch": len(loader),
                 "refresh_s_per_iteration": acc["refresh_zero_pooled"] / max(1, len(its)),
-                "mining_s_per_epoch": acc["tla_mining"] / max(1, len(ep)),
+                "mining_s_per_epoch": (acc["tla_mining"] + acc["online_mining"]) / max(1, len(ep)),
             }
         ),
         flush=True,
@@ -147,8 +161,16 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, src: str, head: str, report: str, before_dir: Path, profile: bool = False) -> str:
-    cmd = [sys.executable, __file__, "--worker", "--head", head, "--report", report]
+def run(
+    args: argparse.Namespace,
+    src: str,
+    head: str,
+    report: str,
+    before_dir: Path,
+    profile: bool = False,
+    tla_mining: str = "epoch",
+) -> str:
+    cmd = [sys.executable, __file__, "--worker", "--head", head, "--report", report, "--tla_mining", tla_mining]
     cmd += ["--samples", str(args.samples), "--epochs", str(args.epochs), "--threads", str(args.threads)]
     if profile:
         cmd.append("--profile")
@@ -171,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--head", default="omnifuse", help=argparse.SUPPRESS)
     p.add_argument("--report", default="trainable", help=argparse.SUPPRESS)
+    p.add_argument("--tla_mining", default="epoch", help=argparse.SUPPRESS)
+    p.add_argument("--phantom", action="store_true", help="also compare the mining options on the clinical phantom")
+    p.add_argument("--phantom_samples", type=int, default=400)
+    p.add_argument("--phantom_epochs", type=int, default=8)
+    p.add_argument("--phantom_seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--phantom_data", type=Path, default=Path("/tmp/medfusion_bench_clinical"))
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -181,43 +209,47 @@ def main(argv: list[str] | None = None) -> int:
         "uptime_start": uptime(),
         "runs": [],
     }
+    codes = [("before", "epoch"), ("after", "epoch"), ("after", "online")]
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "before.tar"
         subprocess.run(["git", "archive", "-o", str(archive), args.before_rev, "medfusion"], check=True, cwd=ROOT)
         with tarfile.open(archive) as tar:
             tar.extractall(Path(tmp) / "before", filter="data")
         before_dir = Path(tmp) / "before"
-        out = run(args, "before", "omnifuse", args.reports[0], before_dir, profile=True)
-        res["profile_before"] = out.split("PROFILE-TABLE-START\n")[1].split("\nPROFILE-TABLE-END")[0]
+        out = run(args, "after", "omnifuse", args.reports[0], before_dir, profile=True)
+        res["profile_after"] = out.split("PROFILE-TABLE-START\n")[1].split("\nPROFILE-TABLE-END")[0]
         res["uptime_after_profile"] = uptime()
         for rep in range(args.repeats):
             for report in args.reports:
-                order = [(s, h) for s in ("before", "after") for h in ("concat", "omnifuse")]
+                order = [("before", "epoch", "concat"), ("after", "epoch", "concat")]
+                order += [(src, mining, "omnifuse") for src, mining in codes]
                 if rep % 2:
                     order.reverse()
-                for src, head in order:
-                    row = json.loads(run(args, src, head, report, before_dir).strip().splitlines()[-1])
+                for src, mining, head in order:
+                    row = json.loads(run(args, src, head, report, before_dir, tla_mining=mining).splitlines()[-1])
                     row.update(src=src, repeat=rep, uptime=uptime())
                     res["runs"].append(row)
                     print(json.dumps(row), flush=True)
     res["uptime_end"] = uptime()
     df = {}
+    keys = ("iteration_s_median", "epoch_s_mean", "refresh_s_per_iteration", "mining_s_per_epoch")
     for report in args.reports:
-        for src in ("before", "after"):
+        for src, mining in codes:
             rows = [r for r in res["runs"] if r["report"] == report and r["src"] == src]
+            conc = [r for r in rows if r["head"] == "concat"]
+            omni = [r for r in rows if r["head"] == "omnifuse" and r.get("tla_mining", "epoch") == mining]
             med = {
-                h: {
-                    k: float(np.median([r[k] for r in rows if r["head"] == h]))
-                    for k in ("iteration_s_median", "epoch_s_mean", "refresh_s_per_iteration", "mining_s_per_epoch")
-                }
-                for h in ("concat", "omnifuse")
+                h: {k: float(np.median([r[k] for r in rr])) for k in keys}
+                for h, rr in (("concat", conc), ("omnifuse", omni))
             }
-            df[f"{report}/{src}"] = {
+            df[f"{report}/{src}" + (", tla_mining=online" if mining == "online" else "")] = {
                 **med,
                 "iteration_ratio": med["omnifuse"]["iteration_s_median"] / med["concat"]["iteration_s_median"],
                 "epoch_ratio": med["omnifuse"]["epoch_s_mean"] / med["concat"]["epoch_s_mean"],
             }
     res["summary"] = df
+    if args.phantom:
+        res["phantom"] = phantom(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "omnifuse_profile.json").write_text(json.dumps(res, indent=2))
     lines = [
@@ -225,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{res['command']}`; {args.threads} torch thread per process, {args.samples} samples, batch 32, "
         f"{args.epochs} epochs, {args.repeats} repeats (median over repeats); before = medfusion at "
-        f"`{args.before_rev}`, after = this commit. The 2-core machine was shared with other benchmark runs: "
+        f'`{args.before_rev}`, after = this commit (default `tla_mining="epoch"`, and the option '
+        '`tla_mining="online"`). The 2-core machine was shared with other benchmark runs: '
         f"`uptime` at start: {res['uptime_start'].split('load average:')[-1].strip()}, at end: "
         f"{res['uptime_end'].split('load average:')[-1].strip()} (per-run load in the json).",
         "",
@@ -239,20 +272,173 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"| {report} | {src} | {c['iteration_s_median']:.3f} | {o['iteration_s_median']:.3f} | "
             f"{d['iteration_ratio']:.2f}x | {c['epoch_s_mean']:.2f} | {o['epoch_s_mean']:.2f} | "
-            f"{d['epoch_ratio']:.2f}x | {o['refresh_s_per_iteration']:.3f} | {o['mining_s_per_epoch']:.2f} |"
+            f"{d['epoch_ratio']:.2f}x | {o['refresh_s_per_iteration']:.3f} | {o['mining_s_per_epoch']:.3f} |"
         )
+    lines.append("")
+    lines.append(
+        "TLA mining s/epoch: the pass after the epoch (`epoch`), or the summed time of the per-batch head calls "
+        "inside the iterations (`online`, already part of s/iteration)."
+    )
+    if args.phantom:
+        lines += phantom_md(res["phantom"])
     lines += [
         "",
-        f"## torch.profiler, one OmniFuse run before the change ({args.reports[0]} report encoder), by total CPU time",
+        f"## torch.profiler, one OmniFuse run after the change ({args.reports[0]} report encoder, default mining), "
+        "by total CPU time",
         "",
         "```",
-        res["profile_before"],
+        res["profile_after"],
         "```",
         "",
     ]
     (args.out / "omnifuse_profile.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
+
+
+def phantom(args: argparse.Namespace) -> dict[str, Any]:
+    """``tla_mining`` epoch vs online on the clinical phantom (module doc); also lazy agreement per epoch."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import clinical_b2 as b2
+
+    from medfusion.engines.trainer import build_trainer
+    from medfusion.evaluation.classification import predict_combinations
+    from medfusion.fusion.recipes import create_method, default_head_kwargs, head_name
+    from medfusion.modality import Keys, all_combination_masks, combination_name, combinations
+    from medfusion.models.classifier import Classifier
+
+    torch.set_num_threads(args.threads)
+    ns = argparse.Namespace(
+        samples=args.phantom_samples,
+        data=args.phantom_data,
+        cohort_seed=1234,
+        image_size=48,
+        max_length=96,
+        ehr_timestep=2.0,
+        cnn_width=0.25,
+    )
+    data, _ = b2.load_data(ns)
+    names = [combination_name(c) for c in combinations(MODS)]
+    runs = []
+    for seed in args.phantom_seeds:
+        for mining in ("epoch", "online"):
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            n_train = int(data["train"][Keys.LABEL].shape[0])
+            net = Classifier(
+                b2.encoder_specs(ns, data["train"]["ehr"].shape[1]),
+                head=head_name("omnifuse"),
+                num_classes=2,
+                head_kwargs=default_head_kwargs("omnifuse", n_train),
+            )
+            loader = b2.TensorBatches(data["train"], MODS, 32, shuffle=True, seed=seed)
+            method = create_method("omnifuse", MODS, {"seed": seed, "tla_mining": mining})
+            trainer = build_trainer(
+                net,
+                method,
+                loader,
+                max_epochs=args.phantom_epochs,
+                lr=1e-3,
+                device="cpu",
+                log_every=10**9,
+                epoch_length=len(loader),
+            )
+            logging.getLogger("medfusion.train").setLevel(logging.WARNING)
+            epochs = epoch_recorder(trainer, net, mining, data)
+            trainer.run()
+            net.eval()
+            test = b2.TensorBatches(data["test"], MODS, 64)
+            pred = b2.predict(net, test)
+            table = predict_combinations(
+                net, test, MODS, all_combination_masks(MODS), torch.device("cpu"), progress=False
+            )
+            per_comb = {
+                name: float(roc_auc_score(g["label"].astype(int), g["prob_1"]))
+                for name, g in table.groupby("combination")
+            }
+            runs.append(
+                {
+                    "seed": seed,
+                    "tla_mining": mining,
+                    "auroc_all_modalities": float(roc_auc_score(pred["label"].astype(int), pred["prob"])),
+                    "auroc_per_combination": per_comb,
+                    "auroc_mean_over_combinations": float(np.mean([per_comb[n] for n in names if n in per_comb])),
+                    "epochs": epochs,
+                    "lazy_names": [names[e["lazy_used"]] if e["lazy_used"] >= 0 else None for e in epochs],
+                    "uptime": uptime(),
+                }
+            )
+            print(json.dumps(runs[-1]), flush=True)
+    return {"samples": args.phantom_samples, "epochs": args.phantom_epochs, "seeds": args.phantom_seeds, "runs": runs}
+
+
+def epoch_recorder(trainer: Any, net: Any, mining: str, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per epoch: the lazy combination used next, the epoch's seconds, and (online runs) the paper's pass's pick.
+
+    The pass of an online run runs on the same weights after the method's handler and is not used for training.
+    """
+    import clinical_b2 as b2
+    from ignite.engine import Events
+
+    import medfusion.fusion.omnifuse as om
+
+    epochs: list[dict[str, Any]] = []
+    t_epoch: list[float] = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: t_epoch.append(time.perf_counter()))
+
+    def check(_: Any) -> None:
+        row = {"lazy_used": int(net.head.lazy_combination), "seconds": time.perf_counter() - t_epoch[-1]}
+        if mining == "online":
+            sums, counts = om.combination_losses(net, b2.TensorBatches(data["train"], MODS, 32), MODS)
+            row["lazy_epoch_pass"] = om.lazy_from_losses(sums, counts)[1]
+        epochs.append(row)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, check)  # attached after the method's own handler
+    return epochs
+
+
+def phantom_md(ph: dict[str, Any]) -> list[str]:
+    """Markdown of :func:`phantom`."""
+    rows = {(r["seed"], r["tla_mining"]): r for r in ph["runs"]}
+    lines = [
+        "",
+        f"## tla_mining online vs epoch on the clinical phantom ({ph['samples']} stays, {ph['epochs']} epochs)",
+        "",
+        "Same lazy = epochs of the online run whose lazy combination equals the one the paper's pass picks on the "
+        "same weights at the same epoch end. AUROC on the test split (all modalities; mean over the 7 combinations).",
+        "",
+        "| seed | same lazy (online vs pass, same weights) | AUROC epoch | AUROC online | difference | mean AUROC over "
+        "combinations epoch | online | difference | s/epoch epoch | s/epoch online | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    same_all = []
+    diffs, mdiffs = [], []
+    for seed in ph["seeds"]:
+        e, o = rows[(seed, "epoch")], rows[(seed, "online")]
+        same = [x["lazy_used"] == x["lazy_epoch_pass"] for x in o["epochs"]]
+        same_all += same
+        d = o["auroc_all_modalities"] - e["auroc_all_modalities"]
+        md = o["auroc_mean_over_combinations"] - e["auroc_mean_over_combinations"]
+        diffs.append(d)
+        mdiffs.append(md)
+        se = float(np.mean([x["seconds"] for x in e["epochs"]]))
+        so = float(np.mean([x["seconds"] for x in o["epochs"]]))
+        lines.append(
+            f"| {seed} | {sum(same)} / {len(same)} | {e['auroc_all_modalities']:.4f} | "
+            f"{o['auroc_all_modalities']:.4f} | {d:+.4f} | {e['auroc_mean_over_combinations']:.4f} | "
+            f"{o['auroc_mean_over_combinations']:.4f} | {md:+.4f} | "
+            f"{se:.2f} | {so:.2f} | {o['uptime'].split('load average:')[-1].strip()} |"
+        )
+    lines += [
+        "",
+        f"All seeds: same lazy combination in {sum(same_all)} of {len(same_all)} epochs; AUROC difference online - "
+        f"epoch {np.mean(diffs):+.4f} (range {min(diffs):+.4f} .. {max(diffs):+.4f}), mean over combinations "
+        f"{np.mean(mdiffs):+.4f} (range {min(mdiffs):+.4f} .. {max(mdiffs):+.4f}).",
+    ]
+    return lines
 
 
 if __name__ == "__main__":

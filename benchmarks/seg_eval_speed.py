@@ -19,8 +19,13 @@ predictions are identical).
 Full size (``--full_size``, each configuration in a fresh process so the peak RSS is its own): the real
 case (240x240x155), all 15 combinations with the batched and with the cached path at ``--full_rois``, and
 single-combination inference (all four modalities; what a clinical pipeline runs) at the same window
-sizes; ``--threads`` torch threads. Seconds include loading + preprocessing (reported separately) and the
-Dice computation, as ``benchmarks/results/brats_metakd_full_size.md`` did.
+sizes; ``--threads`` torch threads; each with the foreground crop on and off (``--full_crops``, rows side by
+side: sliding windows over the brain's bounding box only, background outside, see
+``medfusion.evaluation.segmentation``). The network is the phantom-trained one (weights handed to the
+workers), so its predictions on the real case are confident enough to compare: for every (kind, roi) run
+both ways the Dice tables (all 15) or the thresholded maps (single) of crop on/off are compared. Seconds
+include loading + preprocessing (reported separately) and the Dice computation, as
+``benchmarks/results/brats_metakd_full_size.md`` did.
 
 Usage (results land in benchmarks/results/seg_eval_speed.{json,md}):
 
@@ -48,7 +53,7 @@ import torch
 from medfusion.data.brats import discover_brats
 from medfusion.data.synth_brats import write_brats_cohort
 from medfusion.data.volume import brats_transforms
-from medfusion.evaluation.segmentation import evaluate_segmentation, predict_all_combinations
+from medfusion.evaluation.segmentation import evaluate_segmentation, foreground_box, predict_all_combinations
 from medfusion.modality import BRATS_MODALITIES, all_combination_masks
 from medfusion.models.segmenter import DEFAULT_MEMORY_BUDGET_GB, Segmenter
 
@@ -184,7 +189,11 @@ def worker(args: argparse.Namespace) -> int:
     """One full-size configuration in this (fresh) process; prints one JSON line."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    net = Segmenter(MODS).eval()
+    net = Segmenter(MODS)
+    if args.weights:
+        net.load_state_dict(torch.load(args.weights, weights_only=True))
+    net.eval()
+    crop = bool(args.fg_crop)
     entries = discover_brats(args.real, MODS, require_label=True)
     t0 = time.perf_counter()
     sample = prepared(entries[:1])[0]
@@ -199,8 +208,10 @@ def worker(args: argparse.Namespace) -> int:
                 roi_size=[args.roi] * 3,
                 overlap=0.25,
                 cached=False,
+                crop_foreground=crop,
             )
-        extra = {"combinations": 1, "foreground_voxels": int((logits.sigmoid() > 0.5).sum())}
+        pred = logits.sigmoid() > 0.5
+        extra: dict[str, Any] = {"combinations": 1, "foreground_voxels": int(pred.sum())}
     else:
         df = evaluate_segmentation(
             net,
@@ -212,15 +223,25 @@ def worker(args: argparse.Namespace) -> int:
             device="cpu",
             progress=False,
             memory_budget_gb=args.memory_budget_gb,
+            crop_foreground=crop,
             **MODES[args.worker],
         )
-        extra = {"combinations": int(df["combination"].nunique()), "mean_dice_wt": float(df["dice_wt"].mean())}
+        extra = {
+            "combinations": int(df["combination"].nunique()),
+            "mean_dice_wt": float(df["dice_wt"].mean()),
+            "dice": df[["combination", *DICE]].to_dict("records"),
+        }
     sec = time.perf_counter() - t0
+    if args.worker == "single" and args.save_pred:
+        np.save(args.save_pred, np.packbits(pred.numpy().reshape(-1)))
+    box = foreground_box(sample["image"]) if crop else None
+    extra["box"] = [b.stop - b.start for b in box] if box else list(sample["image"].shape[1:])
     print(
         json.dumps(
             {
                 "kind": args.worker,
                 "roi": args.roi,
+                "crop": crop,
                 "threads": torch.get_num_threads(),
                 "load_preprocess_s": t_load,
                 "inference_s": sec,
@@ -235,22 +256,77 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def full_size(args: argparse.Namespace, res: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    """Every (roi, kind) in a fresh process; the results files are rewritten after every row."""
+def full_size(args: argparse.Namespace, res: dict[str, Any], name: str, net: Segmenter) -> list[dict[str, Any]]:
+    """Every (roi, kind, crop) in a fresh process; the results files are rewritten after every row."""
     rows = res.setdefault("full_size", [])
-    for roi in args.full_rois:
-        for kind in args.full_kinds:
-            before = uptime()
-            cmd = [sys.executable, __file__, "--worker", kind, "--roi", str(roi), "--threads", str(args.threads)]
-            cmd += ["--real", str(args.real), "--memory_budget_gb", str(args.memory_budget_gb)]
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-            row = json.loads(out.strip().splitlines()[-1])
-            row["uptime_before"], row["uptime_after"] = before, uptime()
-            rows.append(row)
-            print(f"full size {kind} roi {roi}: {row['total_s']:.1f} s, {row['peak_rss_gb']:.2f} GB", flush=True)
-            write_results(res, args.out, name)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "net.pt"
+        torch.save(net.state_dict(), weights)
+        for roi in args.full_rois:
+            for kind in args.full_kinds:
+                for crop in args.full_crops:
+                    before = uptime()
+                    pred = Path(tmp) / f"{kind}_{roi}_{crop}.npy"
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        kind,
+                        "--roi",
+                        str(roi),
+                        "--threads",
+                        str(args.threads),
+                    ]
+                    cmd += ["--real", str(args.real), "--memory_budget_gb", str(args.memory_budget_gb)]
+                    cmd += ["--fg_crop", str(crop), "--weights", str(weights), "--save_pred", str(pred)]
+                    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+                    row = json.loads(out.strip().splitlines()[-1])
+                    row["uptime_before"], row["uptime_after"] = before, uptime()
+                    rows.append(row)
+                    print(
+                        f"full size {kind} roi {roi} crop {crop}: {row['total_s']:.1f} s, {row['peak_rss_gb']:.2f} GB",
+                        flush=True,
+                    )
+                    res["crop_agreement"] = crop_agreement(rows, Path(tmp))
+                    write_results(res, args.out, name)
     return rows
+
+
+def crop_agreement(rows: list[dict[str, Any]], tmp: Path) -> list[dict[str, Any]]:
+    """Crop on vs off for every (kind, roi) run both ways: Dice tables (all 15) or thresholded maps (single)."""
+    out = []
+    for kind, roi in dict.fromkeys((r["kind"], r["roi"]) for r in rows):
+        pair = {r["crop"]: r for r in rows if r["kind"] == kind and r["roi"] == roi}
+        if set(pair) != {True, False}:
+            continue
+        if kind == "single":
+            on, off = (np.unpackbits(np.load(tmp / f"{kind}_{roi}_{c}.npy")).astype(bool) for c in (1, 0))
+            on, off = (m[: 3 * (len(m) // 3)].reshape(3, -1) for m in (on, off))  # [TC, WT, ET] rows
+            dice = [2 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum())) for a, b in zip(on, off)]
+            out.append(
+                {
+                    "kind": kind,
+                    "roi": roi,
+                    "voxels_differing": int((on != off).sum()),
+                    "voxels": int(on.shape[1]),
+                    "dice_on_vs_off": dict(zip(["tc", "wt", "et"], dice)),
+                    "predicted_voxels": {"on": int(on.sum()), "off": int(off.sum())},
+                }
+            )
+        else:
+            a, b = (pd.DataFrame(pair[c]["dice"]).set_index("combination")[DICE] for c in (True, False))
+            diff = (a - b.loc[a.index]).abs()
+            out.append(
+                {
+                    "kind": kind,
+                    "roi": roi,
+                    "max_abs_dice_diff": float(diff.to_numpy().max()),
+                    "mean_abs_dice_diff": float(diff.to_numpy().mean()),
+                    "mean_dice": {"on": a.mean().to_dict(), "off": b.mean().to_dict()},
+                }
+            )
+    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -296,15 +372,43 @@ def write_md(res: dict[str, Any], path: Path) -> None:
             "inference with all four modalities. Untrained network (timing and memory only). Seconds: load + "
             "preprocess, then inference (+ Dice), total. Peak RSS of the process (includes `import monai`).",
             "",
-            "| what | roi | load+preprocess s | inference s | total s | peak RSS GB | load (uptime before -> after) |",
-            "|---|---|---|---|---|---|---|",
+            "| what | roi | foreground crop (box) | load+preprocess s | inference s | total s | peak RSS GB | "
+            "load (uptime before -> after) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         label = {"batched": "all 15, batched", "cached": "all 15, cached (per-combination decoder)", "single": "single"}
         for r in res["full_size"]:
+            crop = f"on ({'x'.join(map(str, r['box']))})" if r.get("crop") else "off"
             lines.append(
-                f"| {label[r['kind']]} | {r['roi']} | {r['load_preprocess_s']:.1f} | {r['inference_s']:.1f} | "
+                f"| {label[r['kind']]} | {r['roi']} | {crop} | {r['load_preprocess_s']:.1f} | {r['inference_s']:.1f} | "
                 f"{r['total_s']:.1f} | {r['peak_rss_gb']:.2f} | {_load(r)} |"
             )
+        if res.get("crop_agreement"):
+            lines += [
+                "",
+                "Crop on vs off, same network (phantom-trained), same case: all 15 = largest and mean absolute "
+                "difference of the 15 x 4 Dice values (TC, WT, ET, ET post-processed); single = Dice between the "
+                "two thresholded maps per region and the voxels that differ.",
+                "",
+                "| what | roi | agreement |",
+                "|---|---|---|",
+            ]
+            for a in res["crop_agreement"]:
+                if a["kind"] == "single":
+                    d = a["dice_on_vs_off"]
+                    txt = (
+                        f"Dice(on, off) TC {d['tc']:.4f}, WT {d['wt']:.4f}, ET {d['et']:.4f}; "
+                        f"{a['voxels_differing']} of 3 x {a['voxels']} voxels differ; predicted voxels on "
+                        f"{a['predicted_voxels']['on']}, off {a['predicted_voxels']['off']}"
+                    )
+                else:
+                    m = a["mean_dice"]
+                    txt = (
+                        f"max abs Dice diff {a['max_abs_dice_diff']:.4f}, mean {a['mean_abs_dice_diff']:.4f}; "
+                        f"mean Dice WT on {m['on']['dice_wt']:.4f} / off {m['off']['dice_wt']:.4f}, TC on "
+                        f"{m['on']['dice_tc']:.4f} / off {m['off']['dice_tc']:.4f}"
+                    )
+                lines.append(f"| {label[a['kind']]} | {a['roi']} | {txt} |")
     lines.append("")
     path.write_text("\n".join(lines))
 
@@ -323,10 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only_full_size", action="store_true", help="only the full-size block")
     p.add_argument("--full_rois", type=int, nargs="+", default=[128, 160])
     p.add_argument("--full_kinds", nargs="+", default=["batched", "cached", "single"])
+    p.add_argument("--full_crops", type=int, nargs="+", default=[1, 0], help="foreground crop on (1) / off (0)")
     p.add_argument("--real", type=Path, default=REAL)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--worker", choices=["batched", "cached", "naive", "single"], help=argparse.SUPPRESS)
     p.add_argument("--roi", type=int, default=128, help=argparse.SUPPRESS)
+    p.add_argument("--fg_crop", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--save_pred", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -341,11 +449,11 @@ def main(argv: list[str] | None = None) -> int:
         "uptime_start": uptime(),
         "compare": {},
     }
+    with tempfile.TemporaryDirectory() as tmp:
+        write_brats_cohort(Path(tmp) / "c", args.cases, size=args.size, seed=0)
+        phantoms = prepared(discover_brats(Path(tmp) / "c", MODS, require_label=True))
+    net = train_network(phantoms, args.train_steps, args.size)
     if not args.only_full_size:
-        with tempfile.TemporaryDirectory() as tmp:
-            write_brats_cohort(Path(tmp) / "c", args.cases, size=args.size, seed=0)
-            phantoms = prepared(discover_brats(Path(tmp) / "c", MODS, require_label=True))
-        net = train_network(phantoms, args.train_steps, args.size)
         res["compare"][f"phantoms {args.size}^3"] = compare_modes(
             net, phantoms, args.size, args.repeats, args.memory_budget_gb
         )
@@ -361,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     if res["compare"]:
         write_results(res, args.out, name)
     if (args.full_size or args.only_full_size) and args.real.is_dir():
-        full_size(args, res, name)
+        full_size(args, res, name, net)
     res["uptime_end"] = uptime()
     write_results(res, args.out, name)
     print((args.out / f"{name}.md").read_text())

@@ -14,6 +14,18 @@ combination, the rest of the decoder runs with the combinations folded into the 
 chunks of at most ``memory_budget_gb``. The naive path (``cached=False``) runs one sliding-window
 inference per combination; tests prove the three agree (``tests/evaluation/test_segmentation.py``).
 Measured speed-ups: ``benchmarks/results/seg_eval_speed.md``.
+
+Foreground crop (``crop_foreground=True``, the default here, in :class:`ForegroundCropInferer` and in the
+BraTS bundle's ``eval_crop_foreground`` / ``crop_foreground`` keys): as nnU-Net does, the sliding windows
+run only over the bounding box of the voxels where any modality is non-zero (:func:`foreground_box`) and
+the prediction is pasted back into a full-size output whose voxels outside the box are background
+(logit :data:`BACKGROUND_LOGIT`, sigmoid 0: no region). The transform chains set every voxel outside the
+brain mask (given, or the non-zero region) to 0 (``ForegroundNormalized``), so the box is the brain's: a
+240x240x155 BraTS volume needs 18 windows of 128^3 at overlap 0.25, its brain box typically 8. Inside the
+box the network sees the same voxels, but the windows sit elsewhere (and instance normalisation sees less
+background), so the logits there are close to, not identical with, the uncropped ones; the measured effect
+on the real case is in ``benchmarks/results/seg_eval_speed_full_size.md``. A volume without zero
+background (no brain mask given, not skull-stripped) has the whole volume as its box: nothing changes.
 """
 
 from __future__ import annotations
@@ -26,8 +38,11 @@ from typing import Any
 
 import pandas as pd
 import torch
-from monai.inferers import sliding_window_inference
+from monai.data import MetaTensor
+from monai.inferers import Inferer, sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.transforms.utils import generate_spatial_bounding_box
+from monai.utils import convert_to_dst_type
 from tqdm.auto import tqdm
 
 from medfusion.engines.utils import default_device
@@ -36,8 +51,11 @@ from medfusion.modality import Keys, combination_mask, combination_name, combina
 from medfusion.models.segmenter import DEFAULT_MEMORY_BUDGET_GB
 
 __all__ = [
+    "BACKGROUND_LOGIT",
+    "ForegroundCropInferer",
     "REGIONS",
     "SEG_METRICS",
+    "foreground_box",
     "predict_all_combinations",
     "segmentation_metrics",
     "evaluate_segmentation",
@@ -50,6 +68,78 @@ SEG_METRICS: tuple[str, ...] = ("dice_tc", "dice_wt", "dice_et", "dice_et_pp", "
 HD95_EMPTY = 373.13
 """HD95 when exactly one of prediction/ground truth is empty (the BraTS challenge's value: the
 diagonal of the 240x240x155 volume); 0 when both are empty."""
+BACKGROUND_LOGIT = -1.0e4
+"""Logit written outside the foreground box (sigmoid 0 in float32 and float16: no region)."""
+
+
+def foreground_box(image: torch.Tensor, margin: int = 0) -> tuple[slice, ...] | None:
+    """Spatial bounding box of the voxels where any channel is non-zero (MONAI ``generate_spatial_bounding_box``).
+
+    Args:
+        image: ``[C, *S]`` (e.g. ``[M, D, H, W]``; a batch ``[B, C, *S]`` may be flattened to ``[B*C, *S]``).
+        margin: voxels added on every side (clipped to the image).
+
+    Returns:
+        One ``slice`` per spatial dim, or ``None`` when there is nothing to crop: no non-zero voxel, or the box
+        is the whole image.
+    """
+    start, end = generate_spatial_bounding_box(image, select_fn=lambda x: x != 0, margin=margin, allow_smaller=True)
+    if all(e == 0 for e in end):
+        return None
+    if all(s == 0 and e == n for s, e, n in zip(start, end, image.shape[1:])):
+        return None
+    return tuple(slice(int(s), int(e)) for s, e in zip(start, end))
+
+
+def _paste(inner: torch.Tensor, box: tuple[slice, ...], spatial: Sequence[int], fill: float | bool) -> torch.Tensor:
+    """``[N, K, *spatial]`` filled with ``fill`` and ``inner`` ``[N, K, *box]`` written into ``box``."""
+    out = torch.full((*inner.shape[:2], *spatial), fill, dtype=inner.dtype, device=inner.device)
+    out[(slice(None), slice(None), *box)] = inner
+    return out
+
+
+class ForegroundCropInferer(Inferer):
+    """Any MONAI inferer run on the foreground box only; output pasted into the full volume (module doc).
+
+    Args:
+        inferer: the inner inferer (e.g. ``SlidingWindowInferer``).
+        enabled: crop (``False``: the inner inferer on the whole input).
+        margin: voxels added around the box.
+        fill_value: output value outside the box (default :data:`BACKGROUND_LOGIT`).
+
+    Call: ``inputs`` ``[B, C, *S]`` (the box is the union over the batch) and the network, extra arguments
+    passed on (e.g. ``modality_mask``); returns ``[B, K, *S]``, a ``MetaTensor`` with the input's metadata
+    (affine, applied operations, so ``Invertd`` works) when the input is one.
+    """
+
+    def __init__(
+        self, inferer: Inferer, enabled: bool = True, margin: int = 0, fill_value: float = BACKGROUND_LOGIT
+    ) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.enabled = bool(enabled)
+        self.margin = int(margin)
+        self.fill_value = float(fill_value)
+
+    def __getattr__(self, name: str) -> Any:
+        """The inner inferer's attributes (``roi_size``, ``overlap``, ``mode``... as callers read them)."""
+        inner = self.__dict__.get("inferer")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Inner inferer on ``inputs[..., box]``, pasted into ``[B, K, *S]`` (see the class doc)."""
+        box = foreground_box(inputs.flatten(0, 1), self.margin) if self.enabled else None
+        if box is None:
+            return self.inferer(inputs, network, *args, **kwargs)
+        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        inner = self.inferer(plain[(slice(None), slice(None), *box)], network, *args, **kwargs)
+        inner = inner.as_tensor() if isinstance(inner, MetaTensor) else inner
+        out = _paste(inner, box, inputs.shape[2:], self.fill_value)
+        if isinstance(inputs, MetaTensor):
+            out = convert_to_dst_type(out, inputs, device=out.device)[0]
+        return out
 
 
 def predict_all_combinations(
@@ -67,6 +157,7 @@ def predict_all_combinations(
     batch_combinations: bool = True,
     memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
     progress: bool = False,
+    crop_foreground: bool = True,
 ) -> torch.Tensor:
     """Sliding-window logits for several combinations of one case.
 
@@ -89,10 +180,44 @@ def predict_all_combinations(
         memory_budget_gb: cached batched path: decoder activations per chunk of combinations.
         progress: tqdm bars over the sliding windows (MONAI's ``progress``; all combinations of a window are
             computed together on the cached path) and, on the naive path, over the combinations.
+        crop_foreground: windows only over :func:`foreground_box` of ``image``; :data:`BACKGROUND_LOGIT`
+            outside it (module doc).
 
     Returns:
-        logits ``[C, out_channels, D, H, W]``.
+        logits ``[C, out_channels, D, H, W]`` (the input's full size also when cropped).
     """
+    args = (model, image, combination_masks, modality_mask, roi_size, sw_batch_size, overlap, cached, amp)
+    kw = {
+        "sw_device": sw_device,
+        "device": device,
+        "batch_combinations": batch_combinations,
+        "memory_budget_gb": memory_budget_gb,
+        "progress": progress,
+    }
+    box = foreground_box(image[0]) if crop_foreground else None
+    if box is None:
+        return _predict_windows(*args, **kw)
+    inner = _predict_windows(model, image[(slice(None), slice(None), *box)], *args[2:], **kw)
+    return _paste(inner, box, image.shape[2:], BACKGROUND_LOGIT)
+
+
+def _predict_windows(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    combination_masks: torch.Tensor,
+    modality_mask: torch.Tensor | None,
+    roi_size: Sequence[int],
+    sw_batch_size: int,
+    overlap: float,
+    cached: bool,
+    amp: bool,
+    sw_device: torch.device | str | None,
+    device: torch.device | str | None,
+    batch_combinations: bool,
+    memory_budget_gb: float,
+    progress: bool,
+) -> torch.Tensor:
+    """:func:`predict_all_combinations` over the whole of ``image`` (same arguments, no crop)."""
     n_comb = combination_masks.shape[0]
     if modality_mask is None:
         modality_mask = torch.ones(1, combination_masks.shape[1], dtype=torch.bool)
@@ -208,6 +333,7 @@ def evaluate_segmentation(
     record: Mapping[str, Any] | None = None,
     batch_combinations: bool = True,
     memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
+    crop_foreground: bool = True,
 ) -> pd.DataFrame:
     """Evaluate a segmenter on every modality combination of every case.
 
@@ -237,6 +363,11 @@ def evaluate_segmentation(
             ``medfusion compare`` checks that compared runs share them).
         batch_combinations: cached path: decode the combinations of a window together (module doc).
         memory_budget_gb: cached batched path: decoder activation memory per chunk of combinations.
+        crop_foreground: sliding windows only over the case's foreground box (:func:`foreground_box`; the
+            prediction outside it is background, module doc). Default on: about half the windows of a
+            full-size BraTS case, and the non-zero region of a normalised image is the brain. Only the box's
+            logits are held (``[C, 3, *box]``); the metrics are computed on the box when the ground truth has
+            no voxel outside it (same values: both maps are empty there), else on the full volume.
 
     Returns:
         The tidy per-(case, combination) table (``case_id``, ``combination``, ``n_modalities`` and
@@ -274,9 +405,10 @@ def evaluate_segmentation(
             logger.warning("case %s: no requested combination is available; skipped", case_id)
             continue
         bar.set_postfix_str(f"{case_id}: {len(keep)} combinations")
-        logits = predict_all_combinations(
+        box = foreground_box(image[0]) if crop_foreground else None
+        logits = _predict_windows(
             model,
-            image,
+            image if box is None else image[(slice(None), slice(None), *box)],
             masks[keep],
             avail,
             roi_size,
@@ -290,8 +422,16 @@ def evaluate_segmentation(
             memory_budget_gb=memory_budget_gb,
             progress=progress,
         ).cpu()
+        if box is not None and int(label[(slice(None), slice(None), *box)].count_nonzero()) == int(
+            label.count_nonzero()
+        ):
+            # prediction and ground truth both empty outside the box: metrics of the box = of the volume
+            # (MONAI's HD95 crops to the union of both itself)
+            label, box = label[(slice(None), slice(None), *box)], None
         for k, j in enumerate(keep):
             pred = logits[k : k + 1].sigmoid() > 0.5
+            if box is not None:  # ground truth outside the box: score the full volume
+                pred = _paste(pred, box, image.shape[2:], False)
             row: dict[str, Any] = {
                 "case_id": case_id,
                 "combination": combination_name(combos[j]),

@@ -63,6 +63,7 @@ from medfusion.modality import Keys, all_combination_masks, combination_name, co
 
 __all__ = [
     "OBSERVED_MASK_KEY",
+    "TLA_MINING",
     "ResidualAutoencoder",
     "CascadeResidualAutoencoder",
     "dwfuse_omega",
@@ -78,6 +79,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+TLA_MINING = ("epoch", "online")
+"""``OmniFuseMethod(tla_mining=...)``: the paper's pass after every epoch, or sums over the epoch's own forwards."""
 
 OBSERVED_MASK_KEY = "observed_modality_mask"
 """Batch key of the mask before simulated missingness (bool ``[B, M]``), set by :meth:`OmniFuseMethod.prepare`."""
@@ -322,7 +326,8 @@ class OmniFuseHead(FusionHead):
         ``"joint_probs"`` [B, K], ``"modality_probs"`` [B, M, K], ``"omega"`` [B, M] (inference form,
         0 for unused modalities), ``"weighted_probs"`` [B, K], ``"combined"`` [B, K], ``"observed"`` ``v``
         [B, M*d], ``"imputed"`` ``v'`` [B, M*d], ``"cycle"`` ``v''`` [B, M*d], ``"codes"`` [B, K_blocks *
-        code_dim]; plus ``"target"`` (``v`` under ``target_mask``, detached) when ``target_mask`` is given.
+        code_dim], ``"pooled"`` {name: the encoders' pooled outputs [B, D_m] as given}; plus ``"target"`` (``v``
+        under ``target_mask``, detached) when ``target_mask`` is given.
     """
 
     def __init__(
@@ -465,6 +470,7 @@ class OmniFuseHead(FusionHead):
             "imputed": imputed,
             "cycle": cycle,
             "codes": codes_cat,
+            "pooled": {m: features[m].pooled for m in self.modalities},
         }
         if target_mask is not None:
             aux["target"] = self.embed(features, target_mask.bool()).flatten(1).detach()
@@ -480,7 +486,37 @@ def _omnifuse_head(model: nn.Module) -> OmniFuseHead:
     return head
 
 
-@torch.no_grad()
+def _combination_ce(
+    head: nn.Module, pooled: Mapping[str, torch.Tensor], observed: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample CE of the deployable prediction for every (combination, sample) pair, in ONE head call.
+
+    Each row has only its combination present; a sample counts for combination ``c`` only when all of ``c``'s
+    modalities are observed in it. Rows are independent in eval mode (the caller sets it), so the values are
+    those of one head call per combination up to float rounding.
+
+    Args:
+        head: an :class:`OmniFuseHead` (or any head reading only ``pooled``).
+        pooled: ``{name: [B, D_m]}`` encoder outputs.
+        observed: bool ``[B, M]``.
+        labels: long ``[B]``.
+
+    Returns:
+        ``(CE [R], combination index [R])`` on the CPU for the R valid rows (combination order of
+        :func:`~medfusion.modality.all_combination_masks`).
+    """
+    rows = all_combination_masks(head.modalities, observed.device)
+    valid = (observed.unsqueeze(0) | ~rows.unsqueeze(1)).all(dim=-1)  # [C, B]
+    comb_idx, sample_idx = valid.nonzero(as_tuple=True)
+    if comb_idx.numel() == 0:
+        return torch.zeros(0), comb_idx.cpu()
+    folded = {m: EncoderOutput(p[sample_idx]) for m, p in pooled.items()}
+    logits = head(folded, rows[comb_idx]).logits
+    ce = F.cross_entropy(logits.float(), labels[sample_idx], reduction="none")
+    return ce.detach().cpu(), comb_idx.cpu()
+
+
+@torch.inference_mode()
 def combination_losses(
     model: nn.Module,
     loader: Iterable[Mapping[str, Any]],
@@ -489,11 +525,10 @@ def combination_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of the deployable prediction for every combination (TLA mining).
 
-    Encoders run once per batch; the head runs once per batch on every (combination, sample) pair folded
-    into its batch dimension, each row with only its combination present (heads are row-independent in eval
-    mode; same values as one head call per combination up to float rounding of the sums). A sample counts
-    for combination ``c`` only when all of ``c``'s modalities are observed in it. The network is put in eval
-    mode (and restored).
+    Encoders run once per batch (in inference mode); the head runs once per batch on every (combination,
+    sample) pair folded into its batch dimension (:func:`_combination_ce`; same values as one head call per
+    combination up to float rounding of the sums). A sample counts for combination ``c`` only when all of
+    ``c``'s modalities are observed in it. The network is put in eval mode (and restored).
 
     Args:
         model: a ``FusionModel`` (possibly wrapped).
@@ -516,19 +551,9 @@ def combination_losses(
             observed = batch[Keys.MASK].bool()
             labels = batch[Keys.LABEL].long()
             feats = net.encode(model_inputs(batch, tuple(modalities)))
-            # every (combination, valid sample) row in ONE head call: rows are independent in eval mode
-            rows = combos.to(observed.device)
-            valid = (observed.unsqueeze(0) | ~rows.unsqueeze(1)).all(dim=-1)  # [C, B]
-            comb_idx, sample_idx = valid.nonzero(as_tuple=True)
-            if comb_idx.numel() == 0:
-                continue
-            folded = {
-                m: EncoderOutput(f.pooled[sample_idx], tuple(t[sample_idx] for t in f.maps)) for m, f in feats.items()
-            }
-            logits = net.head(folded, rows[comb_idx]).logits
-            ce = F.cross_entropy(logits.float(), labels[sample_idx], reduction="none")
-            sums.index_add_(0, comb_idx.cpu(), ce.detach().cpu().to(sums.dtype))
-            counts.index_add_(0, comb_idx.cpu(), torch.ones_like(comb_idx.cpu()))
+            ce, comb_idx = _combination_ce(net.head, {m: f.pooled for m, f in feats.items()}, observed, labels)
+            sums.index_add_(0, comb_idx, ce.to(sums.dtype))
+            counts.index_add_(0, comb_idx, torch.ones_like(comb_idx))
     finally:
         net.train(was_training)
     return sums, counts
@@ -571,6 +596,14 @@ class OmniFuseMethod(Method):
         tla_loader: loader used for TLA mining at the end of every epoch (default: the trainer's loader).
         zero_refresh_every: refresh ``e_m(0)`` every this many iterations (and at every epoch end).
         seed: seed of the missingness generator.
+        tla_mining: ``"epoch"`` (default, the paper's): after every epoch an extra evaluation pass over the
+            training set (:func:`combination_losses`). ``"online"``: no extra pass; during the epoch every
+            training batch's own encoder outputs (detached, from the training forward: encoders in train mode,
+            at that iteration's weights) go through the head in eval mode for every combination (one folded,
+            gradient-free head call per batch, :func:`_combination_ce`), the per-combination CE is summed over
+            the epoch and the lazy combination is picked from it at the epoch end. Cheaper (no second encoder
+            pass) but not the same quantity: measured against ``"epoch"`` in
+            ``benchmarks/results/omnifuse_profile.md``.
     """
 
     name = "omnifuse"
@@ -586,7 +619,13 @@ class OmniFuseMethod(Method):
         tla_loader: Iterable[Mapping[str, Any]] | None = None,
         zero_refresh_every: int = 1,
         seed: int = 0,
+        tla_mining: str = "epoch",
     ) -> None:
+        if tla_mining not in TLA_MINING:
+            raise ValueError(f"omnifuse: tla_mining must be one of {TLA_MINING}, got {tla_mining!r}.")
+        if tla_mining == "online" and type(self).loss_step is not OmniFuseMethod.loss_step:
+            raise ValueError(f"{type(self).__name__}: tla_mining='online' exists for the classification head only.")
+        self.tla_mining = tla_mining
         self.modalities = validate_modalities(modalities)
         self.lambda_bw = float(lambda_bw)
         self.lambda_dw = float(lambda_dw)
@@ -597,6 +636,9 @@ class OmniFuseMethod(Method):
         self.zero_refresh_every = max(1, int(zero_refresh_every))
         self.generator = torch.Generator().manual_seed(int(seed))
         self.example_inputs: dict[str, torch.Tensor] | None = None
+        n_comb = 2 ** len(self.modalities) - 1
+        self.online_sums = torch.zeros(n_comb, dtype=torch.float64)
+        self.online_counts = torch.zeros(n_comb, dtype=torch.long)
 
     def prepare(self, batch: dict[str, Any], engine: Any) -> dict[str, Any]:
         """Keep the observed mask under :data:`OBSERVED_MASK_KEY` and simulate missingness on ``modality_mask``."""
@@ -609,12 +651,18 @@ class OmniFuseMethod(Method):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """The missingness generator state (the lazy combination etc. are head buffers)."""
-        return {"generator": self.generator.get_state()}
+        """The missingness generator state and the online mining sums (the lazy combination etc. are head buffers)."""
+        return {
+            "generator": self.generator.get_state(),
+            "online_sums": self.online_sums.clone(),
+            "online_counts": self.online_counts.clone(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict` (checkpoints without the online sums start them at 0)."""
         self.generator.set_state(state["generator"])
+        self.online_sums.copy_(state.get("online_sums", torch.zeros_like(self.online_sums)))
+        self.online_counts.copy_(state.get("online_counts", torch.zeros_like(self.online_counts)))
 
     def reseed(self, seed: int) -> None:
         """Restart the missingness generator from ``seed``."""
@@ -646,6 +694,8 @@ class OmniFuseMethod(Method):
         l_tla = (
             tla_loss(out.logits, labels, mask, head.lazy_mask()) if self.lambda_tla > 0 else out.logits.new_zeros(())
         )
+        if self.lambda_tla > 0 and self.tla_mining == "online":
+            self.accumulate_online(head, aux["pooled"], observed, labels)
         loss = l_fw + self.lambda_bw * l_bw + self.lambda_dw * dw["dwfuse"] + self.lambda_tla * l_tla
         return {
             "loss": loss,
@@ -656,6 +706,38 @@ class OmniFuseMethod(Method):
             "ra_loss": dw["ra"],
             "tla_loss": l_tla,
         }
+
+    @torch.no_grad()
+    def accumulate_online(
+        self, head: OmniFuseHead, pooled: Mapping[str, torch.Tensor], observed: torch.Tensor, labels: torch.Tensor
+    ) -> None:
+        """``tla_mining="online"``: add this batch's per-combination CE (head in eval mode, detached inputs).
+
+        Args:
+            head: the OmniFuse head.
+            pooled: ``{name: [B, D_m]}`` encoder outputs of the training forward.
+            observed: bool ``[B, M]`` observed modalities (before simulated missingness).
+            labels: long ``[B]``.
+        """
+        was_training = head.training
+        head.eval()
+        try:
+            ce, comb_idx = _combination_ce(head, {m: p.detach() for m, p in pooled.items()}, observed, labels)
+        finally:
+            head.train(was_training)
+        self.online_sums.index_add_(0, comb_idx, ce.to(self.online_sums.dtype))
+        self.online_counts.index_add_(0, comb_idx, torch.ones_like(comb_idx))
+
+    def mine_online(self, model: nn.Module) -> tuple[torch.Tensor, int]:
+        """Store the lazy combination from the sums of :meth:`accumulate_online` and restart them.
+
+        Returns:
+            ``(distance per combination [C], lazy index or -1)``.
+        """
+        out = store_lazy(_omnifuse_head(model), self.online_sums, self.online_counts, self.modalities)
+        self.online_sums.zero_()
+        self.online_counts.zero_()
+        return out
 
     def handlers(self) -> list[Any]:
         """The epoch-end handler (``e_m(0)`` refresh + TLA mining)."""
@@ -721,6 +803,9 @@ class OmniFuseEpochHandler:
             refresh_zero_pooled(net, self.method.example_inputs)
         if self.method.lambda_tla <= 0:
             return
-        loader = self.loader if self.loader is not None else engine.state.dataloader
-        _, lazy = self.method.mine(net, loader, engine.state.device)
+        if getattr(self.method, "tla_mining", "epoch") == "online":
+            _, lazy = self.method.mine_online(net)
+        else:
+            loader = self.loader if self.loader is not None else engine.state.dataloader
+            _, lazy = self.method.mine(net, loader, engine.state.device)
         engine.state.metrics["omnifuse_lazy_combination"] = lazy

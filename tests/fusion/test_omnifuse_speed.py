@@ -50,3 +50,38 @@ def test_frozen_encoder_zero_input_cached_until_it_changes():
     refresh_zero_pooled(model, batch)
     assert calls["a"] == 3
     assert torch.equal(model.head._zero_slices()["a"], torch.zeros(5))
+
+
+def test_online_mining_sums_the_training_forwards_and_equals_the_pass_without_updates():
+    from types import SimpleNamespace
+
+    from medfusion.fusion.omnifuse import OmniFuseMethod
+
+    model = tiny_model()  # deterministic encoders, no dropout: train-mode features = eval-mode features
+    batches = [tiny_batch(5, seed=3), tiny_batch(6, seed=4, full=False)]
+    online = OmniFuseMethod(MODS, tla_mining="online")
+    for b in batches:
+        online.loss_step(model, online.prepare(b, None), None)  # no optimiser step: weights stay put
+    # the epoch pass over the same samples (observed masks) with the same weights gives the same sums
+    sums, counts = combination_losses(model, batches, MODS)
+    assert online.online_counts.tolist() == counts.tolist()
+    torch.testing.assert_close(online.online_sums, sums, rtol=1e-6, atol=1e-6)
+    assert model.head.training  # the eval-mode head call restored the mode
+    engine = SimpleNamespace(network=model, state=SimpleNamespace(dataloader=None, device=None, metrics={}))
+    (handler,) = online.handlers()
+    handler(engine)  # no loader needed: online mining never iterates one
+    assert int(model.head.lazy_combination) == int((sums / counts).argmax())
+    assert engine.state.metrics["omnifuse_lazy_combination"] == int(model.head.lazy_combination)
+    assert online.online_counts.sum() == 0  # restarted for the next epoch
+
+
+def test_online_mining_only_where_it_is_implemented():
+    import pytest
+
+    from medfusion.fusion.omnifuse import OmniFuseMethod
+    from medfusion.fusion.seg_omnifuse import SegOmniFuseMethod
+
+    with pytest.raises(ValueError, match="tla_mining"):
+        OmniFuseMethod(MODS, tla_mining="fast")
+    with pytest.raises(ValueError, match="classification head only"):
+        SegOmniFuseMethod(("flair", "t1"), tla_mining="online")

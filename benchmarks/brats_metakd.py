@@ -660,6 +660,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)")
     p.add_argument("--overwrite", action="store_true", help="replace existing <name>.{md,json} results")
     p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="combine results JSONs of runs of the same arms and settings on different seeds (or re-render one) "
+        "into <out>/<name>.{md,json}; nothing is trained",
+    )
+    p.add_argument(
         "--only_full_size",
         type=int,
         nargs="*",
@@ -675,6 +684,10 @@ def main(argv=None):
     t_start = time.time()
     if args.only_full_size is not None:
         return full_size_only(args, argv)
+    if args.merge is not None:
+        previous = json.loads(args.compare_to.read_text()) if args.compare_to is not None else None
+        print(merge_runs(args.merge, args, previous))
+        return 0
     unknown = [a for a in args.arms + [args.reference] if a not in ARMS]
     if unknown:
         p.error(f"unknown arms {unknown}; known: {list(ARMS)}")
@@ -878,8 +891,9 @@ def write_results(
     """Tables, paired differences, markdown, JSON and figures of the seeds run so far; returns the markdown."""
     table = {}
     for arm, dfs in per_arm.items():
-        stacked = seed_table(dfs)  # [S, 16, 3]
-        se = stacked.std(0, ddof=1) / np.sqrt(len(dfs)) if len(dfs) > 1 else np.full(stacked.shape[1:], np.nan)
+        stacked = dfs if isinstance(dfs, np.ndarray) else seed_table(dfs)  # [S, 16, 3]
+        k = stacked.shape[0]
+        se = stacked.std(0, ddof=1) / np.sqrt(k) if k > 1 else np.full(stacked.shape[1:], np.nan)
         table[arm] = {"per_seed": stacked, "mean": stacked.mean(0), "se": se, "subsets": subset_means(stacked)}
     ref = table[args.reference]
     diffs = {}
@@ -942,7 +956,9 @@ def meta_gradient_stats(traj):
 
     Returns ``meta_grad_abs_median`` (median over steps of max_m |g_m|), ``meta_grad_consistency``
     ``{m: |mean_t g_m| / mean_t |g_m|}`` (1: every step pushes w_m the same way; near 0: the sign flips, Adam's
-    steps cancel), ``w_span`` (max_m (max_t w_m - min_t w_m)) and the meta loss of the first and last 20 steps.
+    steps cancel), ``w_span`` (max_m (max_t w_m - min_t w_m)), the meta loss of the first and last 20 steps and
+    ``meta_loss_change_in_interval_median``: median over meta updates of the relative change of the meta loss
+    from the update's first step to its second-to-last (with 2 meta-val batches, cycled, the same batch).
     """
     cols = [f"grad_{m}" for m in MODS]
     out: dict[str, Any] = {
@@ -950,6 +966,15 @@ def meta_gradient_stats(traj):
         "meta_loss_last20": float(traj["meta_loss"].tail(20).mean()),
         "w_span": float(max(traj[f"w_{m}"].max() - traj[f"w_{m}"].min() for m in MODS)),
     }
+    if "step_in_interval" in traj:  # same batch at steps 0 and k * (meta-val batches): the meta steps' own effect
+        rel = []
+        for _, d in traj.groupby("iteration"):
+            first = d[d["step_in_interval"] == 0]["meta_loss"]
+            last = d[d["step_in_interval"] == d["step_in_interval"].max() - 1]["meta_loss"]
+            if len(first) and len(last) and float(first.iloc[0]) > 0:
+                rel.append((float(last.iloc[0]) - float(first.iloc[0])) / float(first.iloc[0]))
+        if rel:
+            out["meta_loss_change_in_interval_median"] = float(np.median(rel))
     if all(c in traj for c in cols):
         g = traj[cols].to_numpy()
         out["meta_grad_abs_median"] = float(np.median(np.abs(g).max(axis=1)))
@@ -957,6 +982,65 @@ def meta_gradient_stats(traj):
             m: float(abs(g[:, i].mean()) / max(np.abs(g[:, i]).mean(), 1e-30)) for i, m in enumerate(MODS)
         }
     return out
+
+
+def merge_runs(paths, args, previous=None):
+    """Combine results JSONs of runs that trained different seeds of the same arms and settings (``--merge``).
+
+    Per-seed Dice tables, evidence, memory and times are concatenated and the report is rendered again (nothing
+    is re-trained); MetaKD's trajectories are read from ``<out>/<name>_iwv/seed*/iwv_trajectory.csv`` and its
+    meta-gradient statistics recomputed from them. With one JSON this re-renders a finished run.
+    """
+    docs = [json.loads(Path(q).read_text()) for q in paths]
+    first = docs[0]
+    same = ("arms", "cases", "size", "iterations", "epoch_length", "meta_interval", "meta_steps", "contrast", "lr")
+    for d in docs[1:]:
+        bad = [k for k in same if d["args"].get(k) != first["args"].get(k)]
+        if bad or list(d["table"]) != list(first["table"]):
+            raise SystemExit(f"--merge: the runs differ in {bad or 'arms'}; only seeds may differ")
+    arms = list(first["table"])
+    ns = argparse.Namespace(**first["args"])
+    ns.data, ns.out, ns.name = Path(ns.data), args.out, args.name
+    ns.seeds = [s for d in docs for s in d.get("seeds_done", d["args"]["seeds"])]
+    per_arm = {a: np.concatenate([np.asarray(d["table"][a]["per_seed"]) for d in docs]) for a in arms}
+    memory = {a: [m for d in docs for m in d["memory"][a]] for a in arms}
+    train_time = {a: [m["s_per_iteration"] * ns.iterations for m in memory[a]] for a in arms}
+    evidence = {a: [e for d in docs for e in d["evidence"][a]] for a in arms}
+    trajectories = {}
+    for seed in ns.seeds:
+        csv = ns.out / f"{ns.name}_iwv" / f"seed{seed}" / "iwv_trajectory.csv"
+        if "metakd" in arms and csv.exists():
+            trajectories[seed] = pd.read_csv(csv)
+    for e in evidence.get("metakd", []):
+        if e["seed"] in trajectories:
+            e.update(meta_gradient_stats(trajectories[e["seed"]]))
+    loads = {f"run {i + 1} {k}": v for i, d in enumerate(docs) for k, v in d["load_average_1m"].items()}
+    results = {k: v for k, v in first.items() if k not in ("table", "diffs", "dedicated")}
+    results["command"] = " ; ".join(f"run {i + 1}: {d['command']}" for i, d in enumerate(docs)) + (
+        " ; rendered with: python " + " ".join(sys.argv)
+    )
+    results["seeds_done"] = list(ns.seeds)
+    order = first["table"][arms[0]]["rows"][:-1]
+    t_start = time.time() - sum(d["total_seconds"] for d in docs)
+    return write_results(
+        results,
+        ns,
+        arms,
+        per_arm,
+        train_time,
+        memory,
+        evidence,
+        [r for d in docs for r in d["iwv"]],
+        [o for d in docs for o in d["oracle"]],
+        trajectories,
+        loads,
+        None,
+        order,
+        None,
+        first["cases"],
+        t_start,
+        previous,
+    )
 
 
 def method_evidence(arm, net, method, rows, split):
@@ -997,17 +1081,22 @@ def method_evidence_lines(results, arms, label):
             "",
             "MetaKD meta steps (`iwv_trajectory.csv` per seed: w, softmax(w), meta loss and d(meta loss)/dw per "
             "step). 'consistency' = |mean over steps of g_m| / mean |g_m| (1: every step pushes w_m the same way; "
-            "near 0: the sign flips and Adam's steps cancel); 'w span' = the largest range of a w_m over training:",
+            "near 0: the sign flips and Adam's steps cancel); 'w span' = the largest range of a w_m over training; "
+            "'within an update' = median relative change of the meta loss from an update's first step to its "
+            "second-to-last (the same batch with 2 meta-val batches): what the meta steps themselves achieve; the "
+            "first/last 20 steps mostly show the network training:",
             "",
-            "| seed | median max abs(dL/dw) | consistency " + " / ".join(MODS) + " | w span | meta loss first 20 -> "
-            "last 20 steps |",
-            "|---|---|---|---|---|",
+            "| seed | median max abs(dL/dw) | consistency " + " / ".join(MODS) + " | w span | meta loss within an "
+            "update | meta loss first 20 -> last 20 steps |",
+            "|---|---|---|---|---|---|",
         ]
         for e in ev["metakd"]:
             cons = " / ".join(f"{e['meta_grad_consistency'][m]:.2f}" for m in MODS)
+            within = e.get("meta_loss_change_in_interval_median")
             lines.append(
                 f"| {e['seed']} | {e['meta_grad_abs_median']:.2e} | {cons} | {e['w_span']:.3f} | "
-                f"{e['meta_loss_first20']:.3f} -> {e['meta_loss_last20']:.3f} |"
+                + ("-" if within is None else f"{100 * within:+.2f}%")
+                + f" | {e['meta_loss_first20']:.3f} -> {e['meta_loss_last20']:.3f} |"
             )
     if "qmf" in arms:
         lines += [

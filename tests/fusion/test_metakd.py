@@ -12,6 +12,7 @@ from medfusion.fusion.metakd import (
     ImportanceWeights,
     MetaKDHead,
     MetaKDMethod,
+    default_task_loss,
     kd_pair_mask,
     kd_weight_matrix,
     metakd_kd_loss,
@@ -268,3 +269,17 @@ def test_uniform_and_fixed_kd_weights_are_constant_and_skip_the_meta_step():
     ):
         with pytest.raises(ValueError, match=msg):
             MetaKDMethod(("a", "b", "c"), kd_weights=bad)
+
+
+def test_segmentation_loss_penalises_false_positives_in_a_crop_without_tumour():
+    # batch of a tumour crop (left half tumour, predicted right) and a crop without tumour; in the second
+    # crop a false-positive blob of 8 of 64 voxels. Per-crop Dice scores the empty crop 1 whatever it
+    # predicts (only BCE would see the blob); batch Dice: 2*32 / (32 + 8 + 32) -> loss 1 - 0.889 on every region
+    label = torch.zeros(2, 3, 4, 4, 4)
+    label[0, :, :2] = 1.0
+    clean = torch.where(label > 0, 20.0, -20.0)
+    blob = clean.clone()
+    blob[1, :, :2, :2, :2] = 20.0
+    dice = default_task_loss("segmentation").dice
+    assert float(dice(clean, label)) == pytest.approx(0.0, abs=1e-4)
+    assert float(dice(blob, label)) == pytest.approx(1 - 64 / 72, abs=1e-4)

@@ -40,11 +40,13 @@ orthanc:
 
 test: $(STAMP) orthanc
 	$(BIN)/ruff check medfusion tests benchmarks tutorials
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # the quick loop while developing: no bundle runs, tutorials, SIGKILL resume, torchrun or PACS tests
 test-fast: $(STAMP)
 	$(BIN)/ruff check medfusion tests benchmarks tutorials
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 demo: $(STAMP)
@@ -53,6 +55,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check medfusion tests benchmarks tutorials
 	$(BIN)/ruff format --check medfusion tests benchmarks tutorials
+	# layers only point down (contract in pyproject.toml, picture in docs/architecture.md)
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

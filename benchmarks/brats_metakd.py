@@ -71,8 +71,8 @@ from medfusion.evaluation.report import plot_heatmap, summarize
 from medfusion.evaluation.segmentation import evaluate_segmentation
 from medfusion.fusion.metakd import MetaKDMethod, kd_weight_matrix
 from medfusion.fusion.recipes import create_method
-from medfusion.fusion.seg_recipes import build_seg_method, create_segmenter
 from medfusion.modality import BRATS_MODALITIES, Keys, combination_name, combinations
+from medfusion.models.seg_recipes import build_seg_method, create_segmenter
 from medfusion.models.segmenter import Segmenter
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -386,7 +386,7 @@ register_arm(
 
 
 def _seg_method(name: str) -> Callable[[ArmContext], tuple[nn.Module, Any]]:
-    """Builder of the BraTS bundle's ``--method_name`` ``name`` (``medfusion.fusion.seg_recipes``), same encoders."""
+    """Builder of the BraTS bundle's ``--method_name`` ``name`` (``medfusion.models.seg_recipes``), same encoders."""
 
     def build(ctx: ArmContext) -> tuple[nn.Module, Any]:
         a = ctx.args

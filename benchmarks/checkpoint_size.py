@@ -100,8 +100,8 @@ def bundle_sizes(
     Returns the sizes of every ``*.pt`` of its checkpoint folder with the frozen weights filled back in (the format
     before) and as written (frozen encoder by reference).
     """
+    from medfusion.apps.bundle import bundle_workflow
     from medfusion.data.synth_clinical import write_clinical_cohort
-    from medfusion.evaluation.bundle import bundle_workflow
 
     bundle = ROOT / "bundles" / "clinical_fusion"
     cohort = work / "cohort"

@@ -81,6 +81,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from medfusion.apps.meta_fusion_stages import extract_features
 from medfusion.data.clinical import clinical_transforms
 from medfusion.data.ehr import fit_ehr_normalizer
 from medfusion.data.mimic import discover_mimic
@@ -88,7 +89,7 @@ from medfusion.data.noise import add_modality_noise
 from medfusion.data.synth_clinical import write_clinical_cohort
 from medfusion.engines.trainer import build_trainer
 from medfusion.evaluation.classification import classification_metrics, predict_combinations
-from medfusion.fusion.meta_fusion_stages import attach_head, default_grids, extract_features, fit_meta_fusion
+from medfusion.fusion.meta_fusion_head import attach_head, default_grids, fit_meta_fusion
 from medfusion.fusion.recipes import create_method, default_head_kwargs, head_name
 from medfusion.modality import Keys, all_combination_masks, combination_name, combinations
 from medfusion.models.classifier import Classifier

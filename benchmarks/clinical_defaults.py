@@ -108,7 +108,7 @@ def _relative_change(before: dict[str, torch.Tensor], after: dict[str, torch.Ten
 
 def run_head(head: str, overrides: dict[str, Any], work: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train + evaluate one head with the bundle; return test AUROCs, epochs, weight movement, time."""
-    from medfusion.evaluation.bundle import bundle_workflow
+    from medfusion.apps.bundle import bundle_workflow
 
     files = ["train.json", "meta_fusion.json"] if head == "meta_fusion" else ["train.json"]
     ov = {
@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
+    from medfusion.apps.bundle import bundle_workflow
     from medfusion.data.synth_manifest import cohort_bundle_overrides, write_manifest_cohort
-    from medfusion.evaluation.bundle import bundle_workflow
 
     rows, heads, seeds, extra = args.rows, list(args.heads), list(args.seeds), {}
     if args.quick:

@@ -13,7 +13,7 @@ __all__ = ["Keys", "BRATS_MODALITIES", "CLINICAL_MODALITIES", "load_encoder", "_
 def __getattr__(name: str) -> Any:
     """Lazy ``medfusion.load_encoder`` (importing it pulls in torch and MONAI; ``import medfusion`` stays light)."""
     if name == "load_encoder":
-        from medfusion.export import load_encoder
+        from medfusion.apps.export import load_encoder
 
         return load_encoder
     raise AttributeError(f"module 'medfusion' has no attribute {name!r}")

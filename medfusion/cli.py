@@ -126,8 +126,8 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
     settings: dict[str, object] = {}
     if args.bundle is not None:
-        from medfusion.evaluation.clinical_bundle import bundle_check_settings
-        from medfusion.export import parse_overrides
+        from medfusion.apps.clinical_bundle import bundle_check_settings
+        from medfusion.apps.export import parse_overrides
 
         settings = bundle_check_settings(args.bundle, parse_overrides(args.override))
     modalities: object = settings.pop("modalities", None)
@@ -161,8 +161,8 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from medfusion.evaluation.bundle import evaluate_bundle
-    from medfusion.export import parse_overrides
+    from medfusion.apps.bundle import evaluate_bundle
+    from medfusion.apps.export import parse_overrides
 
     table = evaluate_bundle(
         bundle_dir=args.bundle,
@@ -234,7 +234,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_encoder(args: argparse.Namespace) -> int:
-    from medfusion.export import cmd_export_encoder
+    from medfusion.apps.export import cmd_export_encoder
 
     return cmd_export_encoder(args)
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if info:
         _say(f"clinical cohort: {info.get('present')} files per modality, label prevalence {info.get('prevalence')}")
 
-    from medfusion.evaluation.bundle import evaluate_bundle, train_bundle
+    from medfusion.apps.bundle import evaluate_bundle, train_bundle
 
     bundle = BUNDLES_DIR / "brats_metakd"
     run_dir = out / "brats_metakd_run"

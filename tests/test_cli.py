@@ -119,7 +119,7 @@ def test_synth_latent_writes_a_table_the_regression_runner_reads(tmp_path):
 
     import pandas as pd
 
-    from medfusion.fusion.meta_fusion_tabular import TabularMetaFusion
+    from medfusion.apps.meta_fusion_tabular import TabularMetaFusion
 
     out = tmp_path / "latent"
     args = ["synth", "latent", str(out), "--p", "6", "5", "--latent", "2", "3", "1", "--n", "100"]

@@ -16,9 +16,9 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import EarlyStopHandler
 
+from medfusion.apps.bundle import bundle_workflow, evaluate_bundle, train_bundle
 from medfusion.engines.checkpoint import AtomicCheckpointSaver, ValidationState, prepare_run_dir
 from medfusion.engines.record import RunRecord, load_model
-from medfusion.evaluation.bundle import bundle_workflow, evaluate_bundle, train_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 BRATS = ROOT / "bundles" / "brats_metakd"
@@ -168,7 +168,7 @@ def test_every_training_config_checks_its_folder_and_records_the_run(bundle, con
 
 # ------------------------------------------------------------------------- 3. a model knows what it was trained on
 def test_evaluation_inference_and_encoders_refuse_other_modalities(cohort, trained, tmp_path):
-    from medfusion.export import load_encoder
+    from medfusion.apps.export import load_encoder
 
     ckpt = trained / "models" / "model.pt"
     asked = r"trained on \[flair, t1ce\], asked for \[t1, t2\]"
@@ -196,7 +196,7 @@ def test_evaluation_inference_and_encoders_refuse_other_modalities(cohort, train
 
 
 def test_export_records_what_the_encoder_was_trained_on(trained, tmp_path):
-    from medfusion.export import export_encoder, load_exported_encoder
+    from medfusion.apps.export import export_encoder, load_exported_encoder
 
     out = export_encoder(
         BRATS, "flair", tmp_path / "flair.ts", checkpoint=trained / "models" / "model.pt",

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from medfusion.apps.bundle import evaluate_bundle, read_summary, train_bundle
 from medfusion.data.synth_brats import write_brats_cohort
-from medfusion.evaluation.bundle import evaluate_bundle, read_summary, train_bundle
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brats_metakd"
 

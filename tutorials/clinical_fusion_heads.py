@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from medfusion.apps.bundle import bundle_workflow
 from medfusion.data.synth_clinical import write_clinical_cohort
-from medfusion.evaluation.bundle import bundle_workflow
 from medfusion.fusion.recipes import list_methods
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "clinical_fusion"

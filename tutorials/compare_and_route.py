@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from medfusion.apps.bundle import bundle_workflow
 from medfusion.cli import main as medfusion
 from medfusion.data.synth_clinical import write_clinical_cohort
-from medfusion.evaluation.bundle import bundle_workflow
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "clinical_fusion"
 METHODS = ("concat", "late", "qmf")

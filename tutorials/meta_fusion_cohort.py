@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from medfusion.fusion.meta_fusion import MetaFusionData
-from medfusion.fusion.meta_fusion_stages import fit_meta_fusion, tabular_data
+from medfusion.fusion.meta_fusion_head import fit_meta_fusion, tabular_data
 from medfusion.modality import mask_to_name
 
 COLUMNS = {

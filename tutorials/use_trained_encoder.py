@@ -7,7 +7,7 @@ bundle output and BraTS folder (pass ``--channels`` if you trained with non-defa
 The test suite runs ``main(tmp_path)``.
 
 What it shows:
-1. ``medfusion export-encoder`` (here its Python twin :func:`medfusion.export.export_encoder`) writing the
+1. ``medfusion export-encoder`` (here its Python twin :func:`medfusion.apps.export.export_encoder`) writing the
    t1ce encoder as ONE TorchScript file with its description (modality, feature maps, preprocessing);
 2. loading that file with plain ``torch.jit.load`` -- no medfusion import needed downstream;
 3. a MONAI ``LoadImage -> Orientation -> NormalizeIntensity`` pipeline feeding it, pooled features per case,
@@ -33,10 +33,10 @@ from sklearn.model_selection import LeaveOneOut, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from medfusion.apps.bundle import train_bundle
+from medfusion.apps.export import export_encoder
 from medfusion.data.brats import discover_brats
 from medfusion.data.synth_brats import write_brats_cohort
-from medfusion.evaluation.bundle import train_bundle
-from medfusion.export import export_encoder
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brats_metakd"
 TINY_CHANNELS = [8, 16, 32, 64]

@@ -13,7 +13,7 @@ Model per repetition with seed ``s`` (the settings table of ``docs/benchmark_spe
 
 :func:`latent_factor_data` draws the arrays; :func:`write_latent_table` writes them as one CSV table
 (``m1_0..m1_{p1-1}``, ``m2_0..``, ``y``, ``split``, optionally NaN blocks for missing modalities) that
-:func:`medfusion.fusion.meta_fusion_stages.tabular_data` and the Meta Fusion regression bundle config read.
+:func:`medfusion.fusion.meta_fusion_head.tabular_data` and the Meta Fusion regression bundle config read.
 """
 
 from __future__ import annotations

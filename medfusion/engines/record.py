@@ -259,7 +259,7 @@ def load_model(
 ) -> dict[str, Any]:
     """The one checked loader: read ``path``, check its record against ``expected``, load the weights.
 
-    Used by bundle evaluation and inference, ``medfusion evaluate``, :func:`medfusion.export.load_bundle_model`
+    Used by bundle evaluation and inference, ``medfusion evaluate``, :func:`medfusion.apps.export.load_bundle_model`
     (``load_encoder``, ``export-encoder``, the router, the DICOM app) and Meta Fusion.
 
     Args:

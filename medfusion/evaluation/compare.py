@@ -14,7 +14,7 @@
 4. writes ``report.md``: what was compared, the verdict per metric, where to look;
 5. optionally (``--routing``, from VALIDATION evaluations) writes ``routing.json``: per combination the run whose
    model is best or tied-best, with what the router needs to load each run's model
-   (:mod:`medfusion.models.router`).
+   (:mod:`medfusion.apps.router`).
 
 Statistics: :mod:`medfusion.evaluation.stats`; equations and tests: docs/compare.md.
 """
@@ -491,7 +491,7 @@ def routing_table(board: pd.DataFrame, metric: str) -> dict[str, dict[str, Any]]
 def write_routing(
     runs: Sequence[EvalRun], board: pd.DataFrame, metric: str, path: str | Path, allow_test_split: bool = False
 ) -> Path:
-    """Write ``routing.json`` for :mod:`medfusion.models.router` from VALIDATION evaluations.
+    """Write ``routing.json`` for :mod:`medfusion.apps.router` from VALIDATION evaluations.
 
     The file holds ``routes`` (combination -> run), ``choice`` (value and whether the choice was significant),
     and per run ``ckpt_path``, ``calibration_file`` and ``overrides`` (the bundle keys of ``evaluation.json``

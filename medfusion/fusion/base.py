@@ -18,7 +18,16 @@ from medfusion.encoders.base import EncoderOutput
 from medfusion.modality import check_mask, full_mask, validate_modalities
 from medfusion.registry import Registry
 
-__all__ = ["FusionOutput", "FusionHead", "FusionModel", "FUSIONS", "register_fusion", "create_fusion", "list_fusions"]
+__all__ = [
+    "FusionOutput",
+    "FusionHead",
+    "FusionModel",
+    "FUSIONS",
+    "register_fusion",
+    "create_fusion",
+    "list_fusions",
+    "impute_features",
+]
 
 
 class FusionOutput(NamedTuple):
@@ -57,6 +66,28 @@ class FusionHead(nn.Module):
             modality_mask: bool ``[B, M]``.
         """
         raise NotImplementedError  # abstract: implemented by each head
+
+
+def impute_features(feats: torch.Tensor, mask: torch.Tensor, impute: str) -> torch.Tensor:
+    """Replace missing modalities' features by the mean of the present ones (or zeros).
+
+    Implements MetaKD Eq. 2: ``f_m = (1/|P|) * sum_{p in P} f_p`` for ``m`` not in the present set
+    ``P``.
+
+    Args:
+        feats: ``[B, M, C, *spatial]`` per-modality features.
+        mask: bool ``[B, M]``.
+        impute: ``"mean"`` or ``"zero"``.
+
+    Returns:
+        ``[B, M, C, *spatial]`` with missing entries replaced.
+    """
+    m = mask.to(feats.dtype).view(*mask.shape, *([1] * (feats.ndim - 2)))
+    if impute == "zero":
+        return feats * m
+    count = m.sum(dim=1, keepdim=True).clamp_min(1.0)
+    mean = (feats * m).sum(dim=1, keepdim=True) / count
+    return torch.where(m.bool(), feats, mean.expand_as(feats))
 
 
 FUSIONS: Registry[FusionHead] = Registry("fusion head")

@@ -32,8 +32,8 @@ from torch import nn
 
 from medfusion.batch import forward_outputs, model_inputs
 from medfusion.encoders.base import EncoderOutput
-from medfusion.engines.method import DropoutMethod
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
+from medfusion.fusion.method import DropoutMethod
 from medfusion.fusion.recipes import register_method
 from medfusion.modality import Keys, validate_modalities
 

@@ -37,8 +37,8 @@ from torch import nn
 
 from medfusion.batch import forward_outputs, model_inputs, to_device, unwrap
 from medfusion.encoders.base import EncoderOutput
-from medfusion.engines.method import Method
-from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
+from medfusion.fusion.base import FusionHead, FusionOutput, impute_features, register_fusion
+from medfusion.fusion.method import Method
 from medfusion.fusion.recipes import register_method
 from medfusion.modality import Keys, combination_name, parse_combination, validate_modalities
 
@@ -158,8 +158,6 @@ class MetaKDHead(FusionHead):
         impute: str = "mean",
     ) -> None:
         super().__init__(modalities)
-        from medfusion.models.segmenter import impute_features
-
         self._impute_fn = impute_features
         self.impute = impute
         self.proj = nn.ModuleDict({m: nn.Linear(int(in_dims[m]), embed_dim) for m in self.modalities})

@@ -54,10 +54,11 @@ import torch.nn.functional as F
 from ignite.engine import Events
 from torch import nn
 
+from medfusion.batch import forward_outputs, model_inputs, to_device, unwrap
 from medfusion.encoders.base import EncoderOutput
-from medfusion.engines.method import Method, forward_outputs, model_inputs, to_device, unwrap
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
 from medfusion.fusion.baselines import check_in_dims, mlp, per_modality_ce, safe_log, stack_modality_logits
+from medfusion.fusion.method import Method
 from medfusion.fusion.recipes import register_method
 from medfusion.modality import Keys, all_combination_masks, combination_name, combinations, validate_modalities
 

@@ -35,8 +35,6 @@ from torch import nn
 
 from medfusion.batch import forward_outputs, model_inputs, to_device, unwrap
 from medfusion.encoders.base import EncoderOutput
-from medfusion.engines.method import DropoutMethod
-from medfusion.engines.utils import resolve_device
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
 from medfusion.fusion.baselines import (
     check_in_dims,
@@ -46,6 +44,7 @@ from medfusion.fusion.baselines import (
     per_modality_ce,
     stack_modality_logits,
 )
+from medfusion.fusion.method import DropoutMethod
 from medfusion.fusion.recipes import register_method
 from medfusion.io import save_figure
 from medfusion.modality import Keys, validate_modalities
@@ -440,7 +439,7 @@ def qmf_weight_loss(
         model: a classifier whose head is QMF (``aux["weights"]`` [B, M], ``aux["modality_logits"]``).
         loader: labelled batches.
         modalities: the model's ordered modality names.
-        device: default automatic.
+        device: default the model's device.
 
     Returns:
         One row per (sample, present modality): ``sample_index``, ``case_id``, ``modality``, ``weight``,
@@ -449,8 +448,12 @@ def qmf_weight_loss(
     Raises:
         ValueError: the model's head does not expose QMF ``weights`` / ``modality_logits``.
     """
-    dev = resolve_device(device)
-    net = unwrap(model).to(dev).eval()
+    net = unwrap(model)
+    if device is None or str(device) == "auto":
+        dev = next(net.parameters()).device
+    else:
+        dev = torch.device(device)
+    net = net.to(dev).eval()
     mods = validate_modalities(modalities)
     rows: list[dict[str, Any]] = []
     for batch in loader:

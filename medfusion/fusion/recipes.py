@@ -2,7 +2,7 @@
 
 A recipe pairs a fusion head (with default head kwargs) and a training method (with default method
 kwargs). Recipes are registered where the method is defined, with :func:`register_method` on the
-:class:`~medfusion.engines.method.Method` class (after timm's ``@register_model``)::
+:class:`~medfusion.fusion.method.Method` class (after timm's ``@register_model``)::
 
     @register_method("qmf", head="qmf", description="QMF: energy-weighted late fusion")
     @register_method("qmf_no_detach", head="qmf", head_kwargs={"detach_weights": False}, ablation_of="qmf")
@@ -10,8 +10,8 @@ kwargs). Recipes are registered where the method is defined, with :func:`registe
 
 Importing :mod:`medfusion.fusion` imports every method module, so the registry is complete whenever
 this module is usable. What varies between methods beyond the recipe's kwargs is a class hook of the
-method: :meth:`~medfusion.engines.method.Method.data_head_kwargs` (head kwargs sized by the training
-data, e.g. QMF's ``num_samples``) and :meth:`~medfusion.engines.method.Method.evaluation_outputs`
+method: :meth:`~medfusion.fusion.method.Method.data_head_kwargs` (head kwargs sized by the training
+data, e.g. QMF's ``num_samples``) and :meth:`~medfusion.fusion.method.Method.evaluation_outputs`
 (method-specific evaluation files, e.g. QMF's weight-vs-loss figure). Adding a method is its file plus
 one import line in ``medfusion/fusion/__init__.py``.
 
@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from medfusion.engines.method import Method
+from medfusion.fusion.method import Method
 
 __all__ = [
     "Recipe",
@@ -60,7 +60,7 @@ class Recipe:
 
     Attributes:
         head: registered fusion-head name.
-        method_class: the training recipe's :class:`~medfusion.engines.method.Method` class.
+        method_class: the training recipe's :class:`~medfusion.fusion.method.Method` class.
         head_kwargs: default head kwargs (the caller's win).
         method_kwargs: default method kwargs (the caller's win).
         ablation_of: the published method / baseline this recipe isolates an ingredient of (``None`` for the
@@ -197,7 +197,7 @@ def default_head_kwargs(
     """Head kwargs the method needs (recipe defaults and data-sized ones), updated with ``overrides``.
 
     The data-sized kwargs come from the method class's
-    :meth:`~medfusion.engines.method.Method.data_head_kwargs` hook (QMF: ``num_samples`` = training-set size,
+    :meth:`~medfusion.fusion.method.Method.data_head_kwargs` hook (QMF: ``num_samples`` = training-set size,
     the rows of its loss history); the ablation recipes set their head switches (e.g. ``impute="off"``).
 
     Args:

@@ -24,35 +24,13 @@ from torch.nn import functional as F
 
 from medfusion.encoders.base import fast_instance_norm
 from medfusion.encoders.unet3d import UNet3DEncoder
-from medfusion.fusion.base import FusionOutput
+from medfusion.fusion.base import FusionOutput, impute_features
 from medfusion.modality import BRATS_MODALITIES, check_mask, validate_modalities
 
-__all__ = ["DEFAULT_MEMORY_BUDGET_GB", "Segmenter", "build_decoder", "impute_features"]
+__all__ = ["DEFAULT_MEMORY_BUDGET_GB", "Segmenter", "build_decoder"]
 
 DEFAULT_MEMORY_BUDGET_GB = 1.0
 """Activation memory the batched all-combination decoder uses at once (:meth:`Segmenter.decode_combinations`)."""
-
-
-def impute_features(feats: torch.Tensor, mask: torch.Tensor, impute: str) -> torch.Tensor:
-    """Replace missing modalities' features by the mean of the present ones (or zeros).
-
-    Implements MetaKD Eq. 2: ``f_m = (1/|P|) * sum_{p in P} f_p`` for ``m`` not in the present set
-    ``P``.
-
-    Args:
-        feats: ``[B, M, C, *spatial]`` per-modality features.
-        mask: bool ``[B, M]``.
-        impute: ``"mean"`` or ``"zero"``.
-
-    Returns:
-        ``[B, M, C, *spatial]`` with missing entries replaced.
-    """
-    m = mask.to(feats.dtype).view(*mask.shape, *([1] * (feats.ndim - 2)))
-    if impute == "zero":
-        return feats * m
-    count = m.sum(dim=1, keepdim=True).clamp_min(1.0)
-    mean = (feats * m).sum(dim=1, keepdim=True) / count
-    return torch.where(m.bool(), feats, mean.expand_as(feats))
 
 
 def build_decoder(

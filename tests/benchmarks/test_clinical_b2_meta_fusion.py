@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medfusion.fusion.meta_fusion_stages import MetaFusionHead
+from medfusion.fusion.meta_fusion_head import MetaFusionHead
 from medfusion.modality import Keys
 from medfusion.models.classifier import Classifier
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from medfusion.evaluation.bundle import torchrun_command
+from medfusion.apps.bundle import torchrun_command
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from monai.bundle import ConfigWorkflow, verify_metadata
 
-from medfusion.evaluation.bundle import bundle_workflow, evaluate_bundle, train_bundle
+from medfusion.apps.bundle import bundle_workflow, evaluate_bundle, train_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "brats_metakd"

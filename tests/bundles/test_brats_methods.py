@@ -16,8 +16,8 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from medfusion.evaluation.bundle import evaluate_bundle, train_bundle
-from medfusion.fusion.seg_recipes import list_seg_methods, segmenter_class
+from medfusion.apps.bundle import evaluate_bundle, train_bundle
+from medfusion.models.seg_recipes import list_seg_methods, segmenter_class
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "brats_metakd"
@@ -149,7 +149,7 @@ def test_resume_after_an_epoch_matches_an_uninterrupted_run(method_name, cohort,
 @pytest.mark.usefixtures("one_thread")
 def test_router_runs_a_different_method_per_combination(cohort, tmp_path):
     """Compare two methods and route each combination to one of them (issue #14's use case)."""
-    from medfusion.evaluation.bundle import bundle_workflow
+    from medfusion.apps.bundle import bundle_workflow
     from medfusion.evaluation.compare import compare_runs
 
     base = {

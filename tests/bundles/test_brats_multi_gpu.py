@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medfusion.evaluation.bundle import torchrun_command, train_bundle
+from medfusion.apps.bundle import torchrun_command, train_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "brats_metakd"

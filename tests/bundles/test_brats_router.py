@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medfusion.evaluation.bundle import bundle_workflow, train_bundle
+from medfusion.apps.bundle import bundle_workflow, train_bundle
 from medfusion.evaluation.compare import compare_runs
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from monai.bundle import ConfigWorkflow
 
+from medfusion.apps.bundle import train_bundle
 from medfusion.cli import main
 from medfusion.data.synth_brats import write_brats_cohort
-from medfusion.evaluation.bundle import train_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "brats_metakd"

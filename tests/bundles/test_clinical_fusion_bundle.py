@@ -16,8 +16,8 @@ import pytest
 import torch
 from monai.bundle import verify_metadata
 
+from medfusion.apps.bundle import bundle_workflow
 from medfusion.data.splits import random_split
-from medfusion.evaluation.bundle import bundle_workflow
 from medfusion.fusion.recipes import build_method, default_head_kwargs, list_methods
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 import torch
 
+from medfusion.apps import clinical_bundle as cb
+from medfusion.apps.bundle import bundle_workflow
 from medfusion.data.splits import groups_in_several_parts
 from medfusion.data.synth_manifest import cohort_bundle_overrides
-from medfusion.evaluation import clinical_bundle as cb
-from medfusion.evaluation.bundle import bundle_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "clinical_fusion"
@@ -74,8 +74,8 @@ def test_patient_level_split_stratified(trained, sparse_cohort):
 
 
 def test_tabular_preprocessing_fitted_on_train_saved_and_reused(trained):
+    from medfusion.apps.export import load_encoder
     from medfusion.encoders.tabular import TabularPreprocessing
-    from medfusion.export import load_encoder
 
     work, ov, split = trained
     ckpt = torch.load(work / "models" / "model.pt", map_location="cpu", weights_only=True)["model"]

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medfusion.evaluation.bundle import bundle_workflow
+from medfusion.apps.bundle import bundle_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "clinical_fusion"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medfusion.evaluation.bundle import bundle_workflow, torchrun_command
-from medfusion.fusion.meta_fusion_stages import MetaFusionHead
+from medfusion.apps.bundle import bundle_workflow, torchrun_command
+from medfusion.fusion.meta_fusion_head import MetaFusionHead
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "clinical_fusion"
@@ -32,7 +32,7 @@ COMMON = {
     "modality_dropout": "none",
     "max_epochs": 1,
     "num_workers": 0,
-    "train#preprocessing": "$medfusion.evaluation.clinical_bundle.clinical_preprocessing(@modalities, "
+    "train#preprocessing": "$medfusion.apps.clinical_bundle.clinical_preprocessing(@modalities, "
     "@modality_kinds, 'eval', @tabular_features, **@transform_kwargs)",
     "train#dataloader#shuffle": False,
     "check_data": False,
@@ -131,7 +131,7 @@ def test_shards_reassemble_in_dataset_order(sampler):
     from monai.data import DistributedSampler
     from torch.utils.data import DataLoader
 
-    from medfusion.fusion.meta_fusion_stages import _reassemble, _shard
+    from medfusion.apps.meta_fusion_stages import _reassemble, _shard
 
     n, world = 7, 2
     dataset = list(range(n))

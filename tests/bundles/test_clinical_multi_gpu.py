@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medfusion.evaluation.bundle import train_bundle
+from medfusion.apps.bundle import train_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "clinical_fusion"
@@ -25,7 +25,7 @@ COMMON = {
     "modality_dropout": "none",
     "max_epochs": 2,
     "num_workers": 0,
-    "train#preprocessing": "$medfusion.evaluation.clinical_bundle.clinical_preprocessing(@modalities, "
+    "train#preprocessing": "$medfusion.apps.clinical_bundle.clinical_preprocessing(@modalities, "
     "@modality_kinds, 'eval', @tabular_features, **@transform_kwargs)",
     "train#dataloader#shuffle": False,
     "check_data": False,

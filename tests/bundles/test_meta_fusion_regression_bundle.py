@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from medfusion.evaluation.bundle import bundle_workflow
+from medfusion.apps.bundle import bundle_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "clinical_fusion"

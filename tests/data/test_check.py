@@ -350,8 +350,8 @@ def test_empty_reports_ehr_without_measurement_and_header_only(tmp_path, tmp_pat
 
 
 def test_validate_before_training_logs_one_line_per_kind_of_warning(sparse_cohort, caplog):
+    from medfusion.apps.clinical_bundle import clinical_datalist
     from medfusion.data.synth_manifest import cohort_bundle_overrides
-    from medfusion.evaluation.clinical_bundle import clinical_datalist
 
     ov = cohort_bundle_overrides(sparse_cohort)
     kinds = {"cxr": "image", "report": "text", "vitals": "tabular"}

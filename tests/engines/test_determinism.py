@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medfusion.evaluation.bundle import bundle_workflow
+from medfusion.apps.bundle import bundle_workflow
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "clinical_fusion"
 SETTINGS = {

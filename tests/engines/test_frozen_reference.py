@@ -141,7 +141,7 @@ def test_trainable_or_sourceless_bert_is_saved_in_full(bert_dir):
 def test_export_of_a_model_loaded_by_reference_is_self_contained(bert_dir, tmp_path):
     from transformers import AutoModel
 
-    from medfusion.export import export_encoder_from_model
+    from medfusion.apps.export import export_encoder_from_model
     from medfusion.models.classifier import Classifier
 
     def build() -> nn.Module:

@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from ignite.engine import Events
-    from medfusion.evaluation.bundle import bundle_workflow
+    from medfusion.apps.bundle import bundle_workflow
 
     dataset, work, kill_at, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
     overrides = {

@@ -82,7 +82,7 @@ def test_temperature_scaled_classifier_divides_per_combination():
 def test_prediction_writer_applies_temperatures_per_combination(tmp_path):
     from types import SimpleNamespace
 
-    from medfusion.evaluation.clinical_bundle import PredictionWriter
+    from medfusion.apps.clinical_bundle import PredictionWriter
 
     cal = save_temperatures({"ehr": 2.0}, tmp_path / "calibration.json", ["ehr", "cxr"])
     logits = torch.tensor([[2.0, 0.0], [2.0, 0.0]])

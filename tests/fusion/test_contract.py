@@ -54,7 +54,7 @@ def _head(name: str) -> FusionHead:
     if name not in _CACHE:
         torch.manual_seed(0)
         if name == "meta_fusion":
-            from medfusion.fusion.meta_fusion_stages import fit_meta_fusion
+            from medfusion.fusion.meta_fusion_head import fit_meta_fusion
 
             head = fit_meta_fusion(_meta_data(42, 0), _meta_data(21, 1), TINY[name]["grids"], num_classes=K, **META_FIT)
         else:

@@ -9,23 +9,20 @@ import pandas as pd
 import pytest
 import torch
 
+from medfusion.apps.meta_fusion_stages import (
+    CONFIG_NAME,
+    STAGE_CHECKPOINT_NAME,
+    SUMMARY_NAME,
+    MetaFusionStages,
+    extract_features,
+    meta_fusion_classifier,
+)
 from medfusion.encoders.base import EncoderOutput
 from medfusion.engines.checkpoint import load_checkpoint
 from medfusion.evaluation.classification import evaluate_classification
 from medfusion.fusion.base import create_fusion
 from medfusion.fusion.meta_fusion import MetaFusion, MetaFusionData
-from medfusion.fusion.meta_fusion_stages import (
-    CONFIG_NAME,
-    STAGE_CHECKPOINT_NAME,
-    SUMMARY_NAME,
-    MetaFusionHead,
-    MetaFusionStages,
-    default_grids,
-    extract_features,
-    fit_meta_fusion,
-    meta_fusion_classifier,
-    tabular_data,
-)
+from medfusion.fusion.meta_fusion_head import MetaFusionHead, default_grids, fit_meta_fusion, tabular_data
 from medfusion.models.classifier import Classifier
 
 MODS = ("a", "b")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from medfusion.fusion.base import impute_features
 from medfusion.fusion.metakd import (
     ImportanceWeights,
     MetaKDHead,
@@ -18,7 +19,7 @@ from medfusion.fusion.metakd import (
     metakd_kd_loss,
 )
 from medfusion.modality import all_combination_masks
-from medfusion.models.segmenter import Segmenter, impute_features
+from medfusion.models.segmenter import Segmenter
 
 MODS = ("flair", "t1", "t1ce", "t2")
 

@@ -79,7 +79,7 @@ def test_online_mining_only_where_it_is_implemented():
     import pytest
 
     from medfusion.fusion.omnifuse import OmniFuseMethod
-    from medfusion.fusion.seg_omnifuse import SegOmniFuseMethod
+    from medfusion.models.seg_omnifuse import SegOmniFuseMethod
 
     with pytest.raises(ValueError, match="tla_mining"):
         OmniFuseMethod(MODS, tla_mining="fast")

@@ -211,7 +211,7 @@ def predict_probabilities(model: ClassificationModel, item: Mapping[str, Any]) -
     """Class probabilities for one datalist item (the bundle's preprocessing, the network on the present mask)."""
     from monai.data import list_data_collate
 
-    from medfusion.evaluation.clinical_bundle import ModalityBatch
+    from medfusion.apps.clinical_bundle import ModalityBatch
 
     sample = model.preprocessing(dict(item))
     batch = list_data_collate([sample])

@@ -88,7 +88,7 @@ def _cmd_dicom_segment(args: argparse.Namespace) -> int:
     def run(a: argparse.Namespace) -> int:
         from medfusion.apps.dicom.models import load_segmentation_model
         from medfusion.apps.dicom.segment import dicom_segment
-        from medfusion.export import parse_overrides
+        from medfusion.apps.export import parse_overrides
 
         source, send = _open_stores(a)  # first: a wrong source fails before the model is loaded
         model = load_segmentation_model(
@@ -123,7 +123,7 @@ def _cmd_dicom_classify(args: argparse.Namespace) -> int:
 
     def run(a: argparse.Namespace) -> int:
         from medfusion.apps.dicom.classify import dicom_classify, load_classification_model
-        from medfusion.export import parse_overrides
+        from medfusion.apps.export import parse_overrides
 
         source, send = _open_stores(a)
         model = load_classification_model(a.bundle, a.checkpoint, parse_overrides(a.override), a.device)

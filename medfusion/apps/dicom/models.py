@@ -1,7 +1,7 @@
 """Trained bundle models for the DICOM pipeline: the ONE place that loads them.
 
 :func:`load_bundle_network` is the single function every DICOM command loads weights through (today
-:func:`medfusion.export.load_bundle_model`: the bundle's ``network_def`` + the checkpoint's ``"model"`` weights,
+:func:`medfusion.apps.export.load_bundle_model`: the bundle's ``network_def`` + the checkpoint's ``"model"`` weights,
 strict). It also fingerprints the checkpoint (SHA-256), which the pipeline puts into the result UIDs so a re-run of
 the same model on the same series is recognised, and a different model makes a new result version.
 """
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from medfusion.apps.export import load_bundle_model
 from medfusion.data.labels import LabelConvention, get_convention
-from medfusion.export import load_bundle_model
 from medfusion.models.segmenter import Segmenter
 
 __all__ = ["LoadedModel", "load_bundle_network", "SegmentationModel", "load_segmentation_model", "file_sha256"]

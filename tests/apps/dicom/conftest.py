@@ -76,7 +76,7 @@ def seg_model(checkpoint):
 @pytest.fixture(scope="session")
 def bundle_nifti_inference(checkpoint, tmp_path_factory):
     """``run(case_dir, combination) -> label map`` from the bundle's own ``configs/inference.json`` (NIfTI path)."""
-    from medfusion.evaluation.bundle import bundle_workflow
+    from medfusion.apps.bundle import bundle_workflow
 
     def run(case_dir: Path, combination: str) -> nib.Nifti1Image:
         out = tmp_path_factory.mktemp("bundle_pred")

@@ -54,7 +54,7 @@ def _roundtrip(ds, path: Path) -> Path:
 
 
 def _bundle_probability(model, manifest: Path, out: Path) -> pd.DataFrame:
-    from medfusion.evaluation.bundle import bundle_workflow
+    from medfusion.apps.bundle import bundle_workflow
 
     overrides = {
         **TINY,

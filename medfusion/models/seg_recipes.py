@@ -3,16 +3,16 @@
 Same meaning as the clinical bundle's ``--method_name`` (:mod:`medfusion.fusion.recipes`): one name picks
 the network (the fusion between the shared Segmenter encoders and the decoder) and the training recipe.
 Recipes are registered with :func:`register_seg_method` on the training-recipe class, next to the network
-(:mod:`medfusion.fusion.seg_baselines`, :mod:`medfusion.fusion.seg_qmf`, :mod:`medfusion.fusion.seg_omnifuse`);
+(:mod:`medfusion.models.seg_baselines`, :mod:`medfusion.models.seg_qmf`, :mod:`medfusion.models.seg_omnifuse`);
 the lookups below import those modules, so the registry is complete when it is read.
 
 * ``metakd``: :class:`~medfusion.models.segmenter.Segmenter` + :class:`~medfusion.fusion.metakd.MetaKDMethod`;
 * ``mean``: the Segmenter (mean imputation, paper Eq. 2) + MetaKDMethod with ``alpha = 0`` (no KD);
-* ``hemis``: :class:`~medfusion.fusion.seg_baselines.HeMISSegmenter` + MetaKDMethod, ``alpha = 0``;
-* ``late``: :class:`~medfusion.fusion.seg_baselines.LateSegmenter` + MetaKDMethod, ``alpha = 0``;
-* ``qmf``: :class:`~medfusion.fusion.seg_qmf.QMFSegmenter` + :class:`~medfusion.fusion.seg_qmf.SegQMFMethod`;
-* ``omnifuse``: :class:`~medfusion.fusion.seg_omnifuse.OmniFuseSegmenter` +
-  :class:`~medfusion.fusion.seg_omnifuse.SegOmniFuseMethod` (its ``alpha``, the ``L_ra`` weight, is fixed to
+* ``hemis``: :class:`~medfusion.models.seg_baselines.HeMISSegmenter` + MetaKDMethod, ``alpha = 0``;
+* ``late``: :class:`~medfusion.models.seg_baselines.LateSegmenter` + MetaKDMethod, ``alpha = 0``;
+* ``qmf``: :class:`~medfusion.models.seg_qmf.QMFSegmenter` + :class:`~medfusion.models.seg_qmf.SegQMFMethod`;
+* ``omnifuse``: :class:`~medfusion.models.seg_omnifuse.OmniFuseSegmenter` +
+  :class:`~medfusion.models.seg_omnifuse.SegOmniFuseMethod` (its ``alpha``, the ``L_ra`` weight, is fixed to
   0.1 by the recipe so the bundle's MetaKD ``alpha`` does not reach it; ``method_kwargs`` can change it).
 
 The baselines train with MetaKD's recipe at ``alpha = 0``: the Dice + BCE task loss and the same modality
@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from medfusion.engines.method import Method
+from medfusion.fusion.method import Method
 from medfusion.modality import BRATS_MODALITIES, parse_combination
 
 __all__ = [
@@ -55,7 +55,7 @@ class SegRecipe:
 
     Attributes:
         network: the network class (a :class:`~medfusion.models.segmenter.Segmenter` or subclass).
-        method_class: the training recipe's :class:`~medfusion.engines.method.Method` class.
+        method_class: the training recipe's :class:`~medfusion.fusion.method.Method` class.
         method_kwargs: the recipe's defining kwargs (win over the bundle's shared settings).
         description: one line for listings and errors.
     """
@@ -101,7 +101,7 @@ def register_seg_method(
 def _registry() -> dict[str, SegRecipe]:
     # the segmentation method modules (imported here, not by ``medfusion.fusion``: they build on
     # ``medfusion.models.segmenter``, which imports ``medfusion.fusion``)
-    from medfusion.fusion import seg_baselines, seg_omnifuse, seg_qmf  # noqa: F401
+    from medfusion.models import seg_baselines, seg_omnifuse, seg_qmf  # noqa: F401
 
     return SEG_RECIPES
 

@@ -6,7 +6,7 @@ classification pieces of :mod:`medfusion.fusion.qmf` are reused, not rewritten: 
 history of :class:`~medfusion.fusion.qmf.QMFHead` (``update_history``/``kappa``, borrowed by
 :class:`CaseLossHistory`).
 
-* Each present modality is decoded alone by one shared decoder (:class:`~medfusion.fusion.seg_baselines.LateSegmenter`),
+* Each present modality is decoded alone by one shared decoder (:class:`~medfusion.models.seg_baselines.LateSegmenter`),
   giving sigmoid logits ``z_m`` ``[B, out, D, H, W]`` per region channel (TC, WT, ET).
 * Energy per voxel and region: the binary region is the 2-class problem with logits ``[-z/2, z/2]``
   (their softmax is ``[1 - sigmoid(z), sigmoid(z)]``), ``E = -T logsumexp([-z/2, z/2] / T)``,
@@ -47,9 +47,9 @@ from medfusion.batch import forward_outputs, model_inputs
 from medfusion.fusion.base import FusionOutput
 from medfusion.fusion.metakd import default_task_loss
 from medfusion.fusion.qmf import QMFHead, QMFMethod, qmf_rank_regulariser, qmf_weights
-from medfusion.fusion.seg_baselines import LateSegmenter
-from medfusion.fusion.seg_recipes import register_seg_method
 from medfusion.modality import BRATS_MODALITIES, Keys
+from medfusion.models.seg_baselines import LateSegmenter
+from medfusion.models.seg_recipes import register_seg_method
 
 __all__ = [
     "binary_class_logits",

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from medfusion.evaluation.router import RoutedModel
+from medfusion.apps.router import RoutedModel
 from medfusion.modality import all_combination_masks, combination_name, combinations
 from medfusion.models.segmenter import Segmenter
 

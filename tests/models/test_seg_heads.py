@@ -9,9 +9,9 @@ import torch
 
 from medfusion.data.dropout import BatchModalityDropout
 from medfusion.fusion.metakd import MetaKDMethod
-from medfusion.fusion.seg_baselines import HeMISSegmenter, LateSegmenter, masked_moments, prob_logit
-from medfusion.fusion.seg_recipes import build_seg_method, create_segmenter, list_seg_methods, segmenter_class
 from medfusion.modality import BRATS_MODALITIES, all_combination_masks
+from medfusion.models.seg_baselines import HeMISSegmenter, LateSegmenter, masked_moments, prob_logit
+from medfusion.models.seg_recipes import build_seg_method, create_segmenter, list_seg_methods, segmenter_class
 from medfusion.models.segmenter import Segmenter
 
 CHANNELS = [4, 8, 16]

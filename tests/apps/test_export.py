@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medfusion.data.volume import brats_transforms
-from medfusion.export import (
+from medfusion.apps.export import (
     INFO_FILE,
     export_encoder,
     export_encoder_from_model,
@@ -18,11 +17,12 @@ from medfusion.export import (
     load_exported_encoder,
     parse_overrides,
 )
+from medfusion.data.volume import brats_transforms
 from medfusion.modality import BRATS_MODALITIES
 from medfusion.models.classifier import Classifier
 from medfusion.models.segmenter import Segmenter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "brats_metakd"
 TUTORIAL = ROOT / "tutorials" / "use_trained_encoder.py"
 CHANNELS = [8, 16, 32, 64]
@@ -253,7 +253,7 @@ def test_monai_bundle_ckpt_export_and_verify(ckpt, tmp_path):
 def test_clinical_preprocessing_feeds_the_encoder(classifier, tmp_path):
     from PIL import Image
 
-    from medfusion.export import encoder_preprocessing
+    from medfusion.apps.export import encoder_preprocessing
 
     report = encoder_preprocessing(classifier, "report")("FINDINGS: small left pleural effusion.")
     assert report.shape == (2, 128) and report.dtype == torch.long and report[1].sum() > 2
@@ -268,8 +268,8 @@ def test_clinical_preprocessing_feeds_the_encoder(classifier, tmp_path):
 
 def test_top_level_load_encoder_is_lazy_alias():
     import medfusion
-    import medfusion.export
+    import medfusion.apps.export
 
-    assert medfusion.load_encoder is medfusion.export.load_encoder
+    assert medfusion.load_encoder is medfusion.apps.export.load_encoder
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         medfusion.nope  # noqa: B018

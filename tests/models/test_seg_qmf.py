@@ -10,7 +10,7 @@ from torch import nn
 
 from medfusion.fusion.base import FusionOutput
 from medfusion.fusion.qmf import qmf_fuse
-from medfusion.fusion.seg_qmf import (
+from medfusion.models.seg_qmf import (
     QMFSegmenter,
     SegQMFMethod,
     binary_class_logits,

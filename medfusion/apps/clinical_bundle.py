@@ -35,6 +35,7 @@ from monai.transforms import MapTransform
 
 from medfusion.batch import model_inputs, to_device
 from medfusion.data.splits import random_split, renumber
+from medfusion.engines.utils import resolve_device
 from medfusion.modality import Keys, combination_name, validate_modalities
 
 __all__ = [
@@ -727,4 +728,4 @@ def method_figures(
     """
     from medfusion.fusion.recipes import method_class
 
-    return method_class(method_name).evaluation_outputs(model, loader, modalities, output_dir, device)
+    return method_class(method_name).evaluation_outputs(model, loader, modalities, output_dir, resolve_device(device))

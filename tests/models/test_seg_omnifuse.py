@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from medfusion.fusion.omnifuse import OBSERVED_MASK_KEY, dwfuse_loss, tla_loss
-from medfusion.fusion.seg_baselines import prob_logit
-from medfusion.fusion.seg_omnifuse import OmniFuseSegmenter, SegOmniFuseMethod, seg_combination_losses, voxel_omega
-from medfusion.fusion.seg_qmf import binary_class_logits
 from medfusion.modality import combination_mask, combinations
+from medfusion.models.seg_baselines import prob_logit
+from medfusion.models.seg_omnifuse import OmniFuseSegmenter, SegOmniFuseMethod, seg_combination_losses, voxel_omega
+from medfusion.models.seg_qmf import binary_class_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHANNELS = [4, 8, 16]

@@ -9,7 +9,7 @@ evaluator as any model; ``configs/router_inference.json`` deploys it) and :class
 which model served each case (``routes.csv``).
 
 Models are rebuilt from the bundle's own ``inference.json`` with each run's overrides by the project's bundle
-model loader (:func:`medfusion.export.load_bundle_model`, strict), so a checkpoint that does not fit its
+model loader (:func:`medfusion.apps.export.load_bundle_model`, strict), so a checkpoint that does not fit its
 configuration fails with the run named.
 """
 
@@ -186,7 +186,7 @@ def load_routed_models(
 ) -> dict[str, nn.Module]:
     """Rebuild and load every routed run's network with the project's bundle model loader.
 
-    For each run of ``routing.json``: :func:`medfusion.export.load_bundle_model` builds ``network_def`` of
+    For each run of ``routing.json``: :func:`medfusion.apps.export.load_bundle_model` builds ``network_def`` of
     ``<bundle_root>/configs/<config_file>`` with ``overrides`` (shared keys such as ``modalities``) then the run's
     own ``overrides`` (see :func:`_flatten`) and loads the run's checkpoint strictly; a run with a
     ``calibration_file`` is wrapped in :class:`TemperatureScaledClassifier`.
@@ -208,7 +208,7 @@ def load_routed_models(
     """
     from monai.bundle import ConfigParser
 
-    from medfusion.export import load_bundle_model
+    from medfusion.apps.export import load_bundle_model
 
     table = read_routing(routing_file)
     cfg = Path(bundle_root) / "configs" / config_file

@@ -32,8 +32,8 @@ import torch
 
 from medfusion.fusion.base import FusionOutput
 from medfusion.fusion.metakd import MetaKDMethod
-from medfusion.fusion.seg_recipes import register_seg_method
 from medfusion.modality import BRATS_MODALITIES
+from medfusion.models.seg_recipes import register_seg_method
 from medfusion.models.segmenter import Segmenter
 
 __all__ = [

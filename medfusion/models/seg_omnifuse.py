@@ -15,7 +15,7 @@ Network (:class:`OmniFuseSegmenter`), on the Segmenter encoders:
 * skip levels: mean of the present modalities (Segmenter Eq. 2) for the absent ones;
 * joint prediction ``o``: the Segmenter decoder on ``[skips, v']`` (all M modality slots);
 * per-modality predictions ``z_m``: one shared decoder on modality m's own skips and ``v'_m`` (modalities
-  folded into the batch, as :class:`~medfusion.fusion.seg_baselines.LateSegmenter`);
+  folded into the batch, as :class:`~medfusion.models.seg_baselines.LateSegmenter`);
 * deployable ``sigmoid(logits) = 0.5 * (sigmoid(o) + sum_m omega_m p_m / sum_m omega_m)`` over the PRESENT
   modalities, ``omega_m = [prod_{n != m} (1 - q_n)]^(beta / (M - 1))`` per voxel and region with
   ``q = max(p, 1 - p)`` (the probability of the predicted class).
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfusion.batch import forward_outputs, model_inputs, to_device, unwrap
-from medfusion.fusion.base import FusionOutput
+from medfusion.fusion.base import FusionOutput, impute_features
 from medfusion.fusion.omnifuse import (
     OBSERVED_MASK_KEY,
     CascadeResidualAutoencoder,
@@ -64,11 +64,11 @@ from medfusion.fusion.omnifuse import (
     store_lazy,
     tla_loss,
 )
-from medfusion.fusion.seg_baselines import LateSegmenter, prob_logit
-from medfusion.fusion.seg_qmf import binary_class_logits
-from medfusion.fusion.seg_recipes import register_seg_method
 from medfusion.modality import BRATS_MODALITIES, Keys, all_combination_masks
-from medfusion.models.segmenter import Segmenter, build_decoder, impute_features
+from medfusion.models.seg_baselines import LateSegmenter, prob_logit
+from medfusion.models.seg_qmf import binary_class_logits
+from medfusion.models.seg_recipes import register_seg_method
+from medfusion.models.segmenter import Segmenter, build_decoder
 
 __all__ = [
     "UNetDecoder",

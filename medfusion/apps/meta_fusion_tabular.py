@@ -5,11 +5,11 @@ instantiates. From one table (``case_id``, feature columns, target, ``split`` in
 modality's columns = that modality is absent for the row, e.g. :func:`medfusion.data.synth_latent.write_latent_table`):
 
 1. :meth:`TabularMetaFusion.split_data` builds :class:`~medfusion.fusion.meta_fusion.MetaFusionData` per split
-   with :func:`~medfusion.fusion.meta_fusion_stages.tabular_data`;
-2. :meth:`TabularMetaFusion.fit` fits a :class:`~medfusion.fusion.meta_fusion_stages.MetaFusionHead`
+   with :func:`~medfusion.fusion.meta_fusion_head.tabular_data`;
+2. :meth:`TabularMetaFusion.fit` fits a :class:`~medfusion.fusion.meta_fusion_head.MetaFusionHead`
    (task ``regression``, MSE) on train/val;
 3. :meth:`TabularMetaFusion.save` writes ``model.pt`` + ``meta_fusion_config.json`` (via
-   :func:`~medfusion.fusion.meta_fusion_stages.save_meta_fusion`), ``tabular_meta_fusion.json`` (modality
+   :func:`~medfusion.apps.meta_fusion_stages.save_meta_fusion`), ``tabular_meta_fusion.json`` (modality
    columns and target) into ``ckpt_dir`` and ``meta_fusion_summary.json`` into ``output_dir``;
 4. :meth:`TabularMetaFusion.evaluate` rebuilds the head from those files (:func:`load_tabular_meta_fusion`)
    and runs :func:`~medfusion.evaluation.regression.evaluate_regression` on the test split over every
@@ -31,18 +31,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from medfusion.apps.meta_fusion_stages import CONFIG_NAME, load_head_kwargs, save_meta_fusion
 from medfusion.engines.record import RECORD_KEY, RunRecord, model_difference, read_checkpoint, stamp_record
 from medfusion.engines.utils import resolve_device
 from medfusion.evaluation.regression import evaluate_regression
 from medfusion.fusion.meta_fusion import MetaFusionData
-from medfusion.fusion.meta_fusion_stages import (
-    CONFIG_NAME,
-    MetaFusionHead,
-    default_grids,
-    load_head_kwargs,
-    save_meta_fusion,
-    tabular_data,
-)
+from medfusion.fusion.meta_fusion_head import MetaFusionHead, default_grids, tabular_data
 from medfusion.io import atomic_file
 from medfusion.modality import validate_modalities
 
@@ -174,7 +168,7 @@ class TabularMetaFusion:
         splits: names of the ``(train, validation, test)`` splits in ``split_column``.
         case_id_column: identifiers for ``predictions.csv`` (``None`` or an absent column: the row number).
         grids: ``{modality: [extractor, ...]}`` (default
-            :func:`~medfusion.fusion.meta_fusion_stages.default_grids`).
+            :func:`~medfusion.fusion.meta_fusion_head.default_grids`).
         meta_kwargs: :class:`~medfusion.fusion.meta_fusion.MetaFusion` arguments (``epochs``, ``hidden``,
             ``rho_grid``, ``seed``, ...); ``task`` must be ``"regression"`` when given.
         rule: aggregation rule of the head (default ``"ensemble"``).

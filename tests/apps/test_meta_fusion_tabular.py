@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from medfusion.fusion.meta_fusion_stages import CONFIG_NAME, SUMMARY_NAME
-from medfusion.fusion.meta_fusion_tabular import (
+from medfusion.apps.meta_fusion_stages import CONFIG_NAME, SUMMARY_NAME
+from medfusion.apps.meta_fusion_tabular import (
     TABLE_SPEC_NAME,
     TabularMetaFusion,
     load_tabular_meta_fusion,

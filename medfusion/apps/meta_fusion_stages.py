@@ -1,4 +1,4 @@
-"""Meta Fusion in a :class:`~medfusion.fusion.base.FusionModel`: a fusion head over a fitted cohort + its stages.
+"""Meta Fusion's bundle stages: a fitted :class:`~medfusion.fusion.meta_fusion_head.MetaFusionHead` in a network.
 
 Meta Fusion (:mod:`medfusion.fusion.meta_fusion`) trains in stages, not in one loop, so it is wired as
 plain functions a bundle calls one after the other (no trainer fork):
@@ -17,8 +17,9 @@ plain functions a bundle calls one after the other (no trainer fork):
     :func:`~medfusion.evaluation.classification.evaluate_classification` (the head restricts the
     committee to the students whose modalities are present).
 
-:class:`MetaFusionStages` runs (b)-(d) from a bundle's ``"run"`` list. Importing this module registers
-the ``"meta_fusion"`` fusion head.
+:class:`MetaFusionStages` runs (b)-(d) from a bundle's ``"run"`` list. The head, :func:`tabular_data`,
+:func:`fit_meta_fusion` and :func:`attach_head` are fusion operations in
+:mod:`medfusion.fusion.meta_fusion_head`; this module is the application glue around them.
 
 Under ``torchrun`` (an initialised :mod:`torch.distributed` process group) :class:`MetaFusionStages` runs
 multi-process: the encoders are synchronised from rank 0, each rank extracts a shard of every split
@@ -32,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,24 +43,24 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from medfusion.batch import to_device, unwrap
-from medfusion.encoders.base import EncoderOutput
 from medfusion.engines.utils import resolve_device
-from medfusion.fusion.base import FusionHead, FusionModel, FusionOutput, register_fusion
-from medfusion.fusion.meta_fusion import RULES, STAGES, MetaFusion, MetaFusionData, build_cohort
+from medfusion.fusion.base import FusionModel
+from medfusion.fusion.meta_fusion import MetaFusionData
+from medfusion.fusion.meta_fusion_head import (
+    MetaFusionHead,
+    attach_head,
+    default_grids,
+    fit_meta_fusion,
+)
 from medfusion.io import atomic_file
-from medfusion.modality import Keys, check_mask, validate_modalities
+from medfusion.modality import Keys, validate_modalities
 
 __all__ = [
     "CONFIG_NAME",
     "SUMMARY_NAME",
     "STAGE_CHECKPOINT_NAME",
-    "default_grids",
-    "MetaFusionHead",
     "extract_features",
     "extract_features_distributed",
-    "tabular_data",
-    "fit_meta_fusion",
-    "attach_head",
     "save_meta_fusion",
     "load_head_kwargs",
     "meta_fusion_classifier",
@@ -74,187 +75,6 @@ STAGE_CHECKPOINT_NAME = "meta_fusion_stages.pt"
 """File (in the checkpoint folder) holding the Meta Fusion state after its last finished stage (resume)."""
 SUMMARY_NAME = "meta_fusion_summary.json"
 """File (in the output folder) holding :meth:`MetaFusion.summary` (teachers, rho, committee, ...)."""
-
-_WEIGHTED_MEAN_RULES = ("ensemble", "best_single", "best_single_screen", "average", "weighted_average")
-
-
-def default_grids(modalities: Sequence[str], in_dims: Mapping[str, int], n_components: int = 8) -> dict[str, list[str]]:
-    """Default extractor grid per modality: ``["null", "identity", "pca:<min(n_components, F)>"]``.
-
-    Args:
-        modalities: ordered modality names.
-        in_dims: ``{modality: F}`` feature sizes.
-        n_components: PCA size (capped at the modality's feature size).
-
-    Returns:
-        ``{modality: [extractor spec, ...]}`` for :func:`~medfusion.fusion.meta_fusion.build_cohort`.
-    """
-    mods = validate_modalities(modalities)
-    return {m: ["null", "identity", f"pca:{max(1, min(int(n_components), int(in_dims[m])))}"] for m in mods}
-
-
-def _pooled(value: torch.Tensor | EncoderOutput) -> torch.Tensor:
-    return value.pooled if isinstance(value, EncoderOutput) else value
-
-
-# ------------------------------------------------------------------------------------------------ head
-@register_fusion("meta_fusion")
-class MetaFusionHead(FusionHead):
-    """Fusion head wrapping a :class:`~medfusion.fusion.meta_fusion.MetaFusion` over pooled encoder features.
-
-    Built either for fitting (``grids`` or ``cohort`` + Meta Fusion hyper-parameters) or, from a checkpoint,
-    with ``config`` = :meth:`MetaFusion.get_config` (what :meth:`head_kwargs` returns), so the cohort
-    architecture exists before ``load_state_dict``.
-
-    Args:
-        modalities: ordered modality names.
-        in_dims: ``{modality: pooled feature size}``.
-        num_classes: number of classes (classification).
-        grids: ``{modality: [extractor spec, ...]}``; default :func:`default_grids`.
-        cohort: explicit students (``[{modality: spec}, ...]``), instead of ``grids``.
-        config: a :meth:`MetaFusion.get_config` dict (rebuild from a checkpoint); excludes the other options.
-        rule: aggregation rule of ``forward`` (one of :data:`~medfusion.fusion.meta_fusion.RULES`; default
-            the Meta Fusion ``default_rule``, ``"ensemble"``).
-        **meta_kwargs: further :class:`MetaFusion` arguments (``task``, ``epochs``, ``rho_grid``, ``hidden``, ...).
-
-    Raises:
-        ValueError: ``config`` combined with other options, a ``config`` that does not match ``modalities`` /
-            ``in_dims`` / ``num_classes``, ``grids`` and ``cohort`` both given, or an unknown rule.
-
-    ``forward`` returns ``FusionOutput(logits, embeddings, aux)``: ``logits`` = log-probabilities ``[B, K]``
-    of the rule (regression: ``[B, 1]``), ``embeddings`` = pooled features with absent modalities zeroed,
-    ``aux`` = ``{"students_used": long [B] (students behind each prediction; weighted-mean rules, else the
-    available ones), "student_logits": [S, B, K] or [S, B]}``.
-    """
-
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        in_dims: Mapping[str, int],
-        num_classes: int = 2,
-        grids: Mapping[str, Sequence[str]] | None = None,
-        cohort: Sequence[Mapping[str, str]] | None = None,
-        config: Mapping[str, Any] | None = None,
-        rule: str | None = None,
-        **meta_kwargs: Any,
-    ) -> None:
-        super().__init__(modalities)
-        dims = {m: int(in_dims[m]) for m in self.modalities if m in in_dims}
-        if len(dims) != len(self.modalities):
-            missing = [m for m in self.modalities if m not in in_dims]
-            raise ValueError(f"MetaFusionHead in_dims: no feature size for modalities {missing}.")
-        if config is not None:
-            extra = [k for k, v in (("grids", grids), ("cohort", cohort)) if v is not None] + sorted(meta_kwargs)
-            if extra:
-                raise ValueError(f"MetaFusionHead: 'config' rebuilds a fitted head; do not also give {extra}.")
-            cfg = dict(config)
-            if list(cfg.get("modalities", [])) != list(self.modalities):
-                raise ValueError(
-                    f"MetaFusionHead config: modalities {cfg.get('modalities')} differ from the network's "
-                    f"{list(self.modalities)}."
-                )
-            saved_dims = {m: int(v) for m, v in dict(cfg.get("in_dims", {})).items()}
-            if saved_dims != dims:
-                raise ValueError(
-                    f"MetaFusionHead config: in_dims {saved_dims} differ from the encoders' pooled sizes {dims} "
-                    "(use the encoder settings of training)."
-                )
-            if cfg.get("task", "classification") == "classification" and int(cfg.get("num_classes", 2)) != num_classes:
-                raise ValueError(
-                    f"MetaFusionHead config: num_classes {cfg.get('num_classes')} differs from {num_classes}."
-                )
-            self.meta = MetaFusion(**cfg)
-        else:
-            if grids is not None and cohort is not None:
-                raise ValueError("MetaFusionHead: give either 'grids' or 'cohort', not both.")
-            students = (
-                list(cohort)
-                if cohort is not None
-                else build_cohort(
-                    {m: list(grids[m]) for m in grids} if grids is not None else default_grids(self.modalities, dims)
-                )
-            )
-            if grids is not None and list(grids) != list(self.modalities):
-                raise ValueError(
-                    f"MetaFusionHead grids: keys {list(grids)} must be the modalities in order {list(self.modalities)}."
-                )
-            self.meta = MetaFusion(self.modalities, dims, students, num_classes=num_classes, **meta_kwargs)
-        if rule is not None and rule not in RULES:
-            raise ValueError(f"MetaFusionHead rule: expected one of {list(RULES)} or None, got {rule!r}.")
-        if rule in ("majority_vote", "weighted_vote") and self.meta.task != "classification":
-            raise ValueError(f"MetaFusionHead rule {rule!r}: votes need task='classification'.")
-        self.rule: str = rule if rule is not None else self.meta.default_rule
-
-    @property
-    def fitted(self) -> bool:
-        """Whether the stage the rule needs has run (``screened``; ``ensembled`` for ensemble/stacking)."""
-        needed = "ensembled" if self.rule in ("ensemble", "stacking") else "screened"
-        return int(self.meta.stage) >= STAGES.index(needed)
-
-    def head_kwargs(self) -> dict[str, Any]:
-        """Plain-JSON kwargs rebuilding this head's architecture: ``{"config": ..., "rule": ...}``."""
-        return {"config": self.meta.get_config(), "rule": self.rule}
-
-    def fit(
-        self,
-        train: MetaFusionData,
-        val: MetaFusionData,
-        rho_grid: Sequence[float] | None = None,
-        resume: bool = False,
-        after_stage: Callable[[str], None] | None = None,
-    ) -> MetaFusionHead:
-        """Run every Meta Fusion stage (:meth:`MetaFusion.fit`) on precomputed features.
-
-        Args:
-            train: training split (PCA and students).
-            val: validation split (best epochs, teachers, rho, committee, stacking).
-            rho_grid: overrides the configured grid.
-            resume: skip the stages already reached (see :meth:`MetaFusion.fit`).
-            after_stage: called with each finished stage's name.
-
-        Returns:
-            ``self``.
-        """
-        self.meta.fit(train, val, rho_grid, resume=resume, after_stage=after_stage)
-        logger.info(
-            "meta fusion head fitted: teachers %s, rho %s", self.meta.summary()["teachers"], float(self.meta.rho)
-        )
-        return self
-
-    def forward(self, features: Mapping[str, EncoderOutput], modality_mask: torch.Tensor) -> FusionOutput:
-        """Aggregate the students that each sample can feed.
-
-        Args:
-            features: ``{modality: EncoderOutput}`` (``pooled`` ``[B, F_m]`` is used; a bare tensor is accepted).
-            modality_mask: bool ``[B, M]``.
-
-        Returns:
-            ``FusionOutput`` (see the class docstring).
-
-        Raises:
-            RuntimeError: the cohort is not fitted yet.
-        """
-        if not self.fitted:
-            raise RuntimeError(
-                f"MetaFusionHead: the Meta Fusion cohort is not fitted (stage {STAGES[int(self.meta.stage)]!r}, "
-                f"rule {self.rule!r}); fit it with medfusion.fusion.meta_fusion_stages.fit_meta_fusion (bundle: "
-                "configs/meta_fusion.json) or load a fitted checkpoint first."
-            )
-        mask = check_mask(modality_mask, len(self.modalities))
-        x = {m: _pooled(features[m]) for m in self.modalities}
-        out = self.meta.predict(x, mask, self.rule)
-        logits = out if self.meta.task == "classification" else out[:, None]
-        with torch.no_grad():
-            student = self.meta.student_outputs(x, mask)
-            if self.rule in _WEIGHTED_MEAN_RULES:
-                used = self.meta.used_students(mask, self.rule).T  # [S, B]
-            else:
-                used = self.meta.availability(mask)
-        emb = {
-            m: torch.where(mask[:, i, None], x[m], torch.zeros((), dtype=x[m].dtype, device=x[m].device))
-            for i, m in enumerate(self.modalities)
-        }
-        return FusionOutput(logits, emb, {"students_used": used.sum(dim=0), "student_logits": student})
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -415,119 +235,6 @@ def _reassemble(parts: Sequence[tuple[Sequence[int], Any]], n: int | None) -> Me
     take = torch.tensor([first[i] for i in order], dtype=torch.long)
     x = {m: torch.cat([d[0][m] for _, d in filled])[take] for m in filled[0][1][0]}
     return MetaFusionData(x, torch.cat([d[1] for _, d in filled])[take], torch.cat([d[2] for _, d in filled])[take])
-
-
-def tabular_data(
-    frame: Any, columns: Mapping[str, Sequence[str]], target: str, task: str = "regression"
-) -> MetaFusionData:
-    """Stage (b) for tabular cohorts: modalities are column groups of a table; a NaN makes a modality absent.
-
-    Args:
-        frame: a ``pandas.DataFrame``.
-        columns: ``{modality: [column, ...]}`` in modality order.
-        target: target column (no missing values).
-        task: ``"regression"`` (float y) or ``"classification"`` (long y).
-
-    Returns:
-        ``MetaFusionData``; absent modalities are zero-filled, a row with every modality absent is an error.
-
-    Raises:
-        KeyError: a column does not exist (the message names it).
-        ValueError: missing targets, or a row without any modality.
-    """
-    mods = validate_modalities(list(columns), field="columns")
-    absent = [c for m in mods for c in [*columns[m], target] if c not in frame.columns]
-    if absent:
-        raise KeyError(f"tabular_data: columns {sorted(set(absent))} not in the table (has {list(frame.columns)}).")
-    if frame[target].isna().any():
-        raise ValueError(f"tabular_data: target column {target!r} has missing values.")
-    x, present = {}, []
-    for m in mods:
-        values = torch.as_tensor(frame[list(columns[m])].to_numpy(dtype=float, copy=True), dtype=torch.float32)
-        ok = ~torch.isnan(values).any(dim=1)
-        x[m] = torch.where(ok[:, None], values, torch.zeros(()))
-        present.append(ok)
-    mask = torch.stack(present, dim=1)
-    check_mask(mask, len(mods))
-    y = torch.as_tensor(frame[target].to_numpy(copy=True))
-    return MetaFusionData(x, mask, y.long() if task == "classification" else y.float())
-
-
-def fit_meta_fusion(
-    train: MetaFusionData,
-    val: MetaFusionData,
-    grids: Mapping[str, Sequence[str]] | None = None,
-    num_classes: int = 2,
-    rule: str | None = None,
-    stage_checkpoint: str | Path | None = None,
-    resume: bool = False,
-    **meta_kwargs: Any,
-) -> MetaFusionHead:
-    """Stage (c): build the cohort from ``grids`` and fit every Meta Fusion stage.
-
-    Args:
-        train: training features (PCA fitted here).
-        val: validation features.
-        grids: ``{modality: [extractor, ...]}`` in modality order (default :func:`default_grids` over the
-            modalities of ``train.x`` in its key order).
-        num_classes: classes (classification).
-        rule: the head's aggregation rule (default ``"ensemble"``).
-        stage_checkpoint: file written atomically after every Meta Fusion stage (``{"config", "stage",
-            "state"}``); ``None`` writes nothing.
-        resume: with an existing ``stage_checkpoint``, load it and run only the stages it has not reached
-            (the result equals an uninterrupted fit: every stage is deterministic given the seed).
-        **meta_kwargs: :class:`MetaFusion` arguments (``task``, ``epochs``, ``rho_grid``, ...).
-
-    Returns:
-        The fitted :class:`MetaFusionHead`.
-
-    Raises:
-        ValueError: ``stage_checkpoint`` holds a different Meta Fusion configuration than the one requested.
-    """
-    mods = list(grids) if grids is not None else list(train.x)
-    dims = {m: int(_pooled(train.x[m]).shape[1]) for m in mods}
-    head = MetaFusionHead(mods, dims, num_classes=num_classes, grids=grids, rule=rule, **meta_kwargs)
-    if stage_checkpoint is None:
-        return head.fit(train, val)
-    path = Path(stage_checkpoint)
-    if resume and path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("config") != head.meta.get_config():
-            raise ValueError(
-                f"fit_meta_fusion stage_checkpoint {path}: saved for a different Meta Fusion configuration; "
-                "delete it or run without resume."
-            )
-        head.load_state_dict(saved["state"])
-        logger.info("meta fusion: resuming after stage %r from %s", saved.get("stage"), path)
-
-    def save(stage: str) -> None:
-        with atomic_file(path) as tmp:
-            torch.save({"config": head.meta.get_config(), "stage": stage, "state": head.state_dict()}, tmp)
-
-    return head.fit(train, val, resume=resume, after_stage=save)
-
-
-def attach_head(model: nn.Module, head: MetaFusionHead) -> nn.Module:
-    """Stage (d): make the fitted ``head`` the network's head (moved to the network's device).
-
-    Args:
-        model: the :class:`FusionModel` whose encoders produced the head's features.
-        head: the fitted head.
-
-    Returns:
-        ``model``.
-
-    Raises:
-        ValueError: modality orders differ.
-    """
-    net = unwrap(model)
-    if tuple(head.modalities) != tuple(net.modalities):
-        raise ValueError(f"attach_head: head modalities {head.modalities} differ from the model's {net.modalities}.")
-    param = next(net.parameters(), None)
-    net.head = head.to(param.device if param is not None else torch.device("cpu"))
-    if hasattr(net, "head_name"):
-        net.head_name = "meta_fusion"
-    return model
 
 
 def _finite_json(value: Any) -> Any:

@@ -1285,10 +1285,11 @@ def report(results, args, arms, table, diffs, dedicated, order, split, n, previo
         "'no t1ce' = mean over the 7 combinations without t1ce (TC and ET need it most); 'no flair' = the 7 "
         "without flair (WT).",
         "",
-        "| arm | TC | WT | ET | no t1ce: TC | no t1ce: ET | no flair: WT | train s/seed | s/iteration "
-        "| peak RSS increase (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| arm | TC | WT | ET | no t1ce: TC | no t1ce: ET | no flair: WT | train s/seed | s/iteration "
+        f"| time / {label[args.reference]} (same seed) | peak RSS increase (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ref_time = [m["s_per_iteration"] for m in results["memory"][args.reference]]
     for a in arms:
         t = table[a]
         sub = t["subsets"]
@@ -1299,6 +1300,8 @@ def report(results, args, arms, table, diffs, dedicated, order, split, n, previo
         cells.append(f"{results['train_seconds'][a][0]:.0f}")
         mem = results["memory"][a]
         cells.append(f"{np.mean([m['s_per_iteration'] for m in mem]):.2f}")
+        rel = [m["s_per_iteration"] / r for m, r in zip(mem, ref_time)]
+        cells.append(f"{np.median(rel):.2f} ({np.min(rel):.2f}-{np.max(rel):.2f})")
         inc = [m["rss_increase_mb"] for m in mem]
         cells.append(f"{np.mean(inc):.0f} (max {np.max(inc):.0f})")
         lines.append(f"| {label[a]} | " + " | ".join(cells) + " |")
@@ -1308,16 +1311,18 @@ def report(results, args, arms, table, diffs, dedicated, order, split, n, previo
         no_flair = [c for c in order if "flair" not in c.split("+")]
         cells = [fmt(dedicated.loc["mean", d]) for d in DICE]
         cells += [fmt(dd.loc[no_t1ce, "dice_tc"].mean()), fmt(dd.loc[no_t1ce, "dice_et"].mean())]
-        cells += [fmt(dd.loc[no_flair, "dice_wt"].mean()), "-", "-", "-"]
+        cells += [fmt(dd.loc[no_flair, "dice_wt"].mean()), "-", "-", "-", "-"]
         lines.append("| dedicated | " + " | ".join(cells) + " |")
     loads_train = [m["load_before"] for a in arms for m in results["memory"][a]]
     lines += [
         "",
         "Time: wall-clock training seconds per seed and per iteration (meta steps, TLA mining included) on "
         f"{results['machine']['threads']} torch thread(s) with 1-min load average {min(loads_train):.1f}-"
-        f"{max(loads_train):.1f} at the arms' starts (the machine was shared: compare arms within a seed, not with "
-        "other runs). Memory: peak resident set size sampled every 20 ms during the arm's training minus the "
-        "resident set size just before it (after garbage collection and `malloc_trim`), mean over seeds (max): "
+        f"{max(loads_train):.1f} at the arms' starts (the machine was shared and its load changed during the run: "
+        "compare arms within a seed, the 'time / reference' column: median (range) over seeds of the ratio to the "
+        "reference arm's s/iteration in the same seed). Memory: peak resident set size sampled every 20 ms during "
+        "the arm's training minus the resident set size just before it (after garbage collection and "
+        "`malloc_trim`), mean over seeds (max): "
         "what the training loop needs beyond the process (data cache, Python, libraries; "
         f"{np.mean([m['rss_before_mb'] for a in arms for m in results['memory'][a]]):.0f} MiB on average).",
     ]

@@ -17,7 +17,7 @@ joining the member names with ``+``.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from enum import StrEnum
 
 import torch
@@ -35,9 +35,7 @@ __all__ = [
     "mask_to_combination",
     "mask_to_name",
     "full_mask",
-    "mask_from_presence",
     "check_mask",
-    "present_count",
 ]
 
 
@@ -182,11 +180,6 @@ def full_mask(batch_size: int, n_modalities: int, device: torch.device | str | N
     return torch.ones(batch_size, n_modalities, dtype=torch.bool, device=device)
 
 
-def mask_from_presence(presence: Mapping[str, bool], modalities: Sequence[str]) -> torch.Tensor:
-    """Bool ``[M]`` from a ``{name: present}`` mapping (absent names count as missing)."""
-    return torch.tensor([bool(presence.get(m, False)) for m in modalities], dtype=torch.bool)
-
-
 def check_mask(mask: torch.Tensor, n_modalities: int, *, allow_empty_rows: bool = False) -> torch.Tensor:
     """Validate a ``modality_mask`` and return it as bool.
 
@@ -205,8 +198,3 @@ def check_mask(mask: torch.Tensor, n_modalities: int, *, allow_empty_rows: bool 
         rows = (~mask.any(dim=1)).nonzero().flatten().tolist()
         raise ValueError(f"modality_mask: samples {rows} have every modality missing; at least one must be present.")
     return mask
-
-
-def present_count(mask: torch.Tensor) -> torch.Tensor:
-    """Number of present modalities per sample, ``[B]`` (float, clamped to >= 1 for division)."""
-    return mask.float().sum(dim=1).clamp_min(1.0)

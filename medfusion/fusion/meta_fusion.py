@@ -60,6 +60,7 @@ __all__ = [
     "ensemble_selection",
     "Student",
     "MetaFusion",
+    "pooled_features",
 ]
 
 logger = logging.getLogger(__name__)
@@ -732,7 +733,7 @@ class MetaFusion(nn.Module):
             )
         mask = check_mask(mask, len(self.modalities))
         for m in self.modalities:
-            t = _features(x[m])
+            t = pooled_features(x[m])
             if t.ndim != 2 or t.shape[1] != self.in_dims[m] or t.shape[0] != mask.shape[0]:
                 raise ValueError(
                     f"MetaFusion {field}[{m!r}]: expected shape [{mask.shape[0]}, {self.in_dims[m]}], "
@@ -765,7 +766,7 @@ class MetaFusion(nn.Module):
             ``{extractor key: [N, d]}``.
         """
         raw = {
-            m: torch.where(mask[:, i, None], _features(x[m]).float(), torch.zeros((), device=mask.device))
+            m: torch.where(mask[:, i, None], pooled_features(x[m]).float(), torch.zeros((), device=mask.device))
             for i, m in enumerate(self.modalities)
         }
         out = {}
@@ -798,7 +799,7 @@ class MetaFusion(nn.Module):
             if n_rows < k:
                 raise ValueError(f"MetaFusion pca:{k} of {m!r}: needs >= {k} samples with {m!r} present, got {n_rows}.")
             if m not in axes:
-                xm = _features(data.x[m])[data.mask[:, i]].double()
+                xm = pooled_features(data.x[m])[data.mask[:, i]].double()
                 mean = xm.mean(dim=0)
                 _, _, vh = torch.linalg.svd(xm - mean, full_matrices=False)
                 comps = vh.T  # [F, r]
@@ -901,7 +902,7 @@ class MetaFusion(nn.Module):
         if int(self.stage) < STAGES.index("extractors_fitted"):
             if self.pca_fit_on == "train+val":
                 both = MetaFusionData(
-                    {m: torch.cat([_features(train.x[m]), _features(val.x[m])]) for m in self.modalities},
+                    {m: torch.cat([pooled_features(train.x[m]), pooled_features(val.x[m])]) for m in self.modalities},
                     torch.cat([train.mask, val.mask]),
                     torch.cat([train.y, val.y]),
                 )
@@ -1233,7 +1234,7 @@ class MetaFusion(nn.Module):
             ``[B, K]`` log-probabilities (classification) or ``[B, 1]`` (regression).
         """
         if modality_mask is None:
-            first = _features(x[self.modalities[0]])
+            first = pooled_features(x[self.modalities[0]])
             modality_mask = torch.ones(first.shape[0], len(self.modalities), dtype=torch.bool, device=first.device)
         out = self.predict(x, modality_mask)  # type: ignore[arg-type]
         return out if self.task == "classification" else out[:, None]
@@ -1316,6 +1317,6 @@ def _tied(grid: Sequence[float], scores: Sequence[float]) -> list[float]:
     return [float(r) for r, sc in zip(grid, scores) if math.isfinite(sc) and math.isclose(sc, best, rel_tol=1e-9)]
 
 
-def _features(value: torch.Tensor | EncoderOutput) -> torch.Tensor:
+def pooled_features(value: torch.Tensor | EncoderOutput) -> torch.Tensor:
     """The feature matrix of one modality: the tensor itself or an encoder output's ``pooled``."""
     return value.pooled if isinstance(value, EncoderOutput) else value

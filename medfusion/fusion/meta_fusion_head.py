@@ -23,7 +23,7 @@ from torch import nn
 from medfusion.batch import unwrap
 from medfusion.encoders.base import EncoderOutput
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
-from medfusion.fusion.meta_fusion import RULES, STAGES, MetaFusion, MetaFusionData, build_cohort
+from medfusion.fusion.meta_fusion import RULES, STAGES, MetaFusion, MetaFusionData, build_cohort, pooled_features
 from medfusion.io import atomic_file
 from medfusion.modality import check_mask, validate_modalities
 
@@ -47,10 +47,6 @@ def default_grids(modalities: Sequence[str], in_dims: Mapping[str, int], n_compo
     """
     mods = validate_modalities(modalities)
     return {m: ["null", "identity", f"pca:{max(1, min(int(n_components), int(in_dims[m])))}"] for m in mods}
-
-
-def _pooled(value: torch.Tensor | EncoderOutput) -> torch.Tensor:
-    return value.pooled if isinstance(value, EncoderOutput) else value
 
 
 # ------------------------------------------------------------------------------------------------ head
@@ -197,7 +193,7 @@ class MetaFusionHead(FusionHead):
                 "configs/meta_fusion.json) or load a fitted checkpoint first."
             )
         mask = check_mask(modality_mask, len(self.modalities))
-        x = {m: _pooled(features[m]) for m in self.modalities}
+        x = {m: pooled_features(features[m]) for m in self.modalities}
         out = self.meta.predict(x, mask, self.rule)
         logits = out if self.meta.task == "classification" else out[:, None]
         with torch.no_grad():
@@ -281,7 +277,7 @@ def fit_meta_fusion(
         ValueError: ``stage_checkpoint`` holds a different Meta Fusion configuration than the one requested.
     """
     mods = list(grids) if grids is not None else list(train.x)
-    dims = {m: int(_pooled(train.x[m]).shape[1]) for m in mods}
+    dims = {m: int(pooled_features(train.x[m]).shape[1]) for m in mods}
     head = MetaFusionHead(mods, dims, num_classes=num_classes, grids=grids, rule=rule, **meta_kwargs)
     if stage_checkpoint is None:
         return head.fit(train, val)

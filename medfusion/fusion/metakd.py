@@ -506,7 +506,7 @@ class MetaStepHandler:
     """Ignite handler: every ``method.meta_interval`` iterations, ``method.meta_steps`` MetaKD meta steps.
 
     Each step takes the next batch of ``method.meta_loader`` (cycling when it runs out); the IWV after every
-    step goes to :attr:`trajectory`, the debug log and ``iwv_trajectory.csv``; after the update the log (info)
+    step goes to the debug log and ``iwv_trajectory.csv`` (:meth:`MetaKDMethod.record`); after the update the log (info)
     and ``engine.state.metrics`` (``iwv_<modality>``, so StatsHandler/TensorBoard show it) get the new IWV.
 
     Args:
@@ -516,7 +516,6 @@ class MetaStepHandler:
     def __init__(self, method: MetaKDMethod) -> None:
         self.method = method
         self._iter: Any = None
-        self.trajectory: list[dict[str, float]] = []
 
     def attach(self, engine: Any) -> None:
         """Register on ``ITERATION_COMPLETED(every=meta_interval)``."""
@@ -548,7 +547,7 @@ class MetaStepHandler:
         for step in range(self.method.meta_steps):
             batch = to_device(self._next_batch(), engine.state.device)
             losses.append(self.method.meta_step(net, batch))
-            self.trajectory.append(self.method.record(engine.state.iteration, losses[-1], step))
+            self.method.record(engine.state.iteration, losses[-1], step)
         weights = self.method.state.as_dict()
         logger.info(
             "MetaKD meta update at iteration %d (%d steps): meta loss %.4f -> %.4f, softmax(w) %s",

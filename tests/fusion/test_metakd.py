@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -194,7 +195,7 @@ def test_meta_loss_at_uniform_weights_is_the_task_loss():
     assert seg_method.meta_step(seg, b) == pytest.approx(plain, rel=1e-6)
 
 
-def test_meta_update_favours_the_informative_modality_on_a_frozen_network():
+def test_meta_update_favours_the_informative_modality_on_a_frozen_network(tmp_path):
     """After the ``meta_steps`` (default 20) of ONE meta update, softmax(w) of the informative modality is clearly
     the largest (one Adam step of lr 1e-2, the earlier behaviour, moves each w by at most 0.01)."""
     from types import SimpleNamespace
@@ -204,19 +205,20 @@ def test_meta_update_favours_the_informative_modality_on_a_frozen_network():
     mods = ("a", "b", "c")
     net = _sum_network(mods)
     loader = [_signal_batch(seed=s) for s in range(3)]  # 3 batches, cycled over 20 steps
-    method = MetaKDMethod(mods, task="classification", meta_loader=loader, meta_interval=10)
+    method = MetaKDMethod(mods, task="classification", meta_loader=loader, meta_interval=10, output_dir=tmp_path)
     assert method.meta_steps == 20
     (handler,) = method.handlers()
     assert isinstance(handler, MetaStepHandler)
     engine = SimpleNamespace(network=net, state=SimpleNamespace(iteration=10, device="cpu", metrics={}))
     handler(engine)
     sm = method.state.as_dict()
-    assert int(method.state.meta_steps) == 20 and len(handler.trajectory) == 20
-    assert [r["step_in_interval"] for r in handler.trajectory] == list(range(20))
+    trajectory = pd.read_csv(tmp_path / "iwv_trajectory.csv").to_dict("records")  # one row per meta step
+    assert int(method.state.meta_steps) == 20 and len(trajectory) == 20
+    assert [r["step_in_interval"] for r in trajectory] == list(range(20))
     assert sm["a"] > 0.4 and sm["a"] - max(sm["b"], sm["c"]) > 0.1, sm
     assert method.state.ranking()[0] == "a"
     # steps 0 and 18 see the same batch (3 batches cycled): the meta loss fell
-    assert handler.trajectory[18]["meta_loss"] < handler.trajectory[0]["meta_loss"]
+    assert trajectory[18]["meta_loss"] < trajectory[0]["meta_loss"]
     assert engine.state.metrics["iwv_a"] == pytest.approx(sm["a"])
     assert all(not p.requires_grad and p.grad is None for p in net.parameters())
 
@@ -234,8 +236,6 @@ def test_meta_steps_cycle_the_loader_and_log_every_step(tmp_path):
     handler(SimpleNamespace(network=net, state=SimpleNamespace(iteration=7, device="cpu", metrics={})))
     # batches 0, 1, 0, 1, 0: the loader restarts when it runs out
     assert [int((s == loader[i % 2]["label"]).all()) for i, s in enumerate(seen)] == [1] * 5
-    import pandas as pd
-
     traj = pd.read_csv(tmp_path / "iwv_trajectory.csv")
     assert traj["meta_step"].tolist() == [1, 2, 3, 4, 5] and traj["step_in_interval"].tolist() == [0, 1, 2, 3, 4]
     assert (traj["iteration"] == 7).all() and traj["meta_loss"].notna().all()

@@ -80,7 +80,7 @@ class Segmenter(nn.Module):
         first_stride: stride of the encoder's first level (2 = MONAI ``UNet`` style, no full-resolution
             convolution except the final transposed one; 1 = full-resolution first level).
         decoder_width: feature maps of ``C_l`` channels the decoder reads per level (default ``M``: the
-            concatenated modalities; the segmentation heads in ``medfusion/fusion/seg_*.py`` use 1 or 2).
+            concatenated modalities; the segmentation heads in ``medfusion/models/seg_*.py`` use 1 or 2).
 
     Inputs (forward):
         image: ``[B, M, D, H, W]`` (channels in ``modalities`` order) or ``{name: [B, 1, D, H, W]}``;

@@ -287,25 +287,20 @@ def test_failed_synth_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-INITIALIZE = "$medfusion.data.check.validate_before_training(@dataset_dir, layout='brats', modalities=@modalities)"
-
-
 def test_bundle_initialize_stops_bad_data_before_training(brats):
-    """The expression recommended for bundles/brats_metakd/configs/train.json ``initialize`` fails fast."""
+    """bundles/brats_metakd/configs/train.json's ``data_check`` component (run by ``initialize``) fails fast."""
     from monai.bundle import ConfigParser
 
     def parser_for(dataset: Path) -> ConfigParser:
         parser = ConfigParser()
         parser.read_config(str(TRAIN_JSON))
-        parser["imports"] = [*parser["imports"], "$import medfusion.data.check"]
-        parser["initialize"] = [*parser["initialize"], INITIALIZE]
         parser["dataset_dir"] = str(dataset)
         return parser
 
     parser_for(brats).get_parsed_content("initialize")  # clean data: passes
     name, case = _case(brats, 2)
     (case / f"{name}_t1.nii.gz").write_bytes(b"\x1f\x8b truncated")
-    with pytest.raises(RuntimeError, match="validate_before_training") as exc:  # MONAI wraps expression errors
+    with pytest.raises(RuntimeError, match="validate_before_training") as exc:  # MONAI wraps component errors
         parser_for(brats).get_parsed_content("initialize")
     cause = exc.value.__cause__  # printed under "The above exception was the direct cause of ..."
     assert isinstance(cause, ValueError)

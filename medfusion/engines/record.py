@@ -53,8 +53,8 @@ FORMAT = "medfusion-run/1"
 NOT_TRAINING = frozenset(
     {
         "bundle_root", "ckpt_dir", "output_dir", "ckpt_path", "resume", "overwrite", "device", "backend",
-        "num_workers", "check_data", "imports", "initialize", "run", "finalize", "model_record", "run_record",
-        "max_epochs",
+        "num_workers", "check_data", "data_check", "imports", "initialize", "run", "finalize", "model_record",
+        "run_record", "max_epochs",
     }
 )  # fmt: skip
 

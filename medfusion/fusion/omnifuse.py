@@ -605,6 +605,9 @@ class OmniFuseMethod(Method):
             the epoch and the lazy combination is picked from it at the epoch end. Cheaper (no second encoder
             pass) but not the same quantity: measured against ``"epoch"`` in
             ``benchmarks/results/omnifuse_profile.md``.
+        tla_every: ``"epoch"`` mining: run the pass after every ``tla_every``-th epoch only (the lazy combination
+            is kept in between); 1 (default) = every epoch, the paper's schedule. The same quantity, ``tla_every``
+            times less often.
     """
 
     name = "omnifuse"
@@ -621,12 +624,16 @@ class OmniFuseMethod(Method):
         zero_refresh_every: int = 1,
         seed: int = 0,
         tla_mining: str = "epoch",
+        tla_every: int = 1,
     ) -> None:
         if tla_mining not in TLA_MINING:
             raise ValueError(f"omnifuse: tla_mining must be one of {TLA_MINING}, got {tla_mining!r}.")
         if tla_mining == "online" and type(self).loss_step is not OmniFuseMethod.loss_step:
             raise ValueError(f"{type(self).__name__}: tla_mining='online' exists for the classification head only.")
+        if int(tla_every) < 1:
+            raise ValueError(f"omnifuse: tla_every must be >= 1, got {tla_every!r}.")
         self.tla_mining = tla_mining
+        self.tla_every = int(tla_every)
         self.modalities = validate_modalities(modalities)
         self.lambda_bw = float(lambda_bw)
         self.lambda_dw = float(lambda_dw)
@@ -806,7 +813,9 @@ class OmniFuseEpochHandler:
             return
         if getattr(self.method, "tla_mining", "epoch") == "online":
             _, lazy = self.method.mine_online(net)
-        else:
+        elif (getattr(engine.state, "epoch", 0) or 0) % getattr(self.method, "tla_every", 1) == 0:
             loader = self.loader if self.loader is not None else engine.state.dataloader
             _, lazy = self.method.mine(net, loader, engine.state.device)
+        else:  # tla_every > 1: no pass after this epoch, the lazy combination stays
+            lazy = int(_omnifuse_head(net).lazy_combination)
         engine.state.metrics["omnifuse_lazy_combination"] = lazy

@@ -83,5 +83,31 @@ def test_online_mining_only_where_it_is_implemented():
 
     with pytest.raises(ValueError, match="tla_mining"):
         OmniFuseMethod(MODS, tla_mining="fast")
+    with pytest.raises(ValueError, match="tla_every"):
+        OmniFuseMethod(MODS, tla_every=0)
     with pytest.raises(ValueError, match="classification head only"):
         SegOmniFuseMethod(("flair", "t1"), tla_mining="online")
+
+
+def test_tla_every_k_epochs_mines_after_every_kth_epoch_only():
+    from types import SimpleNamespace
+
+    from medfusion.fusion.omnifuse import OmniFuseMethod
+
+    model = tiny_model()
+    method = OmniFuseMethod(MODS, tla_every=2)
+    loader = [tiny_batch(4, seed=1)]
+    method.loss_step(model, method.prepare(loader[0], None), None)
+    (handler,) = method.handlers()
+    state = SimpleNamespace(dataloader=loader, device=None, metrics={}, epoch=1)
+    handler(SimpleNamespace(network=model, state=state))
+    assert int(model.head.lazy_combination) == -1  # epoch 1: no pass
+    state.epoch = 2
+    handler(SimpleNamespace(network=model, state=state))
+    sums, counts = combination_losses(model, loader, MODS)
+    assert int(model.head.lazy_combination) == int((sums / counts).argmax()) >= 0  # epoch 2: the pass
+    with torch.no_grad():
+        model.head.lazy_combination.fill_(3)
+    state.epoch = 3
+    handler(SimpleNamespace(network=model, state=state))
+    assert int(model.head.lazy_combination) == 3 == state.metrics["omnifuse_lazy_combination"]  # kept

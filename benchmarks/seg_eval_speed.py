@@ -234,8 +234,11 @@ def worker(args: argparse.Namespace) -> int:
     sec = time.perf_counter() - t0
     if args.worker == "single" and args.save_pred:
         np.save(args.save_pred, np.packbits(pred.numpy().reshape(-1)))
-    box = foreground_box(sample["image"]) if crop else None
+    fg = foreground_box(sample["image"])
+    box = fg if crop else None
     extra["box"] = [b.stop - b.start for b in box] if box else list(sample["image"].shape[1:])
+    extra["foreground_box"] = [[b.start, b.stop] for b in fg] if fg else None
+    extra["spatial"] = list(sample["image"].shape[1:])
     print(
         json.dumps(
             {
@@ -304,11 +307,16 @@ def crop_agreement(rows: list[dict[str, Any]], tmp: Path) -> list[dict[str, Any]
             on, off = (np.unpackbits(np.load(tmp / f"{kind}_{roi}_{c}.npy")).astype(bool) for c in (1, 0))
             on, off = (m[: 3 * (len(m) // 3)].reshape(3, -1) for m in (on, off))  # [TC, WT, ET] rows
             dice = [2 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum())) for a, b in zip(on, off)]
+            inside = np.zeros(pair[True]["spatial"], dtype=bool)
+            inside[tuple(slice(a, b) for a, b in pair[True]["foreground_box"])] = True
+            inside = inside.reshape(-1)
             out.append(
                 {
                     "kind": kind,
                     "roi": roi,
                     "voxels_differing": int((on != off).sum()),
+                    "voxels_differing_inside_box": int((on != off)[:, inside].sum()),
+                    "off_predicted_outside_box": int(off[:, ~inside].sum()),
                     "voxels": int(on.shape[1]),
                     "dice_on_vs_off": dict(zip(["tc", "wt", "et"], dice)),
                     "predicted_voxels": {"on": int(on.sum()), "off": int(off.sum())},
@@ -398,7 +406,9 @@ def write_md(res: dict[str, Any], path: Path) -> None:
                     d = a["dice_on_vs_off"]
                     txt = (
                         f"Dice(on, off) TC {d['tc']:.4f}, WT {d['wt']:.4f}, ET {d['et']:.4f}; "
-                        f"{a['voxels_differing']} of 3 x {a['voxels']} voxels differ; predicted voxels on "
+                        f"{a['voxels_differing']} of 3 x {a['voxels']} voxels differ "
+                        f"({a['voxels_differing_inside_box']} inside the box; crop off predicted "
+                        f"{a['off_predicted_outside_box']} outside it); predicted voxels on "
                         f"{a['predicted_voxels']['on']}, off {a['predicted_voxels']['off']}"
                     )
                 else:

@@ -360,7 +360,7 @@ def evaluate_segmentation(
             sliding windows (so a full-size case of a minute is not silent).
         title: heading of the summary / heatmap.
         record: facts about the run written to ``evaluation.json`` (split, checkpoint, network keys;
-            ``medfusion compare`` checks that compared runs share them).
+            ``medfusion compare`` checks that compared runs share them); ``crop_foreground`` is added.
         batch_combinations: cached path: decode the combinations of a window together (module doc).
         memory_budget_gb: cached batched path: decoder activation memory per chunk of combinations.
         crop_foreground: sliding windows only over the case's foreground box (:func:`foreground_box`; the
@@ -449,6 +449,14 @@ def evaluate_segmentation(
             heatmap_metrics=["dice_tc", "dice_wt", "dice_et"],
             title=title,
         )
-        write_record(output_dir, {**dict(record or {}), "task": "segmentation", "modalities": list(modalities)})
+        write_record(
+            output_dir,
+            {
+                **dict(record or {}),
+                "task": "segmentation",
+                "modalities": list(modalities),
+                "crop_foreground": bool(crop_foreground),
+            },
+        )
         logger.info("evaluation summary:\n%s", md)
     return per_case

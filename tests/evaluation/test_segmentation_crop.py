@@ -8,6 +8,7 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
+from medfusion.evaluation.report import read_record
 from medfusion.evaluation.segmentation import (
     BACKGROUND_LOGIT,
     ForegroundCropInferer,
@@ -82,7 +83,7 @@ def test_crop_runs_the_windows_over_the_box_only():
 
 
 @pytest.mark.parametrize("label_outside_box", [False, True])
-def test_evaluation_with_crop_scores_the_pasted_full_size_prediction(label_outside_box):
+def test_evaluation_with_crop_scores_the_pasted_full_size_prediction(label_outside_box, tmp_path):
     net = Segmenter(MODS, channels=(4, 8, 16)).eval()
     img = brain_case(2)
     label = torch.zeros(3, *SPATIAL)
@@ -98,8 +99,9 @@ def test_evaluation_with_crop_scores_the_pasted_full_size_prediction(label_outsi
         ref = segmentation_metrics(logits[k : k + 1].sigmoid() > 0.5, label[None], et_min_voxels=10, hd95=True)
         for name, value in ref.items():
             assert row[name] == pytest.approx(value, rel=1e-6, abs=1e-6), (row["combination"], name)
-    off = evaluate_segmentation(net, [case], MODS, None, hd95=False, progress=False, crop_foreground=False, **kw)
+    off = evaluate_segmentation(net, [case], MODS, tmp_path, hd95=False, progress=False, crop_foreground=False, **kw)
     assert len(off) == 15 and off["dice_wt"].notna().all()  # the option switches the crop off
+    assert read_record(tmp_path)["crop_foreground"] is False  # the evaluation says how it was run
 
 
 def test_inferer_keeps_full_shape_and_metadata():

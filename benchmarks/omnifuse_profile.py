@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head", default="omnifuse", help=argparse.SUPPRESS)
     p.add_argument("--report", default="trainable", help=argparse.SUPPRESS)
     p.add_argument("--tla_mining", default="epoch", help=argparse.SUPPRESS)
+    p.add_argument("--from_json", type=Path, help="only re-render the markdown of this results JSON")
     p.add_argument("--phantom", action="store_true", help="also compare the mining options on the clinical phantom")
     p.add_argument("--phantom_samples", type=int, default=400)
     p.add_argument("--phantom_epochs", type=int, default=8)
@@ -212,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.from_json:  # re-render the markdown of a finished run
+        res = json.loads(args.from_json.read_text())
+        write_md(args, res, res["summary"])
+        return 0
     res: dict[str, Any] = {
         "command": " ".join(["python benchmarks/omnifuse_profile.py", *(argv if argv is not None else sys.argv[1:])]),
         "before_rev": args.before_rev,
@@ -263,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         res["phantom"] = phantom(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "omnifuse_profile.json").write_text(json.dumps(res, indent=2))
+    write_md(args, res, df)
+    return 0
+
+
+def write_md(args: argparse.Namespace, res: dict[str, Any], df: dict[str, Any]) -> None:
+    """``omnifuse_profile.md`` in ``args.out`` from the results."""
     lines = [
         "# B4: OmniFuse training cost relative to concat, before / after",
         "",
@@ -290,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "TLA mining s/epoch: the pass after the epoch (`epoch`), or the summed time of the per-batch head calls "
         "inside the iterations (`online`, already part of s/iteration)."
     )
-    if args.phantom:
+    if res.get("phantom"):
         lines += phantom_md(res["phantom"])
     lines += [
         "",
@@ -302,9 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         "```",
         "",
     ]
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "omnifuse_profile.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    return 0
 
 
 def phantom(args: argparse.Namespace) -> dict[str, Any]:
@@ -442,7 +453,7 @@ def phantom_md(ph: dict[str, Any]) -> list[str]:
             mdiffs.append(md)
             se = float(np.mean([x["seconds"] for x in e["epochs"]]))
             so = float(np.mean([x["seconds"] for x in o["epochs"]]))
-            used = f"{' -> '.join(dict.fromkeys(e['lazy_names']))}; {' -> '.join(dict.fromkeys(o['lazy_names']))}"
+            used = "; ".join(" -> ".join(dict.fromkeys(str(n or "none") for n in r["lazy_names"])) for r in (e, o))
             lines.append(
                 f"| {variant} | {seed} | {sum(same)} / {len(same)} | {used} | {e['auroc_all_modalities']:.4f} | "
                 f"{o['auroc_all_modalities']:.4f} | {d:+.4f} | {e['auroc_mean_over_combinations']:.4f} | "

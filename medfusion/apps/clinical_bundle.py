@@ -710,7 +710,8 @@ def method_figures(
     """Method-specific evaluation outputs: the method class's ``evaluation_outputs`` hook.
 
     QMF and its ablations write ``qmf_weight_loss.csv`` and ``qmf_weight_vs_loss.png``
-    (:meth:`medfusion.fusion.qmf.QMFMethod.evaluation_outputs`); the other methods write nothing.
+    (:meth:`medfusion.fusion.qmf.QMFMethod.evaluation_outputs`); the other methods, and Meta Fusion (a
+    head trained by stages, not a recipe), write nothing.
 
     Args:
         method_name: the bundle's ``method_name``.
@@ -724,8 +725,12 @@ def method_figures(
         Files written (empty for methods without extra outputs).
 
     Raises:
-        KeyError: unknown method name.
+        KeyError: a name that is neither a training recipe nor a fusion head.
     """
-    from medfusion.fusion.recipes import method_class
+    from medfusion.fusion import list_fusions
+    from medfusion.fusion.recipes import list_methods, method_class
 
+    if method_name not in list_methods() and method_name in list_fusions():
+        # a head trained by its own stages (Meta Fusion, configs/meta_fusion.json): no recipe, no extra outputs
+        return []
     return method_class(method_name).evaluation_outputs(model, loader, modalities, output_dir, resolve_device(device))

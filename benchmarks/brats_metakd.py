@@ -1,7 +1,7 @@
 """B1 (+ the B4 segmentation timings): MetaKD, its KD ablations, the other segmentation methods and dedicated
 models on BraTS phantoms.
 
-Measures, in one run, on a generated cohort (``--contrast default|unequal``: the phantom's contrast profile,
+Measures, in one run, on a generated cohort (``--contrast default|unequal|exclusive``: the phantom's contrast profile,
 docs/synthetic_brats.md):
   * Dice TC/WT/ET per combination and over the 15, per arm (``--arms``, by name: ``no_kd`` (= the bundle's
     ``mean``), ``uniform_kd``, ``oracle_kd``, ``metakd``, ``hemis``, ``late``, ``qmf``, ``omnifuse``; more can be
@@ -626,16 +626,17 @@ def main(argv=None):
     p.add_argument("--dropout", default="uniform")
     p.add_argument(
         "--contrast",
-        choices=("default", "unequal"),
+        choices=("default", "unequal", "exclusive"),
         default="default",
-        help="phantom contrast profile (docs/synthetic_brats.md); unequal: one modality carries each region",
+        help="phantom contrast profile (docs/synthetic_brats.md); unequal: one modality carries each region; "
+        "exclusive: the other modalities carry no contrast there",
     )
     p.add_argument(
         "--data",
         type=Path,
         default=None,
-        help="cohort folder (default /tmp/medfusion_bench_brats, /tmp/medfusion_bench_brats_unequal for --contrast "
-        "unequal); generated once, refused if its contrast table is not the requested profile's",
+        help="cohort folder (default /tmp/medfusion_bench_brats, /tmp/medfusion_bench_brats_<profile> for --contrast "
+        "unequal/exclusive); generated once, refused if its contrast table is not the requested profile's",
     )
     p.add_argument("--name", default="brats_metakd", help="results file stem: <out>/<name>.{md,json}, figures")
     p.add_argument(

@@ -268,9 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sb.add_argument(
         "--contrast",
-        choices=("default", "unequal"),
+        choices=("default", "unequal", "exclusive"),
         default="default",
-        help="contrast table (docs/synthetic_brats.md): default, or unequal (one modality carries each region)",
+        help="contrast table (docs/synthetic_brats.md): default, unequal (one modality carries each region) or "
+        "exclusive (the other modalities carry no contrast there)",
     )
     sb.set_defaults(func=_cmd_synth_brats)
     sc = synth_sub.add_parser("clinical", help="MIMIC-style EHR + CXR + report cohort")

@@ -49,6 +49,7 @@ from medfusion.modality import BRATS_MODALITIES
 __all__ = [
     "CONTRAST",
     "CONTRAST_UNEQUAL",
+    "CONTRAST_EXCLUSIVE",
     "CONTRAST_PROFILES",
     "contrast_profile",
     "CLASSES",
@@ -108,7 +109,22 @@ bright (TC/ET 9.8, WT 0.2); t1 and t2: 0.2 everywhere. The weak edges are 40-49 
 (:func:`region_contrast`), so the modality importance a method should learn is unambiguous (flair for WT, t1ce
 for TC/ET, t1 and t2 for nothing)."""
 
-CONTRAST_PROFILES: dict[str, dict[str, dict[str, float]]] = {"default": CONTRAST, "unequal": CONTRAST_UNEQUAL}
+CONTRAST_EXCLUSIVE: dict[str, dict[str, float]] = {
+    "flair": {"brain": 1.0, "NCR": 1.80, "ED": 1.80, "ET": 1.80, "noise_sd": 0.1},
+    "t1": {"brain": 1.0, "NCR": 1.00, "ED": 1.00, "ET": 1.00, "noise_sd": 0.1},
+    "t1ce": {"brain": 1.0, "NCR": 1.00, "ED": 1.00, "ET": 2.00, "noise_sd": 0.1},
+    "t2": {"brain": 1.0, "NCR": 1.00, "ED": 1.00, "ET": 1.00, "noise_sd": 0.1},
+}
+"""The ``"exclusive"`` profile: each region is visible in ONE modality and the others carry NO contrast there.
+flair: the whole tumour uniformly bright (WT contrast 8.0, TC/ET 0); t1ce: only the ET ring bright (TC/ET 10.0,
+WT 0: NCR and ED equal normal brain); t1 and t2: every class equals normal brain (0 everywhere), so their tumour
+and brain intensities have the same distribution and they hold no information about any region."""
+
+CONTRAST_PROFILES: dict[str, dict[str, dict[str, float]]] = {
+    "default": CONTRAST,
+    "unequal": CONTRAST_UNEQUAL,
+    "exclusive": CONTRAST_EXCLUSIVE,
+}
 """Named contrast tables for :func:`write_brats_cohort` (``contrast=``) and ``medfusion synth brats --contrast``."""
 
 TEXTURE_SD: float = 0.05
@@ -200,7 +216,8 @@ def contrast_profile(contrast: str | Mapping[str, Mapping[str, float]] = "defaul
     """The contrast table of a named profile (:data:`CONTRAST_PROFILES`) or a validated copy of a given table.
 
     Args:
-        contrast: ``"default"`` (:data:`CONTRAST`), ``"unequal"`` (:data:`CONTRAST_UNEQUAL`) or a table mapping.
+        contrast: ``"default"`` (:data:`CONTRAST`), ``"unequal"`` (:data:`CONTRAST_UNEQUAL`), ``"exclusive"``
+            (:data:`CONTRAST_EXCLUSIVE`) or a table mapping.
 
     Returns:
         A validated deep copy ``{modality: {"brain", "NCR", "ED", "ET", "noise_sd": float}}``.
@@ -618,7 +635,8 @@ def write_brats_cohort(
         seed: non-negative generator seed.
         overwrite: replace an existing non-empty ``out`` (only once the new cohort is complete).
         style: ``"brats2021"`` or ``"brats2015"`` (:data:`STYLES`).
-        contrast: contrast profile name (``"default"``, ``"unequal"``; :data:`CONTRAST_PROFILES`) or a table;
+        contrast: contrast profile name (``"default"``, ``"unequal"``, ``"exclusive"``; :data:`CONTRAST_PROFILES`)
+            or a table;
             written to ``brats_contrast.json`` (``profile`` holds the name, ``"custom"`` for a table).
 
     Returns:

@@ -424,3 +424,94 @@ def test_cohort_writes_the_requested_profile(tmp_path: Path) -> None:
 
     assert main(["synth", "brats", str(tmp_path / "cli"), "--cases", "1", "--size", "16", "--contrast", "unequal"]) == 0
     assert load_contrast_table(tmp_path / "cli") == sb.CONTRAST_UNEQUAL
+
+
+# ------------------------------------------------------------------------------------------------ exclusive profile
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic (largest gap between the empirical CDFs)."""
+    both = np.concatenate([a, b])
+    cdf_a = np.searchsorted(np.sort(a), both, side="right") / a.size
+    cdf_b = np.searchsorted(np.sort(b), both, side="right") / b.size
+    return float(np.abs(cdf_a - cdf_b).max())
+
+
+def test_exclusive_profile_table_zero_contrast_outside_the_dominant_modality() -> None:
+    table = sb.contrast_profile("exclusive")
+    assert table == sb.CONTRAST_EXCLUSIVE
+    assert sb.contrast_profile("unequal") == sb.CONTRAST_UNEQUAL and sb.contrast_profile("default") == CONTRAST
+    assert region_contrast("WT", table) == pytest.approx({"flair": 8.0, "t1": 0.0, "t1ce": 0.0, "t2": 0.0})
+    for region in ("TC", "ET"):
+        assert region_contrast(region, table) == pytest.approx({"flair": 0.0, "t1": 0.0, "t1ce": 10.0, "t2": 0.0})
+    assert expected_region_ranking("WT", table)[0] == "flair"
+    assert expected_region_ranking("TC", table)[0] == expected_region_ranking("ET", table)[0] == "t1ce"
+    for cls in ("NCR", "ED", "ET"):  # t1 and t2: every class equals normal brain
+        assert table["t1"][cls] == table["t2"][cls] == table["t1"]["brain"]
+
+
+def test_exclusive_zero_contrast_modalities_are_the_tumour_free_images() -> None:
+    """With the same generator state, a zero-contrast modality is bit-identical to a phantom without any tumour."""
+    exclusive = sb.contrast_profile("exclusive")
+    flat = {m: {**row, "NCR": 1.0, "ED": 1.0, "ET": 1.0} for m, row in exclusive.items()}
+    for i in range(2):
+        img, seg = make_phantom(SIZE, np.random.default_rng([4, i]), exclusive)
+        ref, seg_ref = make_phantom(SIZE, np.random.default_rng([4, i]), flat)
+        np.testing.assert_array_equal(seg, seg_ref)
+        for mod in ("t1", "t2"):
+            np.testing.assert_array_equal(img[mod], ref[mod])
+        # t1ce differs from the tumour-free image only on the ET ring, flair only inside the whole tumour
+        np.testing.assert_array_equal(img["t1ce"][seg != 4], ref["t1ce"][seg != 4])
+        np.testing.assert_array_equal(img["flair"][seg == 0], ref["flair"][seg == 0])
+        assert (img["t1ce"][seg == 4] > ref["t1ce"][seg == 4]).mean() > 0.9
+        assert (img["flair"][seg > 0] > ref["flair"][seg > 0]).mean() > 0.9
+
+
+def test_exclusive_realised_contrast_follows_its_table() -> None:
+    """Zero-contrast pairs: tumour and background intensities have the same distribution; dominant pairs: disjoint.
+
+    Pooled over 6 cases, each case divided by its near-brain median (removes the per-case scale). Measured KS:
+    zero-contrast pairs 0.01-0.10 (the smooth bias field differs between a tumour and its surroundings), the
+    dominant ones 0.996 (flair WT) and 1.0 (t1ce ET vs ED); the default table gives 0.18 (t1 WT), 0.90 (t2 WT),
+    0.38 (t1ce NCR+ED) and 0.33 (flair ET vs ED), the unequal one 0.15 (t2 WT).
+    """
+    phantoms = [make_phantom(SIZE, np.random.default_rng([4, i]), sb.CONTRAST_EXCLUSIVE) for i in range(6)]
+
+    def ks(mod: str, inside, outside) -> float:
+        a, b = [], []
+        for img, seg in phantoms:
+            near = _near_brain(seg, img[mod])
+            ref = np.median(img[mod][near])
+            a.append(img[mod][inside(seg)] / ref)
+            b.append(img[mod][outside(seg, near)] / ref)
+        return _ks(np.concatenate(a), np.concatenate(b))
+
+    def wt(seg):
+        return seg > 0
+
+    def brain(seg, near):
+        return near
+
+    def ed(seg, near):
+        return seg == 2
+
+    same = {
+        "t1 WT vs brain": ks("t1", wt, brain),
+        "t2 WT vs brain": ks("t2", wt, brain),
+        "t1ce NCR+ED vs brain": ks("t1ce", lambda s: np.isin(s, [1, 2]), brain),
+        "flair ET vs ED": ks("flair", lambda s: s == 4, ed),
+        "flair NCR vs ED": ks("flair", lambda s: s == 1, ed),
+    }
+    assert all(v < 0.12 for v in same.values()), same
+    assert ks("flair", wt, brain) > 0.95 and ks("t1ce", lambda s: s == 4, ed) > 0.95
+
+
+def test_cohort_and_cli_write_the_exclusive_profile(tmp_path: Path) -> None:
+    from medfusion.cli import main
+
+    argv = ["synth", "brats", str(tmp_path / "ex"), "--cases", "1", "--size", "16", "--contrast", "exclusive"]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "ex" / "brats_contrast.json").read_text())
+    assert doc["profile"] == "exclusive" and load_contrast_table(tmp_path / "ex") == sb.CONTRAST_EXCLUSIVE
+    assert doc["region_contrast"]["WT"]["t1"] == 0.0 and doc["expected_ranking"]["TC"][0] == "t1ce"
+    assert "--contrast exclusive" in (tmp_path / "ex" / "README.txt").read_text()

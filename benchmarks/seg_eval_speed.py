@@ -377,7 +377,8 @@ def write_md(res: dict[str, Any], path: Path) -> None:
             "## Full-size real case (240x240x155, 4 modalities), fresh process per row",
             "",
             "all 15 = `evaluate_segmentation` over every combination (Dice, no HD95); single = one sliding-window "
-            "inference with all four modalities. Untrained network (timing and memory only). Seconds: load + "
+            "inference with all four modalities. The phantom-trained network (out of its domain on the real case: "
+            "its Dice says nothing about the method, it is there to compare crop on/off). Seconds: load + "
             "preprocess, then inference (+ Dice), total. Peak RSS of the process (includes `import monai`).",
             "",
             "| what | roi | foreground crop (box) | load+preprocess s | inference s | total s | peak RSS GB | "

@@ -1,6 +1,6 @@
 """B3: Meta Fusion simulation (paper Tables 1, 2, A5, A6) with ``medfusion.fusion.meta_fusion``.
 
-Two-modality regression from a latent factor model (../shared/BENCHMARKS.md, sections "B3" and "B3 settings").
+Two-modality regression from a latent factor model (docs/benchmark_spec.md, sections "B3" and "B3 settings").
 Per repetition with seed ``s`` (repetition r uses s = r + 1, as the paper's s = 1..100):
 
 1. coefficients from ``np.random.RandomState(s)`` in the order beta1, beta2, betaS ~ U(-3, 3), interaction
@@ -165,7 +165,7 @@ SETTINGS: dict[str, Setting] = {
     ),
 }
 
-# Paper values (test MSE, 100 repetitions), copied from ../shared/BENCHMARKS.md section B3.
+# Paper values (test MSE, 100 repetitions), copied from docs/benchmark_spec.md section B3.
 PAPER: dict[str, dict[str, float]] = {
     "modality_1": {"1.1": 94.18, "1.2": 180.71, "1.3": 206.44, "2.1": 5.30, "2.2": 75.23, "2.3": 113.93},
     "modality_2": {"1.1": 64.56, "1.2": 256.50, "1.3": 256.50, "2.1": 4.33, "2.2": 64.68, "2.3": 64.69},
@@ -421,7 +421,7 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict, records: lis
             + " | ".join(fmt(summary[arm][s]["mean"], summary[arm][s]["se"]) for s in settings)
             + " |"
         )
-    lines += ["", "## The paper's values (100 repetitions, copied from ../shared/BENCHMARKS.md)", ""]
+    lines += ["", "## The paper's values (100 repetitions, copied from docs/benchmark_spec.md)", ""]
     lines += ["| arm | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     for arm, vals in PAPER.items():
         lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(f"{vals[s]:.2f}" for s in settings) + " |")

@@ -204,7 +204,10 @@ def default_task_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch
     predicts, so its false positives get no Dice gradient and only the voxel-mean BCE pushes them
     down. On the real BraTS case, 150 iterations of 2 crops of 64^3 reached WT Dice 0.785 with per-crop Dice
     and 0.936 with batch Dice (same crops and seed; ``benchmarks/results/real_case_overfit_diagnosis.md``).
-    With one crop per batch both are the same.
+    With one crop per batch both are the same. Under torchrun the batch is each rank's local batch (the
+    Dice statistics are not gathered across ranks, unlike nnU-Net), so N processes with b crops each do
+    not optimise exactly the loss of one process with N*b crops; pass a per-crop ``DiceCELoss`` as
+    ``task_loss`` where that equivalence matters (tests/bundles/test_brats_multi_gpu.py does).
     """
     if task == "segmentation":
         from monai.losses import DiceCELoss

@@ -29,6 +29,9 @@ COMMON = {
     "method#meta_interval": 1,
     "method#meta_steps": 2,
     "method#dropout_mode": "none",
+    # batch Dice (the default task loss) is taken over each rank's local batch, so 2 processes x 1 crop and
+    # 1 process x 2 crops optimise different losses; per-crop Dice is the same under both (default_task_loss)
+    "method#task_loss": "$monai.losses.DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=False)",
     "network_def#channels": [8, 16, 32, 64],
     "train#preprocessing": "$medfusion.data.volume.brats_transforms(@modalities, 'train', roi_size=@roi_size, "
     "flip_prob=0.0, intensity_aug=False)",

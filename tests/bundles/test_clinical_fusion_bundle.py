@@ -102,7 +102,7 @@ def test_recipe_context_routing():
     assert qmf.dropout is not None and qmf.dropout.mode == "uniform"
     assert build_method("concat", mods, None, {**ctx, "modality_dropout": "none"}).dropout is None
     omni = build_method("omnifuse", mods, None, ctx)
-    assert omni.tla_loader is None and set(omni.state_dict()) == {"generator"}
+    assert omni.tla_loader is None and set(omni.state_dict()) == {"generator", "online_sums", "online_counts"}
     with pytest.raises(KeyError, match="known methods"):
         build_method("nope", mods)
 

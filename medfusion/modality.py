@@ -17,10 +17,25 @@ joining the member names with ``+``.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterable, Sequence
-from enum import StrEnum
+from enum import Enum
 
 import torch
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:
+
+    class StrEnum(str, Enum):
+        """Python 3.10 stand-in for ``enum.StrEnum`` (3.11+): ``str()`` and ``format()`` give the value."""
+
+        def __str__(self) -> str:
+            return str.__str__(self)
+
+        def __format__(self, format_spec: str) -> str:
+            return str.__format__(self, format_spec)
+
 
 __all__ = [
     "Keys",

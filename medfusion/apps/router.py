@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import torch
@@ -153,7 +153,7 @@ class RoutedModel(nn.Module):
         pieces: dict[int, torch.Tensor] = {}
         for run in dict.fromkeys(names):
             sel = [c for c, n in enumerate(names) if n == run]
-            out = self.models[run].predict_combinations(image, combos[sel], modality_mask, **kwargs)
+            out = cast(Any, self.models[run]).predict_combinations(image, combos[sel], modality_mask, **kwargs)
             per = out.shape[1] // len(sel)
             for k, c in enumerate(sel):
                 pieces[c] = out[:, k * per : (k + 1) * per]

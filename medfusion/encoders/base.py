@@ -8,7 +8,7 @@ Constructor kwargs are plain JSON types so a bundle can ``_target_`` them.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -73,7 +73,10 @@ class Encoder(nn.Module):
         raise NotImplementedError  # abstract: every registered encoder overrides it
 
 
-def fast_instance_norm(module: nn.Module) -> nn.Module:
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
+
+
+def fast_instance_norm(module: _ModuleT) -> _ModuleT:
     """Replace every non-affine ``InstanceNorm{1,2,3}d`` in ``module`` by the equivalent ``GroupNorm(C, C)``.
 
     Same statistics (per sample and channel), same output up to float rounding, no parameters or buffers

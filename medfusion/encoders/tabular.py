@@ -39,6 +39,11 @@ class TabularPreprocessing(nn.Module):
         indicators: append the missing indicators.
     """
 
+    fill: torch.Tensor
+    center: torch.Tensor
+    scale: torch.Tensor
+    fitted: torch.Tensor
+
     def __init__(self, num_features: int, strategy: str = "median", indicators: bool = True) -> None:
         super().__init__()
         if int(num_features) <= 0:
@@ -282,7 +287,7 @@ class TabularEncoder(Encoder):
         return x
 
 
-def _encoders(model: nn.Module) -> Mapping[str, nn.Module]:
+def _encoders(model: nn.Module) -> Mapping[str, nn.Module] | nn.ModuleDict:
     inner = getattr(model, "module", model)  # DDP / OutputsWrapper
     inner = getattr(inner, "module", inner)
     encoders = getattr(inner, "encoders", None)

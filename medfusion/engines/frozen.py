@@ -145,7 +145,7 @@ class ByReference:
         state = net.state_dict()
         refs = frozen_references(net)
         if not refs:
-            return state  # type: ignore[no-any-return]
+            return state
         out = {k: v for k, v in state.items() if not any(k.startswith(p + ".") for p in refs)}
         out[FROZEN_KEY] = refs
         return out

@@ -99,7 +99,7 @@ class MethodTrainer(SupervisedTrainer):
         super().__init__(
             device=device,
             max_epochs=max_epochs,
-            train_data_loader=train_data_loader,  # type: ignore[arg-type]
+            train_data_loader=train_data_loader,
             network=network,
             optimizer=optimizer,
             loss_function=method.loss_step,

@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -254,6 +254,8 @@ class TemperatureScaledClassifier(nn.Module):
         temperatures: ``{combination name: T}``.
     """
 
+    temperature: torch.Tensor
+
     def __init__(self, model: nn.Module, modalities: Sequence[str], temperatures: Mapping[str, float]) -> None:
         super().__init__()
         self.model = model
@@ -271,7 +273,7 @@ class TemperatureScaledClassifier(nn.Module):
 
     def forward_outputs(self, inputs: Mapping[str, torch.Tensor], mask: torch.Tensor) -> Any:
         """The wrapped model's ``FusionOutput`` with temperature-scaled ``logits`` ``[B, K]``."""
-        out = self.model.forward_outputs(inputs, mask)
+        out = cast(Any, self.model).forward_outputs(inputs, mask)  # a FusionModel (class doc)
         return out._replace(logits=out.logits / self._temps(mask).to(out.logits))
 
     def forward(self, inputs: Mapping[str, torch.Tensor], modality_mask: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -87,11 +87,13 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
         return out
     if n_classes == 2:
         score = torch.tensor(np.array(probs[:, 1]))
-        out["auroc"] = float(compute_roc_auc(score, torch.as_tensor(labels)))
+        # a scalar for 1-D scores and for average="macro" (MONAI's return type also covers average="none")
+        out["auroc"] = float(cast(float, compute_roc_auc(score, torch.as_tensor(labels))))
         out["auprc"] = float(average_precision_score(labels, probs[:, 1]))
     else:
         onehot = np.eye(n_classes)[labels]
-        out["auroc"] = float(compute_roc_auc(torch.as_tensor(probs), torch.as_tensor(onehot), average="macro"))
+        auroc = compute_roc_auc(torch.as_tensor(probs), torch.as_tensor(onehot), average="macro")
+        out["auroc"] = float(cast(float, auroc))
         out["auprc"] = float(average_precision_score(onehot, probs, average="macro"))
     return out
 
@@ -198,7 +200,7 @@ def predict_combinations(
         Tidy table with ``sample_index``, ``case_id``, ``combination``, ``label``, ``prob_<k>`` and
         aux columns. Combinations a sample cannot form (a needed modality absent) are skipped.
     """
-    net = unwrap(model).to(device).eval()
+    net = cast(Any, unwrap(model)).to(device).eval()  # duck-typed: encode/head (cached) or forward_outputs
     frames = []
     for batch in tqdm(loader, desc="evaluate", disable=not progress):
         batch = to_device(batch, device)

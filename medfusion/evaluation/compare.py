@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,7 @@ def _default_names(paths: Sequence[str | Path]) -> list[str]:
     return [str(p) for p in paths]
 
 
-def _first(items: Sequence[Any], k: int = 5) -> str:
+def _first(items: Iterable[Any], k: int = 5) -> str:
     items = sorted(items, key=str)
     return ", ".join(map(str, items[:k])) + (f" ... ({len(items)} in all)" if len(items) > k else "")
 
@@ -270,6 +270,11 @@ class _Combo:
         self.labels = self.parts[runs[0].name]["label"].to_numpy() if self.task == "classification" else None
         self.prob_cols = runs[0].prob_cols
 
+    def _labels(self) -> np.ndarray:
+        if self.labels is None:
+            raise ValueError("compare: labels exist for classification runs only.")
+        return self.labels
+
     def values(self, run: str, metric: str) -> np.ndarray:
         return self.parts[run][metric].to_numpy(dtype=float)
 
@@ -280,7 +285,7 @@ class _Combo:
         if self.task == "segmentation":
             v = self.values(run, metric)
             return float(np.nanmean(v)) if np.isfinite(v).any() else np.nan
-        return _cls_metric(metric, self.probs(run), self.labels)
+        return _cls_metric(metric, self.probs(run), self._labels())
 
     def paired(self, a: str, b: str, metric: str, n_boot: int, seed: int, alpha: float) -> PairedResult:
         """Paired test of run ``a`` against run ``b`` (difference ``a - b``)."""
@@ -291,7 +296,7 @@ class _Combo:
             if len(va) == 0:
                 return PairedResult(np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, "bootstrap")
             return paired_bootstrap(lambda i: (va[i].mean(), vb[i].mean()), len(va), n_boot, seed, alpha)
-        pa, pb, y = self.probs(a), self.probs(b), self.labels.astype(int)
+        pa, pb, y = self.probs(a), self.probs(b), self._labels().astype(int)
         if metric == "auroc" and pa.shape[1] == 2 and len(np.unique(y)) == 2:
             return delong_test(pa[:, 1], pb[:, 1], y, alpha)
 

@@ -34,7 +34,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import torch
@@ -91,10 +91,15 @@ def foreground_box(image: torch.Tensor, margin: int = 0) -> tuple[slice, ...] | 
     return tuple(slice(int(s), int(e)) for s, e in zip(start, end))
 
 
+def _box_index(box: tuple[slice, ...]) -> tuple[slice, ...]:
+    """Index of ``box`` in a ``[N, K, *spatial]`` tensor (all of the two leading dimensions)."""
+    return (slice(None), slice(None), *box)
+
+
 def _paste(inner: torch.Tensor, box: tuple[slice, ...], spatial: Sequence[int], fill: float | bool) -> torch.Tensor:
     """``[N, K, *spatial]`` filled with ``fill`` and ``inner`` ``[N, K, *box]`` written into ``box``."""
     out = torch.full((*inner.shape[:2], *spatial), fill, dtype=inner.dtype, device=inner.device)
-    out[(slice(None), slice(None), *box)] = inner
+    out[_box_index(box)] = inner
     return out
 
 
@@ -134,7 +139,7 @@ class ForegroundCropInferer(Inferer):
         if box is None:
             return self.inferer(inputs, network, *args, **kwargs)
         plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        inner = self.inferer(plain[(slice(None), slice(None), *box)], network, *args, **kwargs)
+        inner = self.inferer(plain[_box_index(box)], network, *args, **kwargs)
         inner = inner.as_tensor() if isinstance(inner, MetaTensor) else inner
         out = _paste(inner, box, inputs.shape[2:], self.fill_value)
         if isinstance(inputs, MetaTensor):
@@ -186,19 +191,29 @@ def predict_all_combinations(
     Returns:
         logits ``[C, out_channels, D, H, W]`` (the input's full size also when cropped).
     """
-    args = (model, image, combination_masks, modality_mask, roi_size, sw_batch_size, overlap, cached, amp)
-    kw = {
-        "sw_device": sw_device,
-        "device": device,
-        "batch_combinations": batch_combinations,
-        "memory_budget_gb": memory_budget_gb,
-        "progress": progress,
-    }
+
+    def windows(x: torch.Tensor) -> torch.Tensor:
+        return _predict_windows(
+            model,
+            x,
+            combination_masks,
+            modality_mask,
+            roi_size,
+            sw_batch_size,
+            overlap,
+            cached,
+            amp,
+            sw_device=sw_device,
+            device=device,
+            batch_combinations=batch_combinations,
+            memory_budget_gb=memory_budget_gb,
+            progress=progress,
+        )
+
     box = foreground_box(image[0]) if crop_foreground else None
     if box is None:
-        return _predict_windows(*args, **kw)
-    inner = _predict_windows(model, image[(slice(None), slice(None), *box)], *args[2:], **kw)
-    return _paste(inner, box, image.shape[2:], BACKGROUND_LOGIT)
+        return windows(image)
+    return _paste(windows(image[_box_index(box)]), box, image.shape[2:], BACKGROUND_LOGIT)
 
 
 def _predict_windows(
@@ -228,7 +243,8 @@ def _predict_windows(
         if cached:
 
             def predictor(x: torch.Tensor) -> torch.Tensor:
-                return model.predict_combinations(
+                # ``model`` is duck-typed here: any module with a ``predict_combinations`` (docstring)
+                return cast(Any, model).predict_combinations(
                     x,
                     combination_masks,
                     modality_mask,
@@ -236,34 +252,36 @@ def _predict_windows(
                     memory_budget_gb=memory_budget_gb,
                 )
 
-            out = sliding_window_inference(
-                image,
-                roi,
-                sw_batch_size,
-                predictor,
-                overlap=overlap,
-                mode="gaussian",
-                sw_device=sw_device,
-                device=device,
-                progress=progress,
+            out = cast(  # a tensor, as ``predictor`` returns one
+                torch.Tensor,
+                sliding_window_inference(
+                    image,
+                    roi,
+                    sw_batch_size,
+                    predictor,
+                    overlap=overlap,
+                    mode="gaussian",
+                    sw_device=sw_device,
+                    device=device,
+                    progress=progress,
+                ),
             )
             return out.reshape(n_comb, -1, *out.shape[2:]).float()
         outs = []
         for c in tqdm(range(n_comb), desc="combinations", unit="combination", leave=False, disable=not progress):
             mask = modality_mask & combination_masks[c : c + 1].to(modality_mask.device)
-            outs.append(
-                sliding_window_inference(
-                    image,
-                    roi,
-                    sw_batch_size,
-                    model,
-                    overlap=overlap,
-                    mode="gaussian",
-                    sw_device=sw_device,
-                    device=device,
-                    modality_mask=mask,
-                ).float()
+            logits = sliding_window_inference(
+                image,
+                roi,
+                sw_batch_size,
+                model,
+                overlap=overlap,
+                mode="gaussian",
+                sw_device=sw_device,
+                device=device,
+                modality_mask=mask,
             )
+            outs.append(cast(torch.Tensor, logits).float())  # the segmenter returns a tensor
         return torch.cat(outs, dim=0)
 
 
@@ -278,7 +296,7 @@ def _hd95(pred: torch.Tensor, gt: torch.Tensor, metric: HausdorffDistanceMetric)
         elif p_empty or g_empty:
             vals.append(HD95_EMPTY)
         else:
-            vals.append(float(metric(p.float(), g.float()).reshape(-1)[0]))
+            vals.append(float(cast(torch.Tensor, metric(p.float(), g.float())).reshape(-1)[0]))
     return vals
 
 
@@ -300,10 +318,10 @@ def segmentation_metrics(
     dice_metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     pred = pred.float()
     label = label.float()
-    dice = dice_metric(pred, label).reshape(-1).tolist()
+    dice = cast(torch.Tensor, dice_metric(pred, label)).reshape(-1).tolist()
     et = pred[:, 2:3]
     et_pp = et if float(et.sum()) >= et_min_voxels else torch.zeros_like(et)
-    dice_et_pp = float(dice_metric(et_pp, label[:, 2:3]).reshape(-1)[0])
+    dice_et_pp = float(cast(torch.Tensor, dice_metric(et_pp, label[:, 2:3])).reshape(-1)[0])
     out = {"dice_tc": dice[0], "dice_wt": dice[1], "dice_et": dice[2], "dice_et_pp": dice_et_pp}
     if hd95:
         hd = _hd95(pred.bool(), label.bool(), HausdorffDistanceMetric(include_background=True, percentile=95))
@@ -408,7 +426,7 @@ def evaluate_segmentation(
         box = foreground_box(image[0]) if crop_foreground else None
         logits = _predict_windows(
             model,
-            image if box is None else image[(slice(None), slice(None), *box)],
+            image if box is None else image[_box_index(box)],
             masks[keep],
             avail,
             roi_size,
@@ -422,12 +440,10 @@ def evaluate_segmentation(
             memory_budget_gb=memory_budget_gb,
             progress=progress,
         ).cpu()
-        if box is not None and int(label[(slice(None), slice(None), *box)].count_nonzero()) == int(
-            label.count_nonzero()
-        ):
+        if box is not None and int(label[_box_index(box)].count_nonzero()) == int(label.count_nonzero()):
             # prediction and ground truth both empty outside the box: metrics of the box = of the volume
             # (MONAI's HD95 crops to the union of both itself)
-            label, box = label[(slice(None), slice(None), *box)], None
+            label, box = label[_box_index(box)], None
         for k, j in enumerate(keep):
             pred = logits[k : k + 1].sigmoid() > 0.5
             if box is not None:  # ground truth outside the box: score the full volume

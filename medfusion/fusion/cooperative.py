@@ -75,6 +75,8 @@ class CooperativeRegressor(nn.Module):
         rho: the agreement weight the model was (or will be) trained with (stored for reference).
     """
 
+    rho: torch.Tensor
+
     def __init__(
         self, modalities: Sequence[str], in_dims: Mapping[str, int], hidden: Sequence[int] = (128, 64), rho: float = 0.0
     ) -> None:

@@ -65,6 +65,8 @@ class ImportanceWeights(nn.Module):
         modalities: ordered modality names.
     """
 
+    meta_steps: torch.Tensor
+
     def __init__(self, modalities: Sequence[str]) -> None:
         super().__init__()
         self.modalities = validate_modalities(modalities)
@@ -429,8 +431,8 @@ class MetaKDMethod(Method):
         """
         w = self.state.w
         mask = batch[Keys.MASK].bool()
-        out = unwrap(model).forward_outputs(
-            model_inputs(batch, self.modalities), mask, modality_weights=self.meta_scale()
+        out = forward_outputs(
+            unwrap(model), model_inputs(batch, self.modalities), mask, modality_weights=self.meta_scale()
         )
         loss = self.task_loss(out.logits, batch[Keys.LABEL])
         (grad,) = torch.autograd.grad(loss, [w])

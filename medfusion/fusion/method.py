@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,6 +30,11 @@ class Method:
     """
 
     name: str = "method"
+
+    if TYPE_CHECKING:
+        # the registries build every recipe as ``method_class(modalities, **method_kwargs)``
+        # (:func:`medfusion.fusion.recipes.create_method`); each subclass defines that constructor
+        def __init__(self, modalities: Sequence[str], **kwargs: Any) -> None: ...
 
     @classmethod
     def data_head_kwargs(cls, num_train_samples: int) -> dict[str, Any]:

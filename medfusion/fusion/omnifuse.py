@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ from torch import nn
 
 from medfusion.batch import forward_outputs, model_inputs, to_device, unwrap
 from medfusion.encoders.base import EncoderOutput
-from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
+from medfusion.fusion.base import FusionHead, FusionModel, FusionOutput, register_fusion
 from medfusion.fusion.baselines import check_in_dims, mlp, per_modality_ce, safe_log, stack_modality_logits
 from medfusion.fusion.method import Method
 from medfusion.fusion.recipes import register_method
@@ -74,6 +74,7 @@ __all__ = [
     "refresh_zero_pooled",
     "combination_losses",
     "lazy_from_losses",
+    "LazyCombinationMixin",
     "OmniFuseHead",
     "OmniFuseMethod",
     "OmniFuseEpochHandler",
@@ -266,7 +267,7 @@ def refresh_zero_pooled(model: nn.Module, inputs: Mapping[str, torch.Tensor]) ->
         model: a ``FusionModel`` (possibly wrapped) whose head is an :class:`OmniFuseHead`.
         inputs: ``{name: [B, ...]}`` example tensors (only their shape/dtype/device are used).
     """
-    net = unwrap(model)
+    net = cast(FusionModel, unwrap(model))  # the docstring's contract
     head = _omnifuse_head(net)
     pooled = {}
     for m in head.modalities:
@@ -287,8 +288,27 @@ def refresh_zero_pooled(model: nn.Module, inputs: Mapping[str, torch.Tensor]) ->
     head.set_zero_pooled(pooled)
 
 
+class LazyCombinationMixin:
+    """TLA state shared by :class:`OmniFuseHead` and the segmentation network (both register the buffers).
+
+    Buffers: ``lazy_combination`` (long, index into ``combinations(modalities)``, -1 = none) and
+    ``combination_distance`` ``[2^M - 1]`` (last TLA mining), written by :func:`store_lazy`.
+    """
+
+    modalities: tuple[str, ...]
+    lazy_combination: torch.Tensor
+    combination_distance: torch.Tensor
+
+    def lazy_mask(self) -> torch.Tensor | None:
+        """Mask ``[M]`` (bool) of the current lazy combination, or ``None``."""
+        idx = int(self.lazy_combination)
+        if idx < 0:
+            return None
+        return all_combination_masks(self.modalities, self.lazy_combination.device)[idx]
+
+
 @register_fusion("omnifuse")
-class OmniFuseHead(FusionHead):
+class OmniFuseHead(FusionHead, LazyCombinationMixin):
     """OmniFuse classification head: zero-input imputation path, CRA imputation, DWFuse.
 
     Args:
@@ -330,6 +350,9 @@ class OmniFuseHead(FusionHead):
         code_dim], ``"pooled"`` {name: the encoders' pooled outputs [B, D_m] as given}; plus ``"target"`` (``v``
         under ``target_mask``, detached) when ``target_mask`` is given.
     """
+
+    zero_pooled: torch.Tensor
+    zero_pooled_ready: torch.Tensor
 
     def __init__(
         self,
@@ -404,13 +427,6 @@ class OmniFuseHead(FusionHead):
             parts.append(p.to(self.zero_pooled))
         self.zero_pooled.copy_(torch.cat(parts))
         self.zero_pooled_ready.fill_(True)
-
-    def lazy_mask(self) -> torch.Tensor | None:
-        """Mask ``[M]`` (bool) of the current lazy combination, or ``None``."""
-        idx = int(self.lazy_combination)
-        if idx < 0:
-            return None
-        return all_combination_masks(self.modalities, self.lazy_combination.device)[idx]
 
     # ------------------------------------------------------------ forward
     def embed(self, features: Mapping[str, EncoderOutput], modality_mask: torch.Tensor) -> torch.Tensor:
@@ -488,7 +504,7 @@ def _omnifuse_head(model: nn.Module) -> OmniFuseHead:
 
 
 def _combination_ce(
-    head: nn.Module, pooled: Mapping[str, torch.Tensor], observed: torch.Tensor, labels: torch.Tensor
+    head: FusionHead, pooled: Mapping[str, torch.Tensor], observed: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample CE of the deployable prediction for every (combination, sample) pair, in ONE head call.
 
@@ -540,7 +556,7 @@ def combination_losses(
     Returns:
         ``(sum of CE [C], number of samples [C])`` in ``combinations(modalities)`` order.
     """
-    net = unwrap(model)
+    net = cast(FusionModel, unwrap(model))  # the docstring's contract
     combos = all_combination_masks(modalities)
     sums = torch.zeros(len(combos), dtype=torch.float64)
     counts = torch.zeros(len(combos), dtype=torch.long)
@@ -764,7 +780,7 @@ class OmniFuseMethod(Method):
 
 
 def store_lazy(
-    owner: nn.Module, sums: torch.Tensor, counts: torch.Tensor, modalities: Sequence[str]
+    owner: LazyCombinationMixin, sums: torch.Tensor, counts: torch.Tensor, modalities: Sequence[str]
 ) -> tuple[torch.Tensor, int]:
     """Pick the lazy combination from mined losses (:func:`lazy_from_losses`) and store it in ``owner``'s buffers.
 

@@ -56,6 +56,7 @@ __all__ = [
     "minmax_normalise",
     "eq16_pair_loss",
     "qmf_rank_regulariser",
+    "LossHistoryMixin",
     "QMFHead",
     "QMFMethod",
     "qmf_weight_loss",
@@ -184,8 +185,78 @@ def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class LossHistoryMixin:
+    """Per-sample, per-modality loss history of QMF: :meth:`update_history`, :meth:`kappa` and the buffers they use.
+
+    Shared by :class:`QMFHead` and the segmentation head's ``CaseLossHistory`` (both ``nn.Module``s that register
+    the buffers ``history`` and ``history_count`` ``[num_samples, M]`` and set ``history_reduction``).
+    """
+
+    history: torch.Tensor
+    history_count: torch.Tensor
+    history_reduction: str
+
+    @property
+    def num_samples(self) -> int:
+        """Size of the history (training-set size)."""
+        return int(self.history.shape[0])
+
+    def _check_index(self, sample_index: torch.Tensor) -> torch.Tensor:
+        idx = sample_index.long().to(self.history.device)
+        if self.num_samples == 0:
+            raise ValueError("qmf: the head was built with num_samples=0; set num_samples to the training-set size.")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
+            raise ValueError(
+                f"qmf: sample_index must lie in [0, {self.num_samples}) (num_samples of the head), got values in "
+                f"[{int(idx.min())}, {int(idx.max())}]."
+            )
+        return idx
+
+    @torch.no_grad()
+    def update_history(self, sample_index: torch.Tensor, losses: torch.Tensor, modality_mask: torch.Tensor) -> None:
+        """Add the batch's detached per-modality losses to the history of its samples (present modalities only).
+
+        Args:
+            sample_index: long ``[B]``.
+            losses: ``[B, M]`` per-sample per-modality cross-entropy.
+            modality_mask: bool ``[B, M]``.
+        """
+        idx = self._check_index(sample_index)
+        m = modality_mask.to(self.history.device)
+        add = torch.where(
+            m, losses.detach().to(self.history), torch.zeros((), dtype=self.history.dtype, device=m.device)
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank applies every rank's updates, so the history is identical everywhere (DDP would
+            # otherwise broadcast rank 0's buffers each forward and drop the other ranks' samples)
+            idx, add, m = (_all_gather_cat(t) for t in (idx, add, m))
+        self.history.index_put_((idx,), add, accumulate=True)
+        self.history_count.index_put_((idx,), m.long(), accumulate=True)
+
+    @torch.no_grad()
+    def kappa(self, sample_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised loss history of the given samples.
+
+        The per-sample value (mean or sum over visits, see ``history_reduction``) is min-max normalised per
+        modality over every training sample that has a history for that modality.
+
+        Args:
+            sample_index: long ``[B]``.
+
+        Returns:
+            ``(kappa [B, M], has_history bool [B, M])``.
+        """
+        idx = self._check_index(sample_index)
+        seen = self.history_count > 0
+        values = self.history
+        if self.history_reduction == "mean":
+            values = values / self.history_count.clamp_min(1).to(values.dtype)
+        norm = minmax_normalise(values, seen)
+        return norm[idx], seen[idx]
+
+
 @register_fusion("qmf")
-class QMFHead(FusionHead):
+class QMFHead(FusionHead, LossHistoryMixin):
     """QMF decision-level fusion head with energy-based, per-sample modality weights.
 
     Each modality has a classifier on its pooled feature giving ``z_m`` ``[B, K]``; ``w_m = -weight_scale *
@@ -278,64 +349,6 @@ class QMFHead(FusionHead):
             ):
                 setattr(self, name, own.new_zeros(saved.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    @property
-    def num_samples(self) -> int:
-        """Size of the history (training-set size)."""
-        return int(self.history.shape[0])
-
-    def _check_index(self, sample_index: torch.Tensor) -> torch.Tensor:
-        idx = sample_index.long().to(self.history.device)
-        if self.num_samples == 0:
-            raise ValueError("qmf: the head was built with num_samples=0; set num_samples to the training-set size.")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
-            raise ValueError(
-                f"qmf: sample_index must lie in [0, {self.num_samples}) (num_samples of the head), got values in "
-                f"[{int(idx.min())}, {int(idx.max())}]."
-            )
-        return idx
-
-    @torch.no_grad()
-    def update_history(self, sample_index: torch.Tensor, losses: torch.Tensor, modality_mask: torch.Tensor) -> None:
-        """Add the batch's detached per-modality losses to the history of its samples (present modalities only).
-
-        Args:
-            sample_index: long ``[B]``.
-            losses: ``[B, M]`` per-sample per-modality cross-entropy.
-            modality_mask: bool ``[B, M]``.
-        """
-        idx = self._check_index(sample_index)
-        m = modality_mask.to(self.history.device)
-        add = torch.where(
-            m, losses.detach().to(self.history), torch.zeros((), dtype=self.history.dtype, device=m.device)
-        )
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every rank applies every rank's updates, so the history is identical everywhere (DDP would
-            # otherwise broadcast rank 0's buffers each forward and drop the other ranks' samples)
-            idx, add, m = (_all_gather_cat(t) for t in (idx, add, m))
-        self.history.index_put_((idx,), add, accumulate=True)
-        self.history_count.index_put_((idx,), m.long(), accumulate=True)
-
-    @torch.no_grad()
-    def kappa(self, sample_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised loss history of the given samples.
-
-        The per-sample value (mean or sum over visits, see ``history_reduction``) is min-max normalised per
-        modality over every training sample that has a history for that modality.
-
-        Args:
-            sample_index: long ``[B]``.
-
-        Returns:
-            ``(kappa [B, M], has_history bool [B, M])``.
-        """
-        idx = self._check_index(sample_index)
-        seen = self.history_count > 0
-        values = self.history
-        if self.history_reduction == "mean":
-            values = values / self.history_count.clamp_min(1).to(values.dtype)
-        norm = minmax_normalise(values, seen)
-        return norm[idx], seen[idx]
 
 
 def _qmf_head(model: nn.Module) -> QMFHead:
@@ -459,7 +472,7 @@ def qmf_weight_loss(
     for batch in loader:
         batch = to_device(batch, dev)
         mask = batch[Keys.MASK].bool()
-        out = net.forward_outputs(model_inputs(batch, mods), mask)
+        out = forward_outputs(net, model_inputs(batch, mods), mask)
         if "weights" not in out.aux or "modality_logits" not in out.aux:
             raise ValueError("qmf_weight_loss: the model's head exposes no QMF 'weights'/'modality_logits' aux.")
         labels = batch[Keys.LABEL].reshape(mask.shape[0], -1)[:, 0].long()

@@ -34,7 +34,7 @@ from medfusion.fusion.base import FusionOutput
 from medfusion.fusion.metakd import MetaKDMethod
 from medfusion.modality import BRATS_MODALITIES
 from medfusion.models.seg_recipes import register_seg_method
-from medfusion.models.segmenter import Segmenter
+from medfusion.models.segmenter import DEFAULT_MEMORY_BUDGET_GB, Segmenter
 
 __all__ = [
     "PROB_EPS",
@@ -129,12 +129,14 @@ class SegmentationHead(Segmenter):
         image: torch.Tensor,
         combination_masks: torch.Tensor,
         modality_mask: torch.Tensor | None = None,
+        batch_combinations: bool = True,
+        memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Logits for several combinations from ONE encoding (same layout as the Segmenter's).
 
-        ``kwargs`` (the Segmenter's decoding options, e.g. batched decoding) are accepted and ignored: the
-        heads decode one combination at a time.
+        ``batch_combinations``, ``memory_budget_gb`` and ``kwargs`` (the Segmenter's decoding options) are
+        accepted and ignored: the heads decode one combination at a time.
 
         Returns:
             ``[B, C * out_channels, D, H, W]``.
@@ -231,18 +233,23 @@ class LateSegmenter(SegmentationHead):
         image: torch.Tensor,
         combination_masks: torch.Tensor,
         modality_mask: torch.Tensor | None = None,
+        batch_combinations: bool = True,
+        memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
         **kwargs: Any,
     ) -> torch.Tensor:
         """All-combination logits: each available modality encoded AND decoded once, fused per combination.
 
         A modality's decoding does not depend on which other modalities are present, so ``M`` decodings serve
-        all combinations (instead of one per present modality and combination). ``kwargs`` are ignored.
+        all combinations (instead of one per present modality and combination). The decoding options
+        (``batch_combinations``, ``memory_budget_gb``, ``kwargs``) are ignored.
 
         Returns:
             ``[B, C * out_channels, D, H, W]``.
         """
         if not self.shared_modality_decodings:
-            return super().predict_combinations(image, combination_masks, modality_mask, **kwargs)
+            return super().predict_combinations(
+                image, combination_masks, modality_mask, batch_combinations, memory_budget_gb, **kwargs
+            )
         x = self.stack_inputs(image)
         avail = self._mask(x, modality_mask)
         z = self.modality_logits(self.encode(x, avail), avail)

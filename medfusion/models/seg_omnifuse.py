@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ from medfusion.fusion.base import FusionOutput, impute_features
 from medfusion.fusion.omnifuse import (
     OBSERVED_MASK_KEY,
     CascadeResidualAutoencoder,
-    OmniFuseHead,
+    LazyCombinationMixin,
     OmniFuseMethod,
     dwfuse_loss,
     dwfuse_omega,
@@ -111,7 +111,7 @@ def voxel_omega(probs: torch.Tensor, use: torch.Tensor, beta: float = 0.5) -> to
     return omega.view(shape).movedim(-1, 1)
 
 
-class OmniFuseSegmenter(LateSegmenter):
+class OmniFuseSegmenter(LateSegmenter, LazyCombinationMixin):
     """OmniFuse segmentation network (see the module docstring).
 
     Args:
@@ -157,7 +157,6 @@ class OmniFuseSegmenter(LateSegmenter):
         self.register_buffer("lazy_combination", torch.full((), -1, dtype=torch.long))
         self.register_buffer("combination_distance", torch.full((2**n_mod - 1,), float("nan")))
 
-    lazy_mask = OmniFuseHead.lazy_mask
     shared_modality_decodings = False  # z_m reads v'_m, which the CRA computes from every modality
 
     def _needs_zero_feats(self) -> bool:
@@ -254,7 +253,7 @@ def seg_combination_losses(
     Returns:
         ``(sum [C], number of cases [C])`` in ``combinations(modalities)`` order.
     """
-    net = unwrap(model)
+    net = cast(Segmenter, unwrap(model))  # a segmentation network (its predict_combinations)
     combos = all_combination_masks(tuple(modalities))
     sums = torch.zeros(len(combos), dtype=torch.float64)
     counts = torch.zeros(len(combos), dtype=torch.long)

@@ -3,8 +3,8 @@
 docs/method_spec.md section 2 (QMF, written for classification); docs/methods.md, "Segmentation heads". The
 classification pieces of :mod:`medfusion.fusion.qmf` are reused, not rewritten: :func:`qmf_weights`
 (energy and weight), :func:`qmf_rank_regulariser` (Eq. 16 on the batch pairs), and the per-sample loss
-history of :class:`~medfusion.fusion.qmf.QMFHead` (``update_history``/``kappa``, borrowed by
-:class:`CaseLossHistory`).
+history of :class:`~medfusion.fusion.qmf.QMFHead` (``update_history``/``kappa`` of
+:class:`~medfusion.fusion.qmf.LossHistoryMixin`, which :class:`CaseLossHistory` mixes in too).
 
 * Each present modality is decoded alone by one shared decoder (:class:`~medfusion.models.seg_baselines.LateSegmenter`),
   giving sigmoid logits ``z_m`` ``[B, out, D, H, W]`` per region channel (TC, WT, ET).
@@ -46,7 +46,7 @@ from torch import nn
 from medfusion.batch import forward_outputs, model_inputs
 from medfusion.fusion.base import FusionOutput
 from medfusion.fusion.metakd import default_task_loss
-from medfusion.fusion.qmf import QMFHead, QMFMethod, qmf_rank_regulariser, qmf_weights
+from medfusion.fusion.qmf import LossHistoryMixin, QMFMethod, qmf_rank_regulariser, qmf_weights
 from medfusion.modality import BRATS_MODALITIES, Keys
 from medfusion.models.seg_baselines import LateSegmenter
 from medfusion.models.seg_recipes import register_seg_method
@@ -100,12 +100,13 @@ def case_voxel_bce(z: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(z, target, reduction="none").flatten(2).mean(dim=2)
 
 
-class CaseLossHistory(nn.Module):
+class CaseLossHistory(nn.Module, LossHistoryMixin):
     """Per-case, per-modality loss history: the buffers and methods of :class:`~medfusion.fusion.qmf.QMFHead`.
 
-    ``update_history``, ``kappa``, ``num_samples`` are QMFHead's own (borrowed, not copied): running sum and
-    visit count per case and modality, min-max normalised per modality over the cases seen; identical on
-    every rank under ``torch.distributed``.
+    ``update_history``, ``kappa``, ``num_samples`` are QMFHead's own (shared through
+    :class:`~medfusion.fusion.qmf.LossHistoryMixin`, not copied): running sum and visit count per case and
+    modality, min-max normalised per modality over the cases seen; identical on every rank under
+    ``torch.distributed``.
 
     Args:
         num_samples: training-set size (``sample_index`` range).
@@ -122,11 +123,6 @@ class CaseLossHistory(nn.Module):
         self.history_reduction = history_reduction
         self.register_buffer("history", torch.zeros(int(num_samples), int(num_modalities)))
         self.register_buffer("history_count", torch.zeros(int(num_samples), int(num_modalities), dtype=torch.long))
-
-    num_samples = QMFHead.num_samples
-    _check_index = QMFHead._check_index
-    update_history = QMFHead.update_history
-    kappa = QMFHead.kappa
 
 
 class QMFSegmenter(LateSegmenter):

@@ -16,6 +16,7 @@ bottleneck features (the meta step uses it).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
@@ -56,6 +57,12 @@ def build_decoder(
     else:
         head = Convolution(3, prev, out_channels, kernel_size=1, conv_only=True)
     return fast_instance_norm(nn.ModuleList(ups)), fast_instance_norm(nn.ModuleList(blocks)), head
+
+
+def _unit_layers(block: nn.Module) -> tuple[Convolution, nn.Conv3d]:
+    """First convolution and residual projection of a decoder ``ResidualUnit`` (layout checked by ``_batchable``)."""
+    unit = cast(ResidualUnit, block)
+    return cast(Convolution, unit.conv[0]), cast(nn.Conv3d, unit.residual)
 
 
 def _leading_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
@@ -118,19 +125,23 @@ class Segmenter(nn.Module):
         self.channels = tuple(int(c) for c in channels)
         self.out_channels = out_channels
         n_mod = len(self.modalities)
-        enc_kw = {
-            "in_channels": 1,
-            "channels": self.channels,
-            "norm": norm,
-            "dropout": dropout,
-            "subunits": subunits,
-            "first_stride": first_stride,
-        }
+
+        def new_encoder() -> UNet3DEncoder:
+            return UNet3DEncoder(
+                in_channels=1,
+                channels=self.channels,
+                norm=norm,
+                dropout=dropout,
+                subunits=subunits,
+                first_stride=first_stride,
+            )
+
         self.first_stride = int(first_stride)
+        self.encoder: UNet3DEncoder | nn.ModuleDict
         if self.shared_encoder:
-            self.encoder: nn.Module = UNet3DEncoder(**enc_kw)
+            self.encoder = new_encoder()
         else:
-            self.encoder = nn.ModuleDict({m: UNet3DEncoder(**enc_kw) for m in self.modalities})
+            self.encoder = nn.ModuleDict({m: new_encoder() for m in self.modalities})
         width = n_mod if decoder_width is None else int(decoder_width)
         self.ups, self.blocks, self.head = build_decoder(
             self.channels, width, out_channels, norm, subunits, first_stride
@@ -185,7 +196,8 @@ class Segmenter(nn.Module):
         if self.shared_encoder:
             out = self.encoder(image.reshape(b * n_mod, 1, *image.shape[2:]))
             return [f.reshape(b, n_mod, *f.shape[1:]) for f in out.maps]
-        per_mod = [self.encoder[m](image[:, i : i + 1]).maps for i, m in enumerate(self.modalities)]
+        encoders = cast(nn.ModuleDict, self.encoder)  # one encoder per modality
+        per_mod = [encoders[m](image[:, i : i + 1]).maps for i, m in enumerate(self.modalities)]
         return [torch.stack([p[level] for p in per_mod], dim=1) for level in range(len(self.channels))]
 
     def fuse(
@@ -315,7 +327,7 @@ class Segmenter(nn.Module):
     # ------------------------------------------------------- batched decoding
     def _batchable(self) -> bool:
         """The decoder has the layout :meth:`decode_combinations` splits (one ``C_l``-channel slot per modality)."""
-        if self.ups[0].conv.in_channels != len(self.modalities) * self.channels[-1]:
+        if cast(nn.ConvTranspose3d, self.ups[0].conv).in_channels != len(self.modalities) * self.channels[-1]:
             return False
         for up, block in zip(self.ups, self.blocks):
             if not isinstance(up, Convolution) or not isinstance(up.conv, nn.ConvTranspose3d):
@@ -392,7 +404,7 @@ class Segmenter(nn.Module):
             per_slot = weight.reshape(c_out, n_mod, c_in, *weight.shape[2:]).transpose(0, 1)  # [M, Cout, Cl, k...]
         conv = F.conv_transpose3d if transposed else F.conv3d
 
-        def grouped(x: torch.Tensor) -> torch.Tensor:
+        def grouped(x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
             # slot m reads source m only: one grouped convolution -> [B', M(slot), N]
             if transposed:
                 w = per_slot.reshape(n_mod * c_in, *per_slot.shape[2:])
@@ -459,7 +471,7 @@ class Segmenter(nn.Module):
             return None if zero_feats is None else zero_feats[level]
 
         # up-convolution of the fused bottleneck, every combination
-        up0 = self.ups[0].conv
+        up0 = cast(nn.ConvTranspose3d, self.ups[0].conv)
         up_kw = {
             "stride": up0.stride,
             "padding": up0.padding,
@@ -476,7 +488,8 @@ class Segmenter(nn.Module):
             level = last - 1 - i
             c_up = self.channels[level]
             parts = []
-            for conv in (block.conv[0].conv, block.residual):
+            first, residual = _unit_layers(block)
+            for conv in (cast(nn.Conv3d, first.conv), residual):
                 kw = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
                 coef, zcoef = coefs[level]
                 parts.append(
@@ -493,15 +506,18 @@ class Segmenter(nn.Module):
         for start in range(0, n_comb, chunk):
             sl = slice(start, min(n_comb, start + chunk))
             k = sl.stop - sl.start
-            x = self.ups[0].adn(x0[sl].flatten(0, 1))
+            x = cast(nn.Module, self.ups[0].adn)(x0[sl].flatten(0, 1))
             for i, block in enumerate(self.blocks):
                 if i > 0:
                     x = self.ups[i](x)
-                first, rest = block.conv[0], block.conv[1:]
+                first, residual = _unit_layers(block)
+                rest = cast(ResidualUnit, block).conv[1:]
                 conv_part, res_part = skip_parts[i]
-                h = first.adn(_leading_conv(first.conv, x) + conv_part[sl].flatten(0, 1))
+                h = cast(nn.Module, first.adn)(
+                    _leading_conv(cast(nn.Conv3d, first.conv), x) + conv_part[sl].flatten(0, 1)
+                )
                 h = rest(h)
-                x = h + (_leading_conv(block.residual, x) + res_part[sl].flatten(0, 1))
+                x = h + (_leading_conv(residual, x) + res_part[sl].flatten(0, 1))
             y = self.head(x)  # [k*B, out, D, H, W], combination-major
             outs.append(y.reshape(k, b, *y.shape[1:]).transpose(0, 1).reshape(b, k * y.shape[1], *y.shape[2:]))
         return torch.cat(outs, dim=1)

@@ -5,4 +5,4 @@ from __future__ import annotations
 from medfusion.fusion.base import FUSIONS, FusionHead, FusionModel, FusionOutput, create_fusion, list_fusions
 
 __all__ = ["FUSIONS", "FusionHead", "FusionModel", "FusionOutput", "create_fusion", "list_fusions"]
-from medfusion.fusion import baselines, meta_fusion_head, metakd, omnifuse, qmf  # noqa: F401,E402
+from medfusion.fusion import baselines, meta_fusion, metakd, omnifuse, qmf  # noqa: F401,E402

@@ -294,7 +294,8 @@ def test_mlp_extractor_is_trainable_and_part_of_the_checkpoint() -> None:
 
 
 def test_choose_rho_and_ties() -> None:
-    from medfusion.fusion.meta_fusion import _tied, choose_rho
+    from medfusion.fusion.meta_fusion import choose_rho
+    from medfusion.fusion.meta_fusion.model import _tied
 
     assert _tied([0.0, 0.99, 3.0], [0.5, 0.5, 0.7]) == [0.0, 0.99]
     assert _tied([0.0, 0.99, 3.0], [0.5, 0.5 * (1 + 1e-12), 0.4]) == [3.0]

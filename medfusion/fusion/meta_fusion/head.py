@@ -23,7 +23,7 @@ from torch import nn
 from medfusion.batch import unwrap
 from medfusion.encoders.base import EncoderOutput
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
-from medfusion.fusion.meta_fusion import RULES, STAGES, MetaFusion, MetaFusionData, build_cohort, pooled_features
+from medfusion.fusion.meta_fusion.model import RULES, STAGES, MetaFusion, MetaFusionData, build_cohort, pooled_features
 from medfusion.io import atomic_file
 from medfusion.modality import check_mask, validate_modalities
 

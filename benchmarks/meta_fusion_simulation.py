@@ -209,7 +209,7 @@ ARM_LABELS = {
     "ridge_modality_2": "Sanity: ridge on X2",
     "ridge_early": "Sanity: ridge on [X1, X2]",
 }
-META_RULES = {
+META_RULES = {  # arm -> a rule of medfusion.fusion.meta_fusion.AGGREGATION_RULES (checked in run_rep)
     "meta_fusion": "ensemble",
     "meta_fusion_no_ml": "ensemble_screen",
     "best_single": "best_single",
@@ -281,8 +281,10 @@ def run_rep(task: tuple[str, int, int | None]) -> dict[str, Any]:
     import torch
 
     from medfusion.fusion.cooperative import DEFAULT_RHO_GRID, fit_cooperative
-    from medfusion.fusion.meta_fusion import MetaFusion, build_cohort, early_fusion_spec, late_fusion_spec
+    from medfusion.fusion.meta_fusion import MetaFusion, build_cohort, early_fusion_spec, get_rule, late_fusion_spec
 
+    for arm, rule in META_RULES.items():  # names from the rule table: a typo fails before any fit
+        get_rule(rule, "regression", f"META_RULES[{arm!r}]")
     torch.set_num_threads(1)
     name, seed, epochs_override = task
     st = SETTINGS[name]

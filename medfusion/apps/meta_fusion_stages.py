@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from medfusion.batch import to_device, unwrap
 from medfusion.engines.utils import resolve_device
 from medfusion.fusion.base import FusionModel
-from medfusion.fusion.meta_fusion import MetaFusionData
+from medfusion.fusion.meta_fusion import MetaFusionData, get_rule
 from medfusion.fusion.meta_fusion_head import (
     MetaFusionHead,
     attach_head,
@@ -211,7 +211,7 @@ def extract_features_distributed(
         )
     parts: list[Any] = [None] * world
     dist.all_gather_object(parts, (indices, None if local is None else (local.x, local.mask, local.y)))
-    n = len(loader.dataset) if hasattr(loader, "dataset") else None  # type: ignore[attr-defined]
+    n = len(loader.dataset) if hasattr(loader, "dataset") else None
     return _reassemble(parts, n)
 
 
@@ -353,7 +353,8 @@ class MetaFusionStages:
         num_classes: classes (classification).
         grids: ``{modality: [extractor, ...]}`` (default :func:`default_grids`).
         meta_kwargs: :class:`MetaFusion` arguments (``epochs``, ``rho_grid``, ``task``, ...).
-        rule: the head's aggregation rule.
+        rule: the head's aggregation rule (a key of
+            :data:`~medfusion.fusion.meta_fusion.aggregation.AGGREGATION_RULES`; default ``"ensemble"``).
         target_key: batch key of the target.
         encoder_checkpoint: checkpoint of stage (a) loaded into ``network`` first (e.g. the best validation
             epoch); ``None`` or a missing file keeps the network as it is.
@@ -363,6 +364,10 @@ class MetaFusionStages:
         filename: name of the saved checkpoint.
         resume: continue an interrupted fit from ``ckpt_dir/meta_fusion_stages.pt`` (written after every Meta
             Fusion stage, removed once ``model.pt`` is saved); features are re-extracted (deterministic).
+
+    Raises:
+        KeyError: no loader for ``train_split`` or ``val_split``.
+        ValueError: an unknown ``rule`` (or a vote rule for regression), before anything runs.
 
     Multi-process (an initialised process group, e.g. under ``torchrun``): the network's weights are
     broadcast from rank 0 (after rank 0 loads ``encoder_checkpoint``), each rank extracts a shard of each
@@ -393,6 +398,8 @@ class MetaFusionStages:
         for split in (train_split, val_split):
             if split not in loaders:
                 raise KeyError(f"MetaFusionStages loaders: no {split!r} loader (have {sorted(loaders)}).")
+        if rule is not None:  # fail before any training, not after the encoders
+            get_rule(rule, str((meta_kwargs or {}).get("task", "classification")), "MetaFusionStages rule")
         self.network = network
         self.loaders = dict(loaders)
         self.ckpt_dir, self.output_dir = Path(ckpt_dir), (Path(output_dir) if output_dir is not None else None)
@@ -452,14 +459,20 @@ class MetaFusionStages:
         if rank == 0:
             self.head = head
         else:
-            net = unwrap(self.network)
             dims = {m: int(d) for m, d in message[0][0]["config"]["in_dims"].items()}
-            self.head = MetaFusionHead(net.modalities, dims, num_classes=self.num_classes, **message[0][0])
+            self.head = MetaFusionHead(self._modalities(), dims, num_classes=self.num_classes, **message[0][0])
             self.head.load_state_dict(message[0][1])
         return self.head
 
+    def _modalities(self) -> tuple[str, ...]:
+        """The network's modality order (the network must be a :class:`FusionModel`, as for feature extraction)."""
+        net = unwrap(self.network)
+        if not isinstance(net, FusionModel):
+            raise TypeError(f"MetaFusionStages: expected a FusionModel network, got {type(net).__name__}.")
+        return net.modalities
+
     def _fit(self) -> MetaFusionHead:
-        mods = unwrap(self.network).modalities
+        mods = self._modalities()
         grids = self.grids
         if grids is not None and list(grids) != list(mods):
             raise ValueError(

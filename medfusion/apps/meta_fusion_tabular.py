@@ -35,7 +35,7 @@ from medfusion.apps.meta_fusion_stages import CONFIG_NAME, load_head_kwargs, sav
 from medfusion.engines.record import RECORD_KEY, RunRecord, model_difference, read_checkpoint, stamp_record
 from medfusion.engines.utils import resolve_device
 from medfusion.evaluation.regression import evaluate_regression
-from medfusion.fusion.meta_fusion import MetaFusionData
+from medfusion.fusion.meta_fusion import MetaFusionData, get_rule
 from medfusion.fusion.meta_fusion_head import MetaFusionHead, default_grids, tabular_data
 from medfusion.io import atomic_file
 from medfusion.modality import validate_modalities
@@ -171,7 +171,9 @@ class TabularMetaFusion:
             :func:`~medfusion.fusion.meta_fusion_head.default_grids`).
         meta_kwargs: :class:`~medfusion.fusion.meta_fusion.MetaFusion` arguments (``epochs``, ``hidden``,
             ``rho_grid``, ``seed``, ...); ``task`` must be ``"regression"`` when given.
-        rule: aggregation rule of the head (default ``"ensemble"``).
+        rule: aggregation rule of the head (a key of
+            :data:`~medfusion.fusion.meta_fusion.aggregation.AGGREGATION_RULES` except the votes; default
+            ``"ensemble"``).
         combinations_to_run: combination names to evaluate (default all).
         device: where Meta Fusion runs (``"cpu"`` is what the tests use).
         filename: checkpoint name.
@@ -180,7 +182,7 @@ class TabularMetaFusion:
         FileNotFoundError: the table does not exist.
         KeyError: a column (modality, target, split) is missing; the message names the column and the file.
         ValueError: a split is empty, bad modality groups, a target with missing values, a row without any
-            modality, or a non-regression ``task``.
+            modality, a non-regression ``task`` or an unknown (or vote) ``rule``.
     """
 
     def __init__(
@@ -248,6 +250,8 @@ class TabularMetaFusion:
                 f"TabularMetaFusion grids: keys {list(grids)} must be the modalities {list(self.modalities)}."
             )
         self.grids = {m: list(v) for m, v in grids.items()} if grids is not None else None
+        if rule is not None:
+            get_rule(rule, "regression", "TabularMetaFusion rule")
         self.rule, self.device, self.filename = rule, device, filename
         self.combinations_to_run = list(combinations_to_run) if combinations_to_run else None
         self.head: MetaFusionHead | None = None

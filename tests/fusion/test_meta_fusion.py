@@ -192,6 +192,49 @@ def test_missing_aware_inference_restricts_and_falls_back() -> None:
         model.predict(x, torch.tensor([[False, False]]).expand(3, 2))
 
 
+def test_rule_table_drives_predict_stages_and_validation() -> None:
+    """One table (AGGREGATION_RULES) defines the rule names and what predict/used_students/the head check."""
+    from medfusion.fusion.meta_fusion import AGGREGATION_RULES, STAGES, MetaFusionHead, get_rule
+
+    assert RULES == tuple(AGGREGATION_RULES) and len(RULES) == 9
+    assert all(name == rule.name and rule.stage in STAGES for name, rule in AGGREGATION_RULES.items())
+    assert [r for r in RULES if AGGREGATION_RULES[r].classification_only] == ["majority_vote", "weighted_vote"]
+    with pytest.raises(ValueError, match=r"my field: expected one of \['ensemble'"):
+        get_rule("ensembel", field="my field")
+    with pytest.raises(ValueError, match="votes need"):
+        get_rule("weighted_vote", "regression")
+    with pytest.raises(ValueError, match="default_rule"):
+        MetaFusion(MODS, DIMS, [{"a": "identity"}], task="regression", default_rule="majority_vote")
+    model = _fixed_model()
+    mask = torch.tensor([[True, True], [True, False], [False, True]])
+    x = {"a": torch.randn(3, 1), "b": torch.randn(3, 1)}
+    # the screened cohort has other weights (default init): *_screen rules read it, the others do not
+    assert not torch.equal(model.predict(x, mask, "ensemble_screen"), model.predict(x, mask, "ensemble"))
+    model.screen_students.load_state_dict(model.students.state_dict())
+    model.screen_committee.copy_(model.committee)
+    model.screen_val_loss.copy_(model.val_loss)
+    for screened, mutual in (("ensemble_screen", "ensemble"), ("best_single_screen", "best_single")):
+        assert torch.equal(model.predict(x, mask, screened), model.predict(x, mask, mutual))
+        assert torch.equal(model.used_students(mask, screened), model.used_students(mask, mutual))
+    with pytest.raises(ValueError, match="not a weighted-mean rule"):
+        model.used_students(mask, "stacking")
+    # the stage a rule needs comes from the table: ensembles and stacking need "ensembled", the rest "screened"
+    model.stage.fill_(STAGES.index("mutual_learned"))
+    for rule in RULES[:7]:
+        needs_ensemble = AGGREGATION_RULES[rule].stage == "ensembled"
+        assert needs_ensemble == (rule in ("ensemble", "ensemble_screen", "stacking"))
+        if needs_ensemble:
+            with pytest.raises(RuntimeError, match="needs stage 'ensembled'"):
+                model.predict(x, mask, rule)
+        else:
+            model.predict(x, mask, rule)
+    head = MetaFusionHead(MODS, {"a": 1, "b": 1}, rule="ensemble_screen", config=model.get_config())
+    head.meta.load_state_dict(model.state_dict())
+    assert not head.fitted  # ensemble_screen needs the ensembled stage, like predict
+    head.meta.stage.fill_(STAGES.index("ensembled"))
+    assert head.fitted
+
+
 def test_votes_on_fixed_students() -> None:
     model = _fixed_model("classification")  # each student prefers class 1 with margin s + 1
     with torch.no_grad():
@@ -295,7 +338,7 @@ def test_mlp_extractor_is_trainable_and_part_of_the_checkpoint() -> None:
 
 def test_choose_rho_and_ties() -> None:
     from medfusion.fusion.meta_fusion import choose_rho
-    from medfusion.fusion.meta_fusion.model import _tied
+    from medfusion.fusion.meta_fusion.training import _tied
 
     assert _tied([0.0, 0.99, 3.0], [0.5, 0.5, 0.7]) == [0.0, 0.99]
     assert _tied([0.0, 0.99, 3.0], [0.5, 0.5 * (1 + 1e-12), 0.4]) == [3.0]

@@ -235,6 +235,15 @@ def test_tabular_data_nan_marks_absent_and_regression_fit():
         tabular_data(frame, {"labs": ["zz"]}, "y")
 
 
+def test_stages_reject_an_unknown_rule_before_running(tmp_path):
+    loaders = {"train": _batches(8, 0), "val": _batches(8, 1)}
+    with pytest.raises(ValueError, match="MetaFusionStages rule: expected one of"):
+        MetaFusionStages(_classifier(), loaders, tmp_path, rule="ensembel")
+    with pytest.raises(ValueError, match="votes need"):
+        MetaFusionStages(_classifier(), loaders, tmp_path, rule="majority_vote", meta_kwargs={"task": "regression"})
+    assert not any(tmp_path.iterdir())
+
+
 class _Interrupt(Exception):
     pass
 

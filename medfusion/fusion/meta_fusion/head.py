@@ -23,15 +23,16 @@ from torch import nn
 from medfusion.batch import unwrap
 from medfusion.encoders.base import EncoderOutput
 from medfusion.fusion.base import FusionHead, FusionOutput, register_fusion
-from medfusion.fusion.meta_fusion.model import RULES, STAGES, MetaFusion, MetaFusionData, build_cohort, pooled_features
+from medfusion.fusion.meta_fusion.aggregation import get_rule
+from medfusion.fusion.meta_fusion.cohort import MetaFusionData, build_cohort, pooled_features
+from medfusion.fusion.meta_fusion.model import MetaFusion
+from medfusion.fusion.meta_fusion.training import STAGES
 from medfusion.io import atomic_file
 from medfusion.modality import check_mask, validate_modalities
 
 __all__ = ["default_grids", "MetaFusionHead", "tabular_data", "fit_meta_fusion", "attach_head"]
 
 logger = logging.getLogger(__name__)
-
-_WEIGHTED_MEAN_RULES = ("ensemble", "best_single", "best_single_screen", "average", "weighted_average")
 
 
 def default_grids(modalities: Sequence[str], in_dims: Mapping[str, int], n_components: int = 8) -> dict[str, list[str]]:
@@ -65,7 +66,8 @@ class MetaFusionHead(FusionHead):
         grids: ``{modality: [extractor spec, ...]}``; default :func:`default_grids`.
         cohort: explicit students (``[{modality: spec}, ...]``), instead of ``grids``.
         config: a :meth:`MetaFusion.get_config` dict (rebuild from a checkpoint); excludes the other options.
-        rule: aggregation rule of ``forward`` (one of :data:`~medfusion.fusion.meta_fusion.RULES`; default
+        rule: aggregation rule of ``forward`` (a key of
+            :data:`~medfusion.fusion.meta_fusion.aggregation.AGGREGATION_RULES`; default
             the Meta Fusion ``default_rule``, ``"ensemble"``).
         **meta_kwargs: further :class:`MetaFusion` arguments (``task``, ``epochs``, ``rho_grid``, ``hidden``, ...).
 
@@ -131,17 +133,14 @@ class MetaFusionHead(FusionHead):
                     f"MetaFusionHead grids: keys {list(grids)} must be the modalities in order {list(self.modalities)}."
                 )
             self.meta = MetaFusion(self.modalities, dims, students, num_classes=num_classes, **meta_kwargs)
-        if rule is not None and rule not in RULES:
-            raise ValueError(f"MetaFusionHead rule: expected one of {list(RULES)} or None, got {rule!r}.")
-        if rule in ("majority_vote", "weighted_vote") and self.meta.task != "classification":
-            raise ValueError(f"MetaFusionHead rule {rule!r}: votes need task='classification'.")
+        if rule is not None:
+            get_rule(rule, self.meta.task, "MetaFusionHead rule")
         self.rule: str = rule if rule is not None else self.meta.default_rule
 
     @property
     def fitted(self) -> bool:
-        """Whether the stage the rule needs has run (``screened``; ``ensembled`` for ensemble/stacking)."""
-        needed = "ensembled" if self.rule in ("ensemble", "stacking") else "screened"
-        return int(self.meta.stage) >= STAGES.index(needed)
+        """Whether the stage the rule needs has run (``screened``; ``ensembled`` for the ensembles and stacking)."""
+        return int(self.meta.stage) >= STAGES.index(get_rule(self.rule).stage)
 
     def head_kwargs(self) -> dict[str, Any]:
         """Plain-JSON kwargs rebuilding this head's architecture: ``{"config": ..., "rule": ...}``."""
@@ -198,7 +197,7 @@ class MetaFusionHead(FusionHead):
         logits = out if self.meta.task == "classification" else out[:, None]
         with torch.no_grad():
             student = self.meta.student_outputs(x, mask)
-            if self.rule in _WEIGHTED_MEAN_RULES:
+            if get_rule(self.rule).weights is not None:
                 used = self.meta.used_students(mask, self.rule).T  # [S, B]
             else:
                 used = self.meta.availability(mask)
@@ -312,7 +311,7 @@ def attach_head(model: nn.Module, head: MetaFusionHead) -> nn.Module:
     Raises:
         ValueError: modality orders differ.
     """
-    net = unwrap(model)
+    net: Any = unwrap(model)  # a FusionModel (its head_name, if any, is updated too)
     if tuple(head.modalities) != tuple(net.modalities):
         raise ValueError(f"attach_head: head modalities {head.modalities} differ from the model's {net.modalities}.")
     param = next(net.parameters(), None)

@@ -31,7 +31,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -181,8 +181,8 @@ def get_encoder(model: nn.Module, modality: str) -> nn.Module:
     if modality not in modalities:
         raise ValueError(f"unknown modality {modality!r}; this model's modalities are {list(modalities)}.")
     if isinstance(model, Segmenter):
-        return model.encoder if model.shared_encoder else model.encoder[modality]
-    return model.encoders[modality]  # type: ignore[union-attr]
+        return model.encoder if model.shared_encoder else cast(nn.ModuleDict, model.encoder)[modality]
+    return cast(FusionModel, model).encoders[modality]  # _model_modalities accepted it: a FusionModel
 
 
 class _Preprocess:
@@ -540,7 +540,7 @@ def export_encoder(
     settings = _settings(parser)
     pre = encoder_preprocessing(model, modality, settings)
     ckpt = Path(bundle_dir) / "models" / "model.pt" if checkpoint is None else Path(checkpoint)
-    source = {"bundle": str(Path(bundle_dir).resolve()), "checkpoint": str(ckpt.resolve())}
+    source: dict[str, Any] = {"bundle": str(Path(bundle_dir).resolve()), "checkpoint": str(ckpt.resolve())}
     record = read_checkpoint(ckpt).get(RECORD_KEY)
     if isinstance(record, Mapping) and isinstance(record.get("model"), Mapping):
         source["trained_on"] = dict(record["model"])  # modalities and order, method/head, inputs, bundle version

@@ -22,7 +22,7 @@ A modality that a sample does not have (mask False on input) is never switched o
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -149,7 +149,10 @@ class ModalityDropout(Randomizable):
         return torch.as_tensor(out, dtype=torch.bool)
 
 
-def _zero_absent(data: dict[Hashable, Any], keys: Sequence[Hashable], modalities: Sequence[str], mask: Any) -> None:
+_KeyT = TypeVar("_KeyT", bound=Hashable)
+
+
+def _zero_absent(data: dict[_KeyT, Any], keys: Sequence[_KeyT], modalities: Sequence[str], mask: Any) -> None:
     """Zero the inputs of absent modalities.
 
     ``mask`` is bool ``[M]`` (one sample) or ``[B, M]`` (batch). A key equal to a modality name holds that

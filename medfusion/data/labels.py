@@ -83,16 +83,16 @@ class LabelConvention(NamedTuple):
     @classmethod
     def from_regions(
         cls,
-        tc: Sequence[int],
-        wt: Sequence[int],
-        et: Sequence[int],
+        tc: Sequence[int | str],
+        wt: Sequence[int | str],
+        et: Sequence[int | str],
         name: str | None = None,
-        write: Sequence[int] | Mapping[str, int] | None = None,
+        write: Sequence[int | str] | Mapping[str, int | str] | None = None,
     ) -> LabelConvention:
         """Build and validate a convention from its region label sets.
 
         Args:
-            tc: TC values (positive integers; 0 is background).
+            tc: TC values (positive integers, or their strings as in a spec; 0 is background).
             wt: WT values.
             et: ET values.
             name: a name for reports (default: the string form, :attr:`key`).
@@ -125,19 +125,19 @@ class LabelConvention(NamedTuple):
                     f"label convention TC={list(t)} WT={list(w)} ET={list(e)}: TC minus ET and WT minus TC must each "
                     "hold a value to write predictions back with (or give 'write')."
                 )
-            out = (e[0], core[0], edema[0])
+            out: tuple[int, int, int] = (e[0], core[0], edema[0])
         else:
             raw = [write.get(r) for r in ("ET", "TC", "WT")] if isinstance(write, Mapping) else list(write)
             if len(raw) != 3 or any(v is None for v in raw):
                 raise ValueError(f"label convention: write must give 3 values (ET, TC, WT), got {write!r}.")
             try:
-                out = tuple(_as_label(v) for v in raw)  # type: ignore[assignment]
+                out = (_as_label(raw[0]), _as_label(raw[1]), _as_label(raw[2]))
             except (TypeError, ValueError):
                 raise ValueError(f"label convention: write values {write!r} must be positive integers.") from None
-            for value, region in zip(out, (e, t, w), strict=True):
-                if value not in region:
-                    raise ValueError(f"label convention: write value {value} is not in its region {list(region)}.")
-        conv = cls("", t, w, e, out)  # type: ignore[arg-type]
+            for value, allowed in zip(out, (e, t, w), strict=True):
+                if value not in allowed:
+                    raise ValueError(f"label convention: write value {value} is not in its region {list(allowed)}.")
+        conv = cls("", t, w, e, out)
         return conv._replace(name=str(name) if name else conv.key)
 
     @property

@@ -29,7 +29,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -236,6 +236,10 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), *stream])
 
 
+@overload
+def _sigmoid(x: float) -> float: ...
+@overload
+def _sigmoid(x: np.ndarray) -> np.ndarray: ...
 def _sigmoid(x: np.ndarray | float) -> np.ndarray | float:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -493,12 +497,12 @@ def _write_jpg(path: Path, img: np.ndarray) -> None:
 def _write_dicom(path: Path, img: np.ndarray, info: Mapping[str, Any]) -> None:
     """A valid CR image DICOM: 16-bit MONOCHROME2 (12 bits stored), explicit VR little endian."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     key = [str(info["dicom_id"])]
     sop_uid = generate_uid(prefix=_UID_ROOT, entropy_srcs=[*key, "sop"])
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = _CR_SOP_CLASS
+    meta.MediaStorageSOPClassUID = UID(_CR_SOP_CLASS)
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()

@@ -32,7 +32,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -141,7 +141,7 @@ def write_manifest_cohort(
     n_pat = len(counts)
     patient_of_row = np.repeat(np.arange(n_pat), counts)
     u = {m: prng.standard_normal(n_pat) for m in MANIFEST_COHORT_SHARES}
-    z = sum(math.sqrt(s) * u[m] for m, s in MANIFEST_COHORT_SHARES.items())
+    z = cast(np.ndarray, sum(math.sqrt(s) * u[m] for m, s in MANIFEST_COHORT_SHARES.items()))  # a sum of arrays
     score = z + LABEL_NOISE_STD * prng.standard_normal(n_pat)
     # threshold: the smallest patient score such that the rows above it are at most positive_rate of all rows
     order = np.argsort(-score)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -176,7 +176,7 @@ class LoadModalitiesd(Transform):
             )
         return vol
 
-    def _foreground(self, d: dict[Hashable, Any], case: str, image: torch.Tensor, files: Mapping[str, str]) -> None:
+    def _foreground(self, d: dict[Hashable, Any], case: str, image: MetaTensor, files: Mapping[str, str]) -> None:
         """Set ``d["brain_mask"]``: the given mask file (> 0), else the non-zero region of ``image``."""
         path = d.pop(Keys.BRAIN_MASK, None)
         spatial = tuple(image.shape[1:])
@@ -221,7 +221,7 @@ class LoadModalitiesd(Transform):
                 )
             for i, name in enumerate(channels):
                 if name in self.modalities:
-                    vols[name] = vol[i : i + 1]
+                    vols[name] = cast(MetaTensor, vol[i : i + 1])  # MetaTensor slices are MetaTensors
                     files[name] = f"{path}#{i}"
         for m in BRATS_MODALITIES + tuple(x for x in self.modalities if x not in BRATS_MODALITIES):
             if m not in d:
@@ -241,7 +241,9 @@ class LoadModalitiesd(Transform):
         given = d.get(Keys.MASK)
         present = [m in vols and (given is None or bool(given[i])) for i, m in enumerate(self.modalities)]
         chans = [
-            vols[m][0].as_tensor().to(self.dtype) if present[i] else torch.zeros(spatial, dtype=self.dtype)
+            cast(MetaTensor, vols[m][0]).as_tensor().to(self.dtype)  # MetaTensor indexing gives a MetaTensor
+            if present[i]
+            else torch.zeros(spatial, dtype=self.dtype)
             for i, m in enumerate(self.modalities)
         ]
         meta = dict(ref.meta)

@@ -241,7 +241,8 @@ def _build_sr(
         ),
     ]
     root = hd.sr.ContainerContentItem(codes.DCM.Findings)
-    root.ContentSequence = items
+    # highdicom's __setattr__ wraps the list in a ContentSequence; pydicom's attribute type does not say so
+    root.ContentSequence = items  # type: ignore[assignment]
     return hd.sr.ComprehensiveSR(
         evidence=[evidence],
         content=root,
@@ -328,9 +329,11 @@ def dicom_classify(
                 evidence = sorted(instances, key=lambda d: int(d.get("InstanceNumber", 0) or 0))[0]
                 path = Path(tmp) / "cxr.dcm"
                 evidence.save_as(path, enforce_file_format=True)
-                item[image_mod] = str(path)  # the bundle's loader reads DICOM files (MONAI PydicomReader)
+                if image_mod is not None:  # a model without an image modality reads no radiograph
+                    item[image_mod] = str(path)  # the bundle's loader reads DICOM files (MONAI PydicomReader)
             else:
-                item[image_mod] = None
+                if image_mod is not None:
+                    item[image_mod] = None
                 first = series[0]
                 evidence = store.retrieve(study, first.series_uid)[0]
             probs, mask = predict_probabilities(model, item)

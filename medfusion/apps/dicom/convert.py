@@ -18,14 +18,16 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import highdicom as hd
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     MRImageStorage,
@@ -113,7 +115,7 @@ def nifti_to_dicom_study(
     study_uid = _uid(study_key, "study")
     frame_uid = _uid(study_key, "frame")
     now = datetime.datetime(2021, 1, 1, 9, 0, 0)
-    images = {k: (v if isinstance(v, nib.spatialimages.SpatialImage) else nib.load(str(v))) for k, v in volumes.items()}
+    images = {k: v if isinstance(v, SpatialImage) else _load_nifti(v) for k, v in volumes.items()}
     jobs = [(k, images[k], specs.get(k)) for k in images]
     if extra_series:
         first = next(iter(images.values()))
@@ -176,13 +178,17 @@ def nifti_to_dicom_study(
     return out
 
 
+def _load_nifti(path: str | os.PathLike) -> SpatialImage:
+    return cast(SpatialImage, nib.load(str(path)))  # NIfTI files load as spatial images
+
+
 def _common(ds: Dataset, sop_class: str, sop_uid: str, study_uid: str, patient_id: str, patient_name: str,
             accession_number: str) -> None:  # fmt: skip
     """File meta, SOP, patient and study attributes shared by the converters."""
     ds.preamble = b"\x00" * 128
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SOPClassUID = sop_class

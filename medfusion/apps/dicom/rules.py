@@ -101,7 +101,7 @@ class SeriesInfo:
     @property
     def derived(self) -> bool:
         """ImageType says DERIVED (reformats, MIPs, subtractions)."""
-        image_type = self.attributes.get("ImageType") or ()
+        image_type: str | Sequence[Any] = self.attributes.get("ImageType") or ()
         if isinstance(image_type, str):
             image_type = image_type.split("\\")
         return bool(image_type) and str(image_type[0]).upper() == "DERIVED"
@@ -395,8 +395,8 @@ def map_series(series: Sequence[SeriesInfo], modalities: Sequence[str], rules: R
         text = s.text(rules.fields)
         hit = next((p for p in rules.ignore if re.search(p, text, re.IGNORECASE)), None)
         if hit is not None:
-            found = re.search(hit, text, re.IGNORECASE)
-            unmatched.append((s, f"ignored ({found.group(0) if found else hit!r} is not a structural series)"))
+            match = re.search(hit, text, re.IGNORECASE)
+            unmatched.append((s, f"ignored ({match.group(0) if match else hit!r} is not a structural series)"))
             continue
         for i, rule in enumerate(rules.rules):
             if rule.modality in mods and rule.matches(s, rules.fields):

@@ -157,8 +157,8 @@ class DicomStore:
             if not create:
                 raise FileNotFoundError(f"DICOM folder {folder} does not exist.")
             folder.mkdir(parents=True)
-        client = DICOMfileClient(url=folder.as_uri(), in_memory=True, update_db=True, readonly=readonly)
-        return cls(client, str(folder), "folder")
+        folder_client = DICOMfileClient(url=folder.as_uri(), in_memory=True, update_db=True, readonly=readonly)
+        return cls(folder_client, str(folder), "folder")
 
     # ------------------------------------------------------------------------------------------- search, retrieve
     def studies(self, accession_number: str | None = None) -> list[str]:
@@ -231,7 +231,8 @@ class DicomStore:
         Raises:
             RuntimeError: the server/folder reports failed instances (the message names them).
         """
-        new, present = [], []
+        new: list[Dataset] = []
+        present: list[Dataset] = []
         for ds in datasets:
             exists = self.instance_exists(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
             (present if exists else new).append(ds)

@@ -104,14 +104,26 @@ def test_synth_brats2015_style_is_checked_through_its_manifest(tmp_path, capsys)
     assert "searched it and 3 folder levels below it" in text and "volume manifest" in text
 
 
-def test_check_data_usage_errors_are_exit_2(tmp_path, capsys):
+def test_check_data_usage_errors_are_exit_2(brats_dir, tmp_path, capsys):
     assert main(["check-data", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["check-data", str(tmp_path), "--layout", "nifti"])
     assert exc.value.code == 2
-    assert main(["check-data", str(tmp_path), "--modalities", "ct"]) == 2
+    assert main(["check-data", str(brats_dir), "--modalities", "ct"]) == 2
     assert "'ct'" in capsys.readouterr().err
+    assert main(["check-data", str(tmp_path), "--layout", "brats", "--modalities", "ct"]) == 2
+
+
+def test_check_data_on_a_folder_of_no_known_layout_names_it_and_the_layouts_tried(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a dataset")
+    assert main(["check-data", str(tmp_path)]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert (
+        out[0]
+        == f"DATASET ERROR  No known dataset layout at {tmp_path}; tried volume_manifest, mimic, manifest, msd, brats:"
+    )
+    assert out[-1].startswith(f"FAILED: unknown dataset {tmp_path}: 0 case(s)")
 
 
 def test_synth_latent_writes_a_table_the_regression_runner_reads(tmp_path):

@@ -261,13 +261,14 @@ def clinical_datalist(
     Args:
         layout: ``"mimic"`` (``split`` = a listfile split ``train``/``val``/``test``) or ``"manifest"``
             (every row; ``split`` ignored).
-        dataset_dir: dataset root; the default sub-folders are ``ehr/``, ``cxr/``, ``reports/`` and
-            ``manifest/manifest.csv`` (the synthetic cohort's layout).
+        dataset_dir: dataset root; the roots default to the layout's (:meth:`medfusion.data.mimic.MimicLayout.roots`:
+            ``ehr/``, ``cxr/``, ``reports/`` when they exist; :meth:`medfusion.data.manifest.ManifestLayout.roots`:
+            ``manifest/manifest.csv``, or ``dataset_dir`` itself when it is a ``.csv``).
         modalities: ordered modality names.
         split: listfile split of the MIMIC layout.
-        ehr_root: mimic3-benchmarks root (default ``<dataset_dir>/ehr``).
+        ehr_root: mimic3-benchmarks root (default ``<dataset_dir>/ehr``, else ``dataset_dir``).
         cxr_root: MIMIC-CXR root (default ``<dataset_dir>/cxr``).
-        reports_root: MIMIC-CXR reports root (default ``<dataset_dir>/reports``).
+        reports_root: MIMIC-CXR reports root (default ``<dataset_dir>/reports``, else the CXR root).
         mimic_task: ``"in-hospital-mortality"`` or ``"phenotyping"``.
         manifest_csv: manifest path (default ``<dataset_dir>/manifest/manifest.csv``).
         manifest_columns: ``{modality: column or [columns]}`` (default: the modality's own column).
@@ -282,37 +283,30 @@ def clinical_datalist(
     Raises:
         ValueError: unknown layout (the data layers raise for malformed data).
     """
-    root = Path(dataset_dir)
-    if layout == "mimic":
-        from medfusion.data.mimic import discover_mimic
+    from medfusion.data.layout import get_layout
 
-        return discover_mimic(
-            ehr_root if ehr_root is not None else root / "ehr",
-            cxr_root if cxr_root is not None else root / "cxr",
-            reports_root if reports_root is not None else root / "reports",
-            task=mimic_task,
+    if layout == "mimic":
+        return get_layout("mimic").discover(
+            dataset_dir,
+            modalities,
             split=split,
-            modalities=modalities,
+            task=mimic_task,
+            ehr_root=ehr_root,
+            cxr_root=cxr_root,
+            reports_root=reports_root,
         )
     if layout == "manifest":
-        from medfusion.data.manifest import discover_manifest
-
-        csv = Path(manifest_csv) if manifest_csv is not None else root / "manifest" / "manifest.csv"
-        labels = [label_columns] if isinstance(label_columns, str) else list(label_columns)
-        if labels_optional and labels and csv.is_file():
-            header = pd.read_csv(csv, nrows=0).columns.str.strip().tolist()
-            if any(c not in header for c in labels):
-                logger.info("clinical_fusion: %s has no label column %s; predicting without labels.", csv, labels)
-                labels = []
-        return discover_manifest(
-            csv,
+        return get_layout("manifest").discover(
+            dataset_dir,
             _manifest_spec(modalities, manifest_columns),
             id_column=case_id_column,
-            label_columns=labels,
+            label_columns=label_columns,
             kinds=kinds,
             missing_files=missing_files,
             group_column=group_column,
             split_column=split_column,
+            manifest_csv=manifest_csv,
+            labels_optional=labels_optional,
         )
     raise ValueError(f"clinical_fusion bundle: data_layout must be one of {DATA_LAYOUTS}, got {layout!r}.")
 

@@ -16,6 +16,9 @@ Exports named differently (e.g. BRATS 2013-2015 copies with ``Flair_subtrMeanDiv
 ``OTMultiClass.nii.gz``) are read from a volume manifest CSV (:mod:`medfusion.data.volume_manifest`):
 pass the CSV instead of the folder.
 
+The two folder layouts are :class:`BratsLayout` (``brats``) and :class:`MsdLayout` (``msd``), registered in
+:mod:`medfusion.data.layout`; :func:`discover_brats` picks the one (or the volume manifest) that recognises the path.
+
 Each datalist entry holds ``case_id``, one path (or ``None`` when the file is absent: the case is
 kept with that modality marked missing) per requested modality, ``label`` (path or ``None``),
 ``label_convention`` (``brats``, ``brats2023``, ``msd``, or the one the caller gives), ``source``,
@@ -34,14 +37,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from medfusion.data.layout import DatasetLayout, LayoutScan, register_layout
 from medfusion.modality import BRATS_MODALITIES, Keys, validate_modalities
 
 __all__ = [
     "discover_brats",
     "brats_case_split",
     "detect_layout",
+    "VolumeLayout",
+    "BratsLayout",
+    "MsdLayout",
+    "BRATS",
+    "MSD",
+    "unmatched_nifti",
     "duplicate_case_dirs",
     "no_cases_message",
+    "unmatched_hint",
     "MAX_DEPTH",
     "MSD_CHANNEL_NAMES",
 ]
@@ -92,7 +103,10 @@ def _scheme(case_dir: Path, files: set[str]) -> tuple[str, dict[str, str]] | Non
 
 
 def detect_layout(root: str | os.PathLike) -> str:
-    """``"msd"`` when ``root`` (or a child) holds an MSD ``dataset.json``, else ``"brats"``."""
+    """``"msd"`` when ``root`` (or a child) holds an MSD ``dataset.json``, else ``"brats"``.
+
+    See :func:`medfusion.data.layout.detect_layout` for the detection of every layout.
+    """
     return "msd" if _msd_root(Path(root)) is not None else "brats"
 
 
@@ -137,8 +151,9 @@ def _scan(
     return sorted(found, key=lambda t: (t[0].name, str(t[0]))), sorted(unmatched)
 
 
-def _case_dirs(root: Path, max_depth: int = MAX_DEPTH) -> list[tuple[Path, str, dict[str, str], set[str]]]:
-    return _scan(root, max_depth)[0]
+def unmatched_nifti(root: str | os.PathLike, max_depth: int = MAX_DEPTH) -> list[tuple[Path, list[str]]]:
+    """Folders under ``root`` holding NIfTI files that are not in a BraTS case folder, with those files."""
+    return _scan(Path(root).expanduser(), max_depth)[1]
 
 
 def duplicate_case_dirs(case_dirs: Sequence[Path]) -> list[str]:
@@ -158,23 +173,28 @@ def duplicate_case_dirs(case_dirs: Sequence[Path]) -> list[str]:
     ]
 
 
-def no_cases_message(base: Path, unmatched: Sequence[tuple[Path, Sequence[str]]] = ()) -> str:
-    """The "no BraTS cases" error: what was searched, what was expected, and what was found instead."""
-    msg = (
-        f"No BraTS cases under {base} (searched it and {MAX_DEPTH} folder levels below it): expected case folders "
-        "such as BraTS2021_00000/BraTS2021_00000_flair.nii.gz, BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz, "
-        "{HGG,LGG}/Brats18_*/..., or an MSD dataset.json."
-    )
+def unmatched_hint(unmatched: Sequence[tuple[Path, Sequence[str]]]) -> str:
+    """What was found instead of BraTS cases (NIfTI files in folders not named like BraTS) and what to do."""
+    msg = ""
     if unmatched:
         d, files = unmatched[0]
         shown = ", ".join(list(files)[:4]) + (", ..." if len(files) > 4 else "")
-        msg += (
-            f" Found {sum(len(f) for _, f in unmatched)} NIfTI file(s) in {len(unmatched)} folder(s) not named like "
-            f"BraTS (e.g. {d}: {shown})."
+        msg = (
+            f"Found {sum(len(f) for _, f in unmatched)} NIfTI file(s) in {len(unmatched)} folder(s) not named like "
+            f"BraTS (e.g. {d}: {shown}). "
         )
     return msg + (
-        " For other file names list the files in a volume manifest CSV (columns case_id, flair, t1, t1ce, t2, "
+        "For other file names list the files in a volume manifest CSV (columns case_id, flair, t1, t1ce, t2, "
         "label[, brain_mask]) and pass the CSV instead of the folder (docs/data.md)."
+    )
+
+
+def no_cases_message(base: Path, unmatched: Sequence[tuple[Path, Sequence[str]]] = ()) -> str:
+    """The "no BraTS cases" error: what was searched, what was expected, and what was found instead."""
+    return (
+        f"No BraTS cases under {base} (searched it and {MAX_DEPTH} folder levels below it): expected case folders "
+        "such as BraTS2021_00000/BraTS2021_00000_flair.nii.gz, BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz, "
+        "{HGG,LGG}/Brats18_*/..., or an MSD dataset.json. " + unmatched_hint(unmatched)
     )
 
 
@@ -243,6 +263,241 @@ def _discover_msd(root: Path, modalities: tuple[str, ...], require_label: bool) 
     return items
 
 
+def _case_entry(
+    case_dir: Path,
+    sep: str,
+    suffixes: Mapping[str, str],
+    files: set[str],
+    mods: Sequence[str],
+    require_label: bool,
+    allow_missing_modalities: bool,
+    log_missing: bool = True,
+) -> dict[str, Any]:
+    """The datalist entry of one case folder (``modality_mask`` set, no ``sample_index`` yet).
+
+    Raises:
+        FileNotFoundError: a modality file absent while ``allow_missing_modalities`` is False, a required label
+            absent, a modality or label file that is a dangling symbolic link.
+    """
+    case_id = case_dir.name
+    source = _source(case_id)
+    by_name = {v: k for k, v in suffixes.items()}
+    entry: dict[str, Any] = {Keys.CASE_ID: case_id}
+    present = []
+    for m in mods:
+        stem = f"{case_id}{sep}{by_name[m]}"
+        path = _find(case_dir, stem, files)
+        _refuse_dangling(path, f"{source} case {case_id}: {m}")
+        if path is None:
+            looked = ", ".join(stem + e for e in _EXTS)
+            if not allow_missing_modalities:
+                raise FileNotFoundError(f"{source} case {case_id}: no {m} file (looked for {looked}).")
+            if log_missing:
+                logger.warning("%s case %s: no %s file (looked for %s); missing.", source, case_id, m, looked)
+        entry[m] = str(path) if path else None
+        present.append(path is not None)
+    seg = _seg_file(case_dir, sep, files)
+    _refuse_dangling(seg, f"{source} case {case_id}: label")
+    if require_label and seg is None:
+        looked = ", ".join(f"{case_id}{sep}seg{e}" for e in _EXTS)
+        raise FileNotFoundError(f"{source} case {case_id}: no label file (looked for {looked} in {case_dir}).")
+    entry[Keys.LABEL] = str(seg) if seg else None
+    entry[Keys.LABEL_CONVENTION] = "brats2023" if sep == "-" else "brats"
+    entry["source"] = source
+    entry[Keys.MASK] = present
+    return entry
+
+
+def _no_modality(entry: Mapping[str, Any], mods: Sequence[str]) -> str | None:
+    if any(entry[Keys.MASK]):
+        return None
+    return f"case {entry[Keys.CASE_ID]}: none of the modalities {list(mods)} was found."
+
+
+def _finish(items: list[dict[str, Any]], mods: Sequence[str], label_convention: Any) -> list[dict[str, Any]]:
+    """Refuse a case without any modality, set a fixed convention, number the entries."""
+    from medfusion.data.labels import convention_key
+
+    fixed = convention_key(label_convention) if label_convention is not None else None
+    for i, entry in enumerate(items):
+        none = _no_modality(entry, mods)
+        if none:
+            raise ValueError(none)
+        if fixed is not None:
+            entry[Keys.LABEL_CONVENTION] = fixed
+        entry[Keys.INDEX] = i
+    return items
+
+
+def _folder(path: str | os.PathLike) -> Path:
+    base = Path(path).expanduser()
+    if not base.is_dir():
+        raise FileNotFoundError(f"BraTS dataset folder {base} does not exist or is not a folder.")
+    return base
+
+
+class VolumeLayout(DatasetLayout):
+    """A layout of the ``brats`` family: 3D volumes of flair/t1/t1ce/t2 with label maps and a label convention.
+
+    :meth:`discover` and :meth:`scan` check the modalities and the convention (usage errors raise) and hand the
+    rest to the subclass's :meth:`_discover` / :meth:`_scan`.
+    """
+
+    family = "brats"
+    default_modalities = BRATS_MODALITIES
+
+    def discover(
+        self,
+        path: str | os.PathLike,
+        modalities: Sequence[str] | None = None,
+        require_label: bool = False,
+        allow_missing_modalities: bool = True,
+        label_convention: Any = None,
+    ) -> list[dict[str, Any]]:
+        """The datalist (see :func:`discover_brats` for the arguments, the keys and the errors)."""
+        mods = validate_modalities(modalities or BRATS_MODALITIES, BRATS_MODALITIES)
+        return self._discover(Path(path).expanduser(), mods, require_label, allow_missing_modalities, label_convention)
+
+    def scan(
+        self,
+        path: str | os.PathLike,
+        modalities: Sequence[str] | None = None,
+        *,
+        require_label: bool = True,
+        label_convention: Any = None,
+    ) -> LayoutScan:
+        """Every case with the problems found while discovering it; labels are checked later (``check-data``).
+
+        Raises:
+            ValueError: unknown modality names or label convention.
+            FileNotFoundError: ``path`` does not exist.
+        """
+        from medfusion.data.labels import convention_key
+
+        mods = validate_modalities(modalities or BRATS_MODALITIES, BRATS_MODALITIES)
+        fixed = convention_key(label_convention) if label_convention is not None else None
+        return self._scan(Path(path).expanduser(), mods, fixed)
+
+    def _discover(
+        self, path: Path, mods: tuple[str, ...], require_label: bool, allow_missing: bool, label_convention: Any
+    ) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _scan(self, path: Path, mods: tuple[str, ...], label_convention: str | None) -> LayoutScan:
+        raise NotImplementedError
+
+
+class BratsLayout(VolumeLayout):
+    """BraTS 2018-2023 case folders, found in the dataset folder and up to :data:`MAX_DEPTH` levels below it."""
+
+    name = "brats"
+    expects = (
+        f"BraTS 2018-2023 case folders (searched it and {MAX_DEPTH} folder levels below it) such as "
+        "BraTS2021_00000/BraTS2021_00000_flair.nii.gz, BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz or "
+        "{HGG,LGG}/Brats18_*/..."
+    )
+
+    def detect(self, path: str | os.PathLike) -> bool:
+        """True for a folder holding at least one BraTS case folder (itself or up to 3 levels below)."""
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            return False
+        try:
+            return bool(_scan(p)[0])
+        except PermissionError:  # an unreadable folder: the scan reports it
+            return True
+
+    def _discover(
+        self, path: Path, mods: tuple[str, ...], require_label: bool, allow_missing: bool, label_convention: Any
+    ) -> list[dict[str, Any]]:
+        base = _folder(path)
+        case_dirs, unmatched = _scan(base)
+        dups = duplicate_case_dirs([d for d, *_ in case_dirs])
+        if dups:
+            raise ValueError(" ".join(dups))
+        if not case_dirs:
+            raise FileNotFoundError(no_cases_message(base, unmatched))
+        items = [
+            _case_entry(d, sep, suffixes, files, mods, require_label, allow_missing)
+            for d, sep, suffixes, files in case_dirs
+        ]
+        return _finish(items, mods, label_convention)
+
+    def _scan(self, path: Path, mods: tuple[str, ...], label_convention: str | None) -> LayoutScan:
+        """Every case folder on its own: a case that cannot be discovered is that case's error."""
+        base = _folder(path)
+        out = LayoutScan(self.name, str(base), mods, sort_cases=True)
+        unmatched: list[tuple[Path, list[str]]] = []
+        try:
+            case_dirs, unmatched = _scan(base)
+        except PermissionError as err:
+            case_dirs = []
+            out.dataset_errors.append(str(err))
+        out.dataset_errors += duplicate_case_dirs([d for d, *_ in case_dirs])
+        if not case_dirs and not out.dataset_errors:
+            out.dataset_errors.append(no_cases_message(base, unmatched))
+        for d, sep, sfx, files in case_dirs:
+            try:  # missing modality files are not logged: the check reports them per case
+                entry = _case_entry(d, sep, sfx, files, mods, False, True, log_missing=False)
+            except (FileNotFoundError, PermissionError) as err:
+                out.case_errors.setdefault(d.name, []).append(str(err))
+                continue
+            none = _no_modality(entry, mods)
+            if none:
+                out.case_errors.setdefault(d.name, []).append(none)
+                continue
+            if label_convention is not None:
+                entry[Keys.LABEL_CONVENTION] = label_convention
+            entry[Keys.INDEX] = len(out.entries)
+            out.entries.append(entry)
+        return out
+
+
+class MsdLayout(VolumeLayout):
+    """MSD Task01_BrainTumour: ``dataset.json`` (in the folder or a child) and 4D ``imagesTr`` volumes."""
+
+    name = "msd"
+    expects = "an MSD Task01 folder holding dataset.json (in it or in a child folder) and 4D imagesTr/*.nii.gz"
+
+    def detect(self, path: str | os.PathLike) -> bool:
+        """True when the folder or one of its children holds ``dataset.json``."""
+        return _msd_root(Path(path).expanduser()) is not None
+
+    def accepts(self, path: str | os.PathLike) -> bool:
+        """Only an MSD folder (an empty folder is read as BraTS, whose error says what was searched)."""
+        return self.detect(path)
+
+    def roots(self, path: str | os.PathLike) -> dict[str, Path | None]:
+        """``{"root": the folder holding dataset.json}``."""
+        base = Path(path).expanduser()
+        return {"root": _msd_root(base) or base}
+
+    def _discover(
+        self, path: Path, mods: tuple[str, ...], require_label: bool, allow_missing: bool, label_convention: Any
+    ) -> list[dict[str, Any]]:
+        """The ``training`` entries of ``dataset.json`` (``image_4d`` + ``image_4d_channels``)."""
+        base = _folder(path)
+        root = self.roots(base)["root"]
+        assert root is not None
+        items = _discover_msd(root, mods, require_label)
+        if not items:
+            raise FileNotFoundError(no_cases_message(base))
+        return _finish(items, mods, label_convention)
+
+    def _scan(self, path: Path, mods: tuple[str, ...], label_convention: str | None) -> LayoutScan:
+        """The discovery of ``dataset.json`` (a problem there is a dataset error)."""
+        out = LayoutScan(self.name, str(_folder(path)), mods, sort_cases=True)
+        try:
+            out.entries = self._discover(path, mods, False, True, label_convention)
+        except (ValueError, FileNotFoundError, PermissionError) as err:
+            out.dataset_errors.append(str(err))
+        return out
+
+
+BRATS = register_layout(BratsLayout())
+MSD = register_layout(MsdLayout())
+
+
 def discover_brats(
     root: str | os.PathLike,
     modalities: Sequence[str] = BRATS_MODALITIES,
@@ -251,6 +506,10 @@ def discover_brats(
     label_convention: Any = None,
 ) -> list[dict[str, Any]]:
     """Find every BraTS case under ``root`` whatever the release's layout, or read a volume manifest.
+
+    The layout is the first of the ``brats`` family (:data:`medfusion.data.layout.LAYOUT_FAMILIES`: volume
+    manifest, MSD, BraTS folders) that recognises ``root``; a ``.csv`` is read as a volume manifest, any other
+    path as BraTS folders.
 
     Args:
         root: dataset folder (the release folder or any parent up to :data:`MAX_DEPTH` levels above the
@@ -275,66 +534,16 @@ def discover_brats(
         ValueError: unknown modality names or convention; a case with none of the requested modalities;
             two case folders with the same name (the message names both paths).
     """
-    from medfusion.data.labels import convention_key
+    from medfusion.data.layout import resolve_layout
 
     mods = validate_modalities(modalities, BRATS_MODALITIES)
-    base = Path(root).expanduser()
-    if base.is_file() and base.suffix.lower() == ".csv":
-        from medfusion.data.volume_manifest import read_volume_manifest
-
-        return read_volume_manifest(
-            base, mods, require_label, label_convention, "missing" if allow_missing_modalities else "error"
-        )
-    if not base.is_dir():
-        raise FileNotFoundError(f"BraTS dataset folder {base} does not exist or is not a folder.")
-    fixed = convention_key(label_convention) if label_convention is not None else None
-    msd = _msd_root(base)
-    if msd is not None:
-        items = _discover_msd(msd, mods, require_label)
-    else:
-        items = []
-        case_dirs, unmatched = _scan(base)
-        dups = duplicate_case_dirs([d for d, *_ in case_dirs])
-        if dups:
-            raise ValueError(" ".join(dups))
-        if not case_dirs:
-            raise FileNotFoundError(no_cases_message(base, unmatched))
-        for case_dir, sep, suffixes, files in case_dirs:
-            case_id = case_dir.name
-            source = _source(case_id)
-            by_name = {v: k for k, v in suffixes.items()}
-            entry: dict[str, Any] = {Keys.CASE_ID: case_id}
-            present = []
-            for m in mods:
-                stem = f"{case_id}{sep}{by_name[m]}"
-                path = _find(case_dir, stem, files)
-                _refuse_dangling(path, f"{source} case {case_id}: {m}")
-                if path is None:
-                    looked = ", ".join(stem + e for e in _EXTS)
-                    if not allow_missing_modalities:
-                        raise FileNotFoundError(f"{source} case {case_id}: no {m} file (looked for {looked}).")
-                    logger.warning("%s case %s: no %s file (looked for %s); missing.", source, case_id, m, looked)
-                entry[m] = str(path) if path else None
-                present.append(path is not None)
-            seg = _seg_file(case_dir, sep, files)
-            _refuse_dangling(seg, f"{source} case {case_id}: label")
-            if require_label and seg is None:
-                looked = ", ".join(f"{case_id}{sep}seg{e}" for e in _EXTS)
-                raise FileNotFoundError(f"{source} case {case_id}: no label file (looked for {looked} in {case_dir}).")
-            entry[Keys.LABEL] = str(seg) if seg else None
-            entry[Keys.LABEL_CONVENTION] = "brats2023" if sep == "-" else "brats"
-            entry["source"] = source
-            entry[Keys.MASK] = present
-            items.append(entry)
-    if not items:
-        raise FileNotFoundError(no_cases_message(base))
-    for i, entry in enumerate(items):
-        if not any(entry[Keys.MASK]):
-            raise ValueError(f"case {entry[Keys.CASE_ID]}: none of the modalities {list(mods)} was found.")
-        if fixed is not None:
-            entry[Keys.LABEL_CONVENTION] = fixed
-        entry[Keys.INDEX] = i
-    return items
+    return resolve_layout(Path(root).expanduser(), "brats").discover(
+        root,
+        mods,
+        require_label=require_label,
+        allow_missing_modalities=allow_missing_modalities,
+        label_convention=label_convention,
+    )
 
 
 def brats_case_split(

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medfusion.data.layout import LAYOUT_FAMILIES, LayoutScan, NoLayoutError, detect_layout, get_layout, resolve_layout
 from medfusion.modality import BRATS_MODALITIES, CLINICAL_MODALITIES, Keys, validate_modalities
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "check_manifest",
     "check_datalist",
     "check_path",
+    "check_scan",
     "detect_check_layout",
     "validate_before_training",
     "CHECK_LAYOUTS",
@@ -54,7 +56,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CHECK_LAYOUTS = ("auto", "brats", "mimic", "manifest")
+CHECK_LAYOUTS: tuple[str, ...] = ("auto", *LAYOUT_FAMILIES)
+"""``check-data --layout`` values: ``auto`` or a layout family (:data:`medfusion.data.layout.LAYOUT_FAMILIES`)."""
 _VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -757,6 +760,60 @@ def check_datalist(
 
 
 # --------------------------------------------------------------------------------------------- layouts
+def check_scan(
+    scan: LayoutScan,
+    require_label: bool = True,
+    check_labels: bool = True,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> CheckReport:
+    """Check the entries a layout found (:meth:`medfusion.data.layout.DatasetLayout.scan`) and add its problems.
+
+    The problems found while discovering a case come first in that case's lists; a case that could not be
+    discovered is reported with those problems only.
+
+    Args:
+        scan: what the layout found.
+        require_label: a segmentation case (label maps) without a label file is an error.
+        check_labels: read label maps and check their values against the case's convention.
+        num_workers: threads (see :func:`check_datalist`).
+        progress: show a progress bar on a terminal.
+
+    Returns:
+        The :class:`CheckReport` (``layout``: the layout's name).
+    """
+    report = check_datalist(
+        scan.entries,
+        scan.modalities,
+        require_label and scan.label_maps,
+        check_labels and scan.label_maps,
+        scan.same_grid,
+        scan.layout,
+        scan.root,
+        num_workers,
+        progress,
+        kinds=scan.kinds,
+        num_classes=scan.num_classes,
+        class_labels=scan.class_labels,
+    )
+    report.notes = list(scan.notes)
+    report.dataset_errors = list(scan.dataset_errors)
+    report.dataset_warnings = list(scan.dataset_warnings)
+    by_case: dict[str, CaseCheck] = {}
+    for c in report.cases:
+        by_case.setdefault(c.case_id, c)
+    for case in dict.fromkeys([*scan.case_errors, *scan.case_warnings]):
+        res = by_case.get(case)
+        if res is None:
+            res = by_case[case] = CaseCheck(case)
+            report.cases.append(res)
+        res.errors[:0] = scan.case_errors.get(case, [])
+        res.warnings[:0] = scan.case_warnings.get(case, [])
+    if scan.sort_cases:
+        report.cases.sort(key=lambda c: c.case_id)
+    return report
+
+
 def check_brats(
     dataset_dir: str | os.PathLike,
     modalities: Sequence[str] = BRATS_MODALITIES,
@@ -768,9 +825,10 @@ def check_brats(
 ) -> CheckReport:
     """Check a BraTS (2018-2023) or MSD Task01 dataset folder, or a volume manifest CSV.
 
-    Each case folder (manifest row) is discovered separately, so a case with no modality file is
-    reported as that case's error instead of aborting the whole check. Two case folders with the same
-    name are a dataset error naming both.
+    The layout is the member of the ``brats`` family that recognises the path
+    (:func:`medfusion.data.layout.resolve_layout`). Each case folder (manifest row) is discovered separately,
+    so a case with no modality file is reported as that case's error instead of aborting the whole check. Two
+    case folders with the same name are a dataset error naming both.
 
     Args:
         dataset_dir: folder as accepted by :func:`medfusion.data.brats.discover_brats`, or a volume
@@ -790,95 +848,9 @@ def check_brats(
         ValueError: unknown modality names or label convention (a usage error, not a data problem).
         FileNotFoundError: ``dataset_dir`` does not exist.
     """
-    from medfusion.data import brats
-    from medfusion.data.labels import convention_key
-
-    mods = validate_modalities(modalities, BRATS_MODALITIES)
-    fixed = convention_key(label_convention) if label_convention is not None else None
-    root = Path(dataset_dir).expanduser()
-    if root.is_file() and root.suffix.lower() == ".csv":
-        return _check_volume_manifest(root, mods, require_label, check_labels, num_workers, progress, fixed)
-    if not root.is_dir():
-        raise FileNotFoundError(f"BraTS dataset folder {root} does not exist or is not a folder.")
-    layout = brats.detect_layout(root)
-    entries: list[dict[str, Any]] = []
-    early: list[CaseCheck] = []
-    dataset_errors: list[str] = []
-    if layout == "msd":
-        try:
-            entries = brats.discover_brats(root, mods, require_label=False, label_convention=fixed)
-        except (ValueError, FileNotFoundError, PermissionError) as err:
-            dataset_errors.append(str(err))
-    else:
-        unmatched: list[tuple[Path, list[str]]] = []
-        try:
-            case_dirs, unmatched = brats._scan(root)
-        except PermissionError as err:
-            case_dirs = []
-            dataset_errors.append(str(err))
-        dataset_errors += brats.duplicate_case_dirs([d for d, *_ in case_dirs])
-        if not case_dirs and not dataset_errors:
-            dataset_errors.append(brats.no_cases_message(root, unmatched))
-        prev = logging.getLogger(brats.__name__).level
-        logging.getLogger(brats.__name__).setLevel(logging.ERROR)  # missing files are reported as warnings below
-        try:
-            for case_dir, *_ in case_dirs:
-                try:
-                    entries += brats.discover_brats(case_dir, mods, require_label=False, label_convention=fixed)
-                except (ValueError, FileNotFoundError, PermissionError) as err:
-                    early.append(CaseCheck(case_dir.name, errors=[str(err)]))
-        finally:
-            logging.getLogger(brats.__name__).setLevel(prev)
-    report = check_datalist(
-        entries, mods, require_label, check_labels, True, layout, str(root), num_workers=num_workers, progress=progress
-    )
-    report.dataset_errors = dataset_errors
-    report.cases = sorted(report.cases + early, key=lambda c: c.case_id)
-    return report
-
-
-def _check_volume_manifest(
-    path: Path,
-    mods: Sequence[str],
-    require_label: bool,
-    check_labels: bool,
-    num_workers: int | None,
-    progress: bool,
-    label_convention: str | None,
-) -> CheckReport:
-    """Volume manifest: row problems (missing files, duplicate ids, bad conventions) + every file of the good rows."""
-    from medfusion.data.volume_manifest import read_volume_rows
-
-    report = CheckReport("volume_manifest", str(path))
-    try:
-        entries, errors, warnings = read_volume_rows(path, mods, label_convention)
-    except ValueError as err:
-        report.dataset_errors.append(str(err))
-        return report
-    part = check_datalist(
-        entries, mods, require_label, check_labels, True, "volume_manifest", str(path), num_workers, progress
-    )
-    by_case = {c.case_id: c for c in part.cases}
-    for case in dict.fromkeys([*errors, *warnings]):
-        res = by_case.setdefault(case, CaseCheck(case))
-        res.errors[:0] = errors.get(case, [])
-        res.warnings[:0] = warnings.get(case, [])
-    report.cases = list(by_case.values())
-    return report
-
-
-def _mimic_roots(
-    path: Path, cxr_root: str | os.PathLike | None, reports_root: str | os.PathLike | None
-) -> tuple[Path, Path | None, Path | None]:
-    if (path / "ehr").is_dir():  # dataset folder as written by ``medfusion synth clinical``
-        cxr = Path(cxr_root) if cxr_root is not None else (path / "cxr" if (path / "cxr").is_dir() else None)
-        rep = (
-            Path(reports_root)
-            if reports_root is not None
-            else (path / "reports" if (path / "reports").is_dir() else cxr)
-        )
-        return path / "ehr", cxr, rep
-    return path, Path(cxr_root) if cxr_root else None, Path(reports_root) if reports_root else None
+    path = Path(dataset_dir).expanduser()
+    scan = resolve_layout(path, "brats").scan(path, modalities, label_convention=label_convention)
+    return check_scan(scan, require_label, check_labels, num_workers, progress)
 
 
 def check_clinical(
@@ -896,8 +868,8 @@ def check_clinical(
 
     Args:
         ehr_root: mimic3-benchmarks root, or a dataset folder holding ``ehr/``, ``cxr/``, ``reports/``
-            (as ``medfusion synth clinical`` writes).
-        cxr_root: MIMIC-CXR root (default: ``<dataset>/cxr`` when ``ehr_root`` is a dataset folder).
+            (as ``medfusion synth clinical`` writes); see :meth:`medfusion.data.mimic.MimicLayout.roots`.
+        cxr_root: MIMIC-CXR root (default: ``<dataset>/cxr`` when it exists).
         reports_root: reports root (default: ``<dataset>/reports``, else ``cxr_root``).
         modalities: subset of ``("ehr", "cxr", "report")``; cxr/report are skipped when there is no CXR root.
         task: mimic3-benchmarks task folder.
@@ -913,27 +885,16 @@ def check_clinical(
         ValueError: unknown modality names.
         FileNotFoundError: ``ehr_root`` does not exist.
     """
-    from medfusion.data.mimic import discover_mimic
-
-    mods = validate_modalities(modalities, CLINICAL_MODALITIES)
-    path = Path(ehr_root).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"MIMIC-style folder {path} does not exist or is not a folder.")
-    ehr, cxr, rep = _mimic_roots(path, cxr_root, reports_root)
-    if cxr is None:
-        mods = tuple(m for m in mods if m == "ehr") or mods
-    report = CheckReport("mimic", str(path))
-    for split in splits:
-        try:
-            items = discover_mimic(ehr, cxr, rep, task=task, split=split, modalities=mods, **discover_kwargs)
-        except (ValueError, FileNotFoundError) as err:
-            report.dataset_errors.append(f"split {split}: {err}")
-            continue
-        for it in items:
-            it[Keys.CASE_ID] = f"{split}/{it[Keys.CASE_ID]}"
-        part = check_datalist(items, mods, False, False, False, "mimic", str(path), num_workers, progress)
-        report.cases += part.cases
-    return report
+    scan = get_layout("mimic").scan(
+        ehr_root,
+        modalities,
+        cxr_root=cxr_root,
+        reports_root=reports_root,
+        task=task,
+        splits=splits,
+        **discover_kwargs,
+    )
+    return check_scan(scan, False, False, num_workers, progress)
 
 
 def check_manifest(
@@ -980,129 +941,35 @@ def check_manifest(
     Raises:
         FileNotFoundError: the manifest does not exist.
     """
-    from medfusion.data.manifest import read_manifest
-
-    path = Path(csv).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Manifest {path} does not exist.")
-    if modalities is not None and not isinstance(modalities, Mapping):
-        modalities = {str(m): str(m) for m in modalities}
-    report = CheckReport("manifest", str(path))
-    manifest_logger = logging.getLogger("medfusion.data.manifest")
-    prev = manifest_logger.level
-    manifest_logger.setLevel(logging.ERROR)  # what it would log is in the report
-    try:
-        man = read_manifest(
-            path, modalities, id_column, label_columns, label_values, kinds, missing_files, group_column, split_column
-        )
-    except (ValueError, FileNotFoundError) as err:
-        report.dataset_errors.append(str(err))
-        return report
-    finally:
-        manifest_logger.setLevel(prev)
-    kinds_text = ", ".join(
-        f"{m}={k}" + (f" ({len(c)} columns)" if isinstance(c, list) else f" (column {c!r})")
-        for (m, k), c in zip(man.kinds.items(), man.columns.values())
-    )
-    report.notes.append(f"modality kinds: {kinds_text}")
-    if man.guessed:
-        report.dataset_warnings.append(
-            f"no kind given for {man.guessed}; guessed {[man.kinds[m] for m in man.guessed]} from the values (pass "
-            "the bundle's modality kinds: --bundle, or --kinds name=kind / --tabular name=col1,col2)."
-        )
-    present = {m: sum(bool(it[Keys.MASK][j]) for it in man.items) for j, m in enumerate(man.columns)}
-    report.notes.append(
-        "present per modality (before reading the files): "
-        + ", ".join(f"{m} {n}/{man.n_rows}" for m, n in present.items())
-    )
-    if man.encodings:
-        report.notes.append(
-            "categorical columns encoded: "
-            + "; ".join(f"{c}: " + ", ".join(f"{k}={int(v)}" for k, v in e.items()) for c, e in man.encodings.items())
-        )
-    report.dataset_warnings += man.summary_lines()
-    by_mod: dict[str, list[str]] = {}
-    for m, msg in man.notes:
-        by_mod.setdefault(m, []).append(msg.split(":")[0].replace("row ", ""))
-    for m, rows in by_mod.items():
-        report.dataset_warnings.append(
-            f"{m}: {len(rows)} cell(s) look like file paths but do not end in .txt, so they are read as inline text "
-            f"(rows {_id_list(rows)})."
-        )
-    report.dataset_warnings += _group_warnings(man)
-    part = check_datalist(
-        man.items,
-        list(man.columns),
-        False,
-        False,
-        False,
-        "manifest",
-        str(path),
-        num_workers,
-        progress,
-        kinds=man.kinds,
+    scan = get_layout("manifest").scan(
+        csv,
+        modalities,
+        id_column=id_column,
+        label_columns=label_columns,
+        label_values=label_values,
+        kinds=kinds,
+        missing_files=missing_files,
+        group_column=group_column,
+        split_column=split_column,
         num_classes=num_classes,
         class_labels=class_labels,
     )
-    report.cases = part.cases
-    return report
-
-
-def _group_warnings(man: Any) -> list[str]:
-    """Repeated ids in patient-id-like columns (without a group column) and groups split across a split column."""
-    from medfusion.data.manifest import looks_like_patient_id
-
-    table = pd.read_csv(man.path, dtype=str, keep_default_na=False, na_filter=False)
-    table.columns = [str(c).strip() for c in table.columns]
-    used = {man.id_column, *man.label_columns, man.split_column}
-    for cols in man.columns.values():
-        used.update([cols] if isinstance(cols, str) else cols)
-    out = []
-    for col in table.columns:
-        if col in used or not looks_like_patient_id(col):
-            continue
-        values = [v.strip() for v in table[col].tolist() if v.strip()]
-        counts = pd.Series(values).value_counts()
-        repeated = counts[counts > 1]
-        if col == man.group_column or repeated.empty:
-            continue
-        out.append(
-            f"column {col!r} looks like a patient id and {len(repeated)} of its {len(counts)} ids repeat (up to "
-            f"{int(counts.max())} rows each, e.g. {_id_list(list(map(str, repeated.index)), 3)}): a random row split "
-            f"puts rows of one patient in train and test; split by patient with group_column {col!r} "
-            f"(bundle: --group_column {col})."
-        )
-    if man.group_column and man.split_column:
-        splits: dict[str, set[str]] = {}
-        for it in man.items:
-            splits.setdefault(str(it[Keys.GROUP]), set()).add(str(it[Keys.SPLIT]))
-        leaked = sorted(g for g, sp in splits.items() if len(sp) > 1)
-        if leaked:
-            out.append(
-                f"{len(leaked)} group(s) of column {man.group_column!r} have rows in more than one split of column "
-                f"{man.split_column!r} ({_id_list(leaked)}); test results on them are optimistic."
-            )
-    return out
+    return check_scan(scan, False, False, num_workers, progress)
 
 
 def detect_check_layout(path: str | os.PathLike) -> str:
-    """Layout of a dataset path for :func:`check_path`.
+    """The ``check-data --layout`` name (layout family) of a dataset path for :func:`check_path`.
 
     Returns:
-        ``"brats"`` for a volume manifest (:func:`medfusion.data.volume_manifest.is_volume_manifest`),
-        ``"manifest"`` for any other ``.csv`` file, ``"mimic"`` for a folder holding ``ehr/`` (or a
-        mimic3-benchmarks root holding ``root/all_stays.csv``), else ``"brats"``.
-    """
-    from medfusion.data.volume_manifest import is_volume_manifest
+        ``"brats"`` for a BraTS or MSD folder or a volume manifest, ``"mimic"`` for a folder holding ``ehr/``
+        (or a mimic3-benchmarks root holding ``root/all_stays.csv``), ``"manifest"`` for any other ``.csv``
+        file (or a folder holding ``manifest/manifest.csv``); see :func:`medfusion.data.layout.detect_layout`.
 
-    p = Path(path)
-    if is_volume_manifest(p):
-        return "brats"
-    if p.suffix.lower() == ".csv":
-        return "manifest"
-    if (p / "ehr").is_dir() or (p / "root" / "all_stays.csv").is_file():
-        return "mimic"
-    return "brats"
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        medfusion.data.layout.NoLayoutError: no layout recognises ``path`` (the message names the layouts tried).
+    """
+    return detect_layout(path).family
 
 
 def check_path(
@@ -1116,11 +983,12 @@ def check_path(
     label_convention: Any = None,
     **manifest_kwargs: Any,
 ) -> CheckReport:
-    """Check a dataset given by path, choosing the checker from ``layout``.
+    """Check a dataset given by path with the layout that reads it (:func:`medfusion.data.layout.resolve_layout`).
 
     Args:
-        path: BraTS/MSD folder, MIMIC-style dataset folder or CSV manifest.
-        layout: one of :data:`CHECK_LAYOUTS` (``"auto"``: see :func:`detect_check_layout`).
+        path: BraTS/MSD folder, volume manifest, MIMIC-style dataset folder or CSV manifest.
+        layout: one of :data:`CHECK_LAYOUTS` (``"auto"``: the layout that recognises ``path``; when none does,
+            the report holds one dataset error naming the layouts tried).
         modalities: modality names (default per layout: BraTS four, MIMIC ``ehr, cxr, report``, manifest:
             every non-id, non-label column); for a manifest also ``{name: column or [columns]}``.
         require_label: BraTS: every case needs a label; manifest: read ``label_columns`` (default ``label``)
@@ -1130,7 +998,8 @@ def check_path(
         progress: progress bar on a terminal.
         label_convention: BraTS / volume manifest: the dataset's label convention (see :func:`check_brats`).
         **manifest_kwargs: for a CSV manifest, :func:`check_manifest` arguments (``kinds``, ``id_column``,
-            ``label_columns``, ``group_column``, ``split_column``, ``missing_files``, ``num_classes``).
+            ``label_columns``, ``group_column``, ``split_column``, ``missing_files``, ``num_classes``); ignored
+            for other layouts.
 
     Raises:
         ValueError: unknown layout or modality names.
@@ -1138,27 +1007,18 @@ def check_path(
     """
     if layout not in CHECK_LAYOUTS:
         raise ValueError(f"layout must be one of {list(CHECK_LAYOUTS)}, got {layout!r}.")
-    if not Path(path).exists():
+    p = Path(path).expanduser()
+    if not p.exists():
         raise FileNotFoundError(f"dataset path {path} does not exist.")
-    kind = detect_check_layout(path) if layout == "auto" else layout
-    if kind == "manifest":
-        kw = dict(manifest_kwargs)
-        if not require_label:
-            kw["label_columns"] = ()
-        kw.setdefault("class_labels", require_label)
-        return check_manifest(path, modalities, num_workers=num_workers, progress=progress, **kw)
-    mods = list(modalities) if modalities is not None else None
-    if kind == "mimic":
-        return check_clinical(path, modalities=mods or CLINICAL_MODALITIES, num_workers=num_workers, progress=progress)
-    return check_brats(
-        path,
-        mods or BRATS_MODALITIES,
-        require_label and check_labels,
-        check_labels,
-        num_workers,
-        progress,
-        label_convention,
-    )
+    try:
+        lay = resolve_layout(p, layout)
+    except NoLayoutError as err:
+        return CheckReport("unknown", str(path), dataset_errors=[str(err)])
+    manifest = lay.family == "manifest"
+    mods = modalities if manifest or modalities is None else list(modalities)
+    options = manifest_kwargs if manifest else {}
+    scan = lay.scan(p, mods, require_label=require_label, label_convention=label_convention, **options)
+    return check_scan(scan, require_label and check_labels, check_labels, num_workers, progress)
 
 
 def validate_before_training(

@@ -20,9 +20,9 @@ values, never from the zeros. Single NaN features of a present tabular modality 
 encoder (:class:`medfusion.encoders.tabular.TabularEncoder`) imputes them with statistics fitted on the
 training split and adds missing-indicator features.
 
-Usage::
+Usage (the datalist from the dataset's layout, :mod:`medfusion.data.layout`)::
 
-    datalist = discover_mimic(ehr_root, cxr_root, split="train")
+    datalist = detect_layout(dataset_dir).discover(dataset_dir, split="train")  # a MIMIC-style folder
     ds = monai.data.Dataset(datalist, clinical_transforms({"ehr": "ehr", "cxr": "image", "report": "text"}))
 """
 

@@ -32,6 +32,9 @@ Categorical tabular columns: a column whose non-empty values are all in one of :
 (``no``/``yes``, ``n``/``y``, ``false``/``true``, ``F``/``M``, ``female``/``male``, ``negative``/``positive``,
 ``absent``/``present``; any case) is encoded 0/1 (the first value of the pair is 0). Any other non-numeric
 value is an error naming the column and rows.
+
+The layout is :class:`ManifestLayout` (``manifest`` in :mod:`medfusion.data.layout`): a ``.csv`` file that is not
+a volume manifest, or a folder holding ``manifest/manifest.csv``.
 """
 
 from __future__ import annotations
@@ -47,9 +50,12 @@ from typing import Any
 
 import pandas as pd
 
+from medfusion.data.layout import DatasetLayout, LayoutScan, register_layout
 from medfusion.modality import Keys, validate_modalities
 
 __all__ = [
+    "ManifestLayout",
+    "MANIFEST",
     "MODALITY_KINDS",
     "PATH_KINDS",
     "NA_TOKENS",
@@ -269,6 +275,8 @@ def read_manifest(
     missing_files: str = "missing",
     group_column: str | None = None,
     split_column: str | None = None,
+    *,
+    log: bool = True,
 ) -> Manifest:
     """Read a CSV manifest into a :class:`Manifest` (datalist + what was absent, dropped, guessed, encoded).
 
@@ -289,6 +297,8 @@ def read_manifest(
         missing_files: ``"missing"`` (an absent file = missing modality) or ``"error"`` (raise, listing all).
         group_column: column of a group id (patient); copied into each item as ``group``.
         split_column: column naming each row's split (``train``/``val``/``test``/``meta_val``); copied as ``split``.
+        log: log the guessed kinds, absent files and dropped rows (``False``: the caller reports them from the
+            :class:`Manifest`, as ``check-data`` does).
 
     Returns:
         The :class:`Manifest`. Each item: ``case_id``, ``sample_index``, ``label`` (when label columns are
@@ -344,7 +354,7 @@ def read_manifest(
         else:
             resolved[m] = guess_kind([str(v) for v in df[cols].tolist()])
             guessed.append(m)
-    if guessed:
+    if guessed and log:
         logger.info(
             "Manifest %s: no kind given for %s; guessed %s from the values (pass kinds= / --kinds to set them).",
             path,
@@ -451,7 +461,7 @@ def read_manifest(
         group_column=group_column,
         split_column=split_column,
     )
-    for line in manifest.summary_lines():
+    for line in manifest.summary_lines() if log else ():
         logger.warning("Manifest %s: %s", path, line)
     if not items:
         absent_rows = [
@@ -459,7 +469,8 @@ def read_manifest(
         ]
         detail = (":\n  " + "\n  ".join(absent_rows[:20])) if absent_rows else "."
         raise ValueError(f"Manifest {path}: no row has any modality present ({len(df)} row(s) read){detail}")
-    logger.info("read_manifest: %d items from %s.", len(items), path)
+    if log:
+        logger.info("read_manifest: %d items from %s.", len(items), path)
     return manifest
 
 
@@ -531,3 +542,183 @@ def discover_manifest(
     return read_manifest(
         csv_path, modalities, id_column, label_columns, label_values, kinds, missing_files, group_column, split_column
     ).items
+
+
+def _group_warnings(man: Manifest) -> list[str]:
+    """Repeated ids in patient-id-like columns (without a group column) and groups split across a split column."""
+    table = pd.read_csv(man.path, dtype=str, keep_default_na=False, na_filter=False)
+    table.columns = [str(c).strip() for c in table.columns]
+    used = {man.id_column, *man.label_columns, man.split_column}
+    for cols in man.columns.values():
+        used.update([cols] if isinstance(cols, str) else cols)
+    out = []
+    for col in table.columns:
+        if col in used or not looks_like_patient_id(col):
+            continue
+        values = [v.strip() for v in table[col].tolist() if v.strip()]
+        counts = pd.Series(values).value_counts()
+        repeated = counts[counts > 1]
+        if col == man.group_column or repeated.empty:
+            continue
+        out.append(
+            f"column {col!r} looks like a patient id and {len(repeated)} of its {len(counts)} ids repeat (up to "
+            f"{int(counts.max())} rows each, e.g. {_listing(list(map(str, repeated.index)), 3)}): a random row split "
+            f"puts rows of one patient in train and test; split by patient with group_column {col!r} "
+            f"(bundle: --group_column {col})."
+        )
+    if man.group_column and man.split_column:
+        splits: dict[str, set[str]] = {}
+        for it in man.items:
+            splits.setdefault(str(it[Keys.GROUP]), set()).add(str(it[Keys.SPLIT]))
+        leaked = sorted(g for g, sp in splits.items() if len(sp) > 1)
+        if leaked:
+            out.append(
+                f"{len(leaked)} group(s) of column {man.group_column!r} have rows in more than one split of column "
+                f"{man.split_column!r} ({_listing(leaked)}); test results on them are optimistic."
+            )
+    return out
+
+
+def _manifest_notes(man: Manifest) -> tuple[list[str], list[str]]:
+    """Notes (kinds, presence per modality, encodings) and dataset warnings of a read manifest."""
+    kinds_text = ", ".join(
+        f"{m}={k}" + (f" ({len(c)} columns)" if isinstance(c, list) else f" (column {c!r})")
+        for (m, k), c in zip(man.kinds.items(), man.columns.values())
+    )
+    notes = [f"modality kinds: {kinds_text}"]
+    warnings = []
+    if man.guessed:
+        warnings.append(
+            f"no kind given for {man.guessed}; guessed {[man.kinds[m] for m in man.guessed]} from the values (pass "
+            "the bundle's modality kinds: --bundle, or --kinds name=kind / --tabular name=col1,col2)."
+        )
+    present = {m: sum(bool(it[Keys.MASK][j]) for it in man.items) for j, m in enumerate(man.columns)}
+    notes.append(
+        "present per modality (before reading the files): "
+        + ", ".join(f"{m} {n}/{man.n_rows}" for m, n in present.items())
+    )
+    if man.encodings:
+        notes.append(
+            "categorical columns encoded: "
+            + "; ".join(f"{c}: " + ", ".join(f"{k}={int(v)}" for k, v in e.items()) for c, e in man.encodings.items())
+        )
+    warnings += man.summary_lines()
+    by_mod: dict[str, list[str]] = {}
+    for m, msg in man.notes:
+        by_mod.setdefault(m, []).append(msg.split(":")[0].replace("row ", ""))
+    for m, rows in by_mod.items():
+        warnings.append(
+            f"{m}: {len(rows)} cell(s) look like file paths but do not end in .txt, so they are read as inline text "
+            f"(rows {_listing(rows)})."
+        )
+    return notes, warnings + _group_warnings(man)
+
+
+class ManifestLayout(DatasetLayout):
+    """A generic CSV manifest (:func:`read_manifest`): a ``.csv``, or a folder holding ``manifest/manifest.csv``."""
+
+    name = "manifest"
+    family = "manifest"
+    expects = "a .csv manifest (one row per sample), or a folder holding manifest/manifest.csv"
+    is_file = True
+
+    def roots(self, path: str | os.PathLike, manifest_csv: str | os.PathLike | None = None) -> dict[str, Path | None]:
+        """``{"csv": manifest_csv}``, else ``path`` when it is a ``.csv``, else ``<path>/manifest/manifest.csv``."""
+        p = Path(path).expanduser()
+        if manifest_csv is not None:
+            return {"csv": Path(manifest_csv).expanduser()}
+        return {"csv": p if p.suffix.lower() == ".csv" else p / "manifest" / "manifest.csv"}
+
+    def detect(self, path: str | os.PathLike) -> bool:
+        """True when :meth:`roots` names an existing CSV that is not a volume manifest."""
+        from medfusion.data.volume_manifest import is_volume_manifest  # it imports this module
+
+        csv = self.roots(path)["csv"]
+        return csv is not None and csv.is_file() and not is_volume_manifest(csv)
+
+    def discover(
+        self,
+        path: str | os.PathLike,
+        modalities: Mapping[str, str | Sequence[str]] | Sequence[str] | None = None,
+        *,
+        label_columns: str | Sequence[str] = ("label",),
+        manifest_csv: str | os.PathLike | None = None,
+        labels_optional: bool = False,
+        **read_options: Any,
+    ) -> list[dict[str, Any]]:
+        """The datalist of :func:`read_manifest` on the dataset's CSV (:meth:`roots`).
+
+        Args:
+            path: the CSV, or a folder holding ``manifest/manifest.csv``.
+            modalities: ``{name: column or [columns]}``, or names (each its own column), or ``None`` (every column).
+            label_columns: label column(s).
+            manifest_csv: the CSV, when it is not the default of :meth:`roots`.
+            labels_optional: a CSV without the label column(s) is read unlabelled (inference) instead of failing.
+            **read_options: the other :func:`read_manifest` arguments (``id_column``, ``kinds``, ``missing_files``,
+                ``group_column``, ``split_column``, ``label_values``).
+        """
+        csv = self.roots(path, manifest_csv)["csv"]
+        assert csv is not None
+        labels = [label_columns] if isinstance(label_columns, str) else list(label_columns)
+        if labels_optional and labels and csv.is_file():
+            header = pd.read_csv(csv, nrows=0).columns.str.strip().tolist()
+            if any(c not in header for c in labels):
+                logger.info("Manifest %s has no label column %s; predicting without labels.", csv, labels)
+                labels = []
+        return read_manifest(csv, _spec(modalities), label_columns=labels, **read_options).items
+
+    def scan(
+        self,
+        path: str | os.PathLike,
+        modalities: Mapping[str, str | Sequence[str]] | Sequence[str] | None = None,
+        *,
+        require_label: bool = True,
+        label_convention: Any = None,
+        label_columns: str | Sequence[str] = ("label",),
+        num_classes: int | None = None,
+        class_labels: bool | None = None,
+        manifest_csv: str | os.PathLike | None = None,
+        **read_options: Any,
+    ) -> LayoutScan:
+        """Read the manifest without logging; a manifest that cannot be parsed is one dataset error.
+
+        ``require_label=False`` reads no label column; ``class_labels`` (default ``require_label``) and
+        ``num_classes`` say how the labels are checked (integer class indices); ``read_options`` as in
+        :meth:`discover`. Notes: the kinds used, the presence per modality, the categorical encodings; dataset
+        warnings: guessed kinds, absent files, dropped rows, text cells that look like paths, repeated patient
+        ids, groups in several splits.
+        """
+        csv = self.roots(path, manifest_csv)["csv"]
+        assert csv is not None
+        if not csv.is_file():
+            raise FileNotFoundError(f"Manifest {csv} does not exist.")
+        out = LayoutScan(
+            self.name,
+            str(csv),
+            (),
+            same_grid=False,
+            label_maps=False,
+            class_labels=require_label if class_labels is None else class_labels,
+            num_classes=num_classes,
+        )
+        labels = label_columns if require_label else ()
+        try:
+            man = read_manifest(csv, _spec(modalities), label_columns=labels, log=False, **read_options)
+        except (ValueError, FileNotFoundError) as err:
+            out.dataset_errors.append(str(err))
+            return out
+        out.entries, out.modalities, out.kinds = man.items, tuple(man.columns), dict(man.kinds)
+        out.notes, out.dataset_warnings = _manifest_notes(man)
+        return out
+
+
+def _spec(
+    modalities: Mapping[str, str | Sequence[str]] | Sequence[str] | None,
+) -> Mapping[str, str | Sequence[str]] | None:
+    """Modality names (each its own column) as ``{name: name}``; a mapping or ``None`` unchanged."""
+    if modalities is None or isinstance(modalities, Mapping):
+        return modalities
+    return {str(m): str(m) for m in modalities}
+
+
+MANIFEST = register_layout(ManifestLayout())

@@ -18,6 +18,10 @@ Pairing follows MedFuse: images of the stay's subject with a view in ``views``, 
 same study. A stay without a paired image (or report), or whose time series file is absent, keeps
 its item with that modality ``None`` (absent time series are logged; if none of a listfile's time
 series exist the layout is wrong and an error is raised).
+
+A dataset folder (:class:`MimicLayout`, ``mimic`` in :mod:`medfusion.data.layout`) is either a mimic3-benchmarks
+root (holding ``root/all_stays.csv``) or a folder holding ``ehr/``, ``cxr/`` and ``reports/`` (what ``medfusion
+synth clinical`` writes); :meth:`MimicLayout.roots` finds the three roots in it.
 """
 
 from __future__ import annotations
@@ -30,9 +34,19 @@ from typing import Any
 
 import pandas as pd
 
-from medfusion.modality import validate_modalities
+from medfusion.data.layout import DatasetLayout, LayoutScan, register_layout
+from medfusion.modality import CLINICAL_MODALITIES, Keys, validate_modalities
 
-__all__ = ["MIMIC_TASKS", "MIMIC_SPLITS", "PHENOTYPE_COUNT", "discover_mimic", "cxr_study_dir", "read_cxr_metadata"]
+__all__ = [
+    "MIMIC_TASKS",
+    "MIMIC_SPLITS",
+    "PHENOTYPE_COUNT",
+    "discover_mimic",
+    "cxr_study_dir",
+    "read_cxr_metadata",
+    "MimicLayout",
+    "MIMIC",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -339,3 +353,105 @@ def discover_mimic(
         logger.info("discover_mimic: %d stays lack a required modality %s; dropped.", dropped_required, list(req))
     logger.info("discover_mimic: %d items from %s.", len(items), listfile)
     return items
+
+
+class MimicLayout(DatasetLayout):
+    """MIMIC-style data: a folder holding ``ehr/`` (``cxr/``, ``reports/``) or a mimic3-benchmarks root."""
+
+    name = "mimic"
+    family = "mimic"
+    expects = (
+        "a MIMIC-style folder holding ehr/ (and cxr/, reports/, as `medfusion synth clinical` writes) or a "
+        "mimic3-benchmarks root holding root/all_stays.csv"
+    )
+    default_modalities = CLINICAL_MODALITIES
+
+    def detect(self, path: str | os.PathLike) -> bool:
+        """True for a folder holding ``ehr/`` or ``root/all_stays.csv``."""
+        p = Path(path).expanduser()
+        return p.is_dir() and ((p / "ehr").is_dir() or (p / "root" / "all_stays.csv").is_file())
+
+    def roots(
+        self,
+        path: str | os.PathLike,
+        ehr_root: str | os.PathLike | None = None,
+        cxr_root: str | os.PathLike | None = None,
+        reports_root: str | os.PathLike | None = None,
+    ) -> dict[str, Path | None]:
+        """``{"ehr", "cxr", "reports"}`` roots: the given ones, else the dataset folder's.
+
+        ``ehr``: ``<path>/ehr`` when it exists, else ``path`` (a mimic3-benchmarks root). ``cxr``: ``<path>/cxr``
+        when it exists, else ``None``. ``reports``: ``<path>/reports`` when it exists, else the CXR root
+        (MIMIC-CXR ships the reports next to the study folders).
+        """
+        p = Path(path).expanduser()
+        ehr = Path(ehr_root) if ehr_root is not None else (p / "ehr" if (p / "ehr").is_dir() else p)
+        cxr = Path(cxr_root) if cxr_root is not None else (p / "cxr" if (p / "cxr").is_dir() else None)
+        reports = p / "reports" if (p / "reports").is_dir() else cxr
+        reports = Path(reports_root) if reports_root is not None else reports
+        return {"ehr": ehr, "cxr": cxr, "reports": reports}
+
+    def discover(
+        self,
+        path: str | os.PathLike,
+        modalities: Sequence[str] | None = None,
+        split: str = "train",
+        task: str = "in-hospital-mortality",
+        ehr_root: str | os.PathLike | None = None,
+        cxr_root: str | os.PathLike | None = None,
+        reports_root: str | os.PathLike | None = None,
+        **options: Any,
+    ) -> list[dict[str, Any]]:
+        """The datalist of one listfile split (:func:`discover_mimic` on the dataset's :meth:`roots`).
+
+        Raises:
+            ValueError: cxr/report requested but the dataset has no CXR root (and none is given); see
+                :func:`discover_mimic` for the rest.
+        """
+        mods = validate_modalities(modalities or CLINICAL_MODALITIES, CLINICAL_MODALITIES)
+        r = self.roots(path, ehr_root, cxr_root, reports_root)
+        if r["cxr"] is None and ("cxr" in mods or "report" in mods):
+            raise ValueError(
+                f"MIMIC-style dataset {path}: modalities {list(mods)} include cxr/report but there is no CXR root "
+                f"(expected {Path(path) / 'cxr'}, or pass cxr_root: the MIMIC-CXR root holding files/ and the "
+                "metadata CSV)."
+            )
+        assert r["ehr"] is not None
+        return discover_mimic(r["ehr"], r["cxr"], r["reports"], task=task, split=split, modalities=mods, **options)
+
+    def scan(
+        self,
+        path: str | os.PathLike,
+        modalities: Sequence[str] | None = None,
+        *,
+        require_label: bool = True,
+        label_convention: Any = None,
+        splits: Sequence[str] = MIMIC_SPLITS,
+        **options: Any,
+    ) -> LayoutScan:
+        """Every listfile split (case ids ``<split>/<stay>``); a split that cannot be discovered is a dataset error.
+
+        ``cxr``/``report`` are left out when the dataset has no CXR root. ``options``: the roots, ``task`` and
+        :func:`discover_mimic` options (``window_hours``, ``views``).
+        """
+        mods = validate_modalities(modalities or CLINICAL_MODALITIES, CLINICAL_MODALITIES)
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise FileNotFoundError(f"MIMIC-style folder {p} does not exist or is not a folder.")
+        given = {k: options.pop(k) for k in ("ehr_root", "cxr_root", "reports_root") if k in options}
+        if self.roots(p, **given)["cxr"] is None:
+            mods = tuple(m for m in mods if m == "ehr") or mods
+        out = LayoutScan(self.name, str(p), mods, same_grid=False, label_maps=False)
+        for split in splits:
+            try:
+                items = self.discover(p, mods, split=split, **given, **options)
+            except (ValueError, FileNotFoundError) as err:
+                out.dataset_errors.append(f"split {split}: {err}")
+                continue
+            for it in items:
+                it[Keys.CASE_ID] = f"{split}/{it[Keys.CASE_ID]}"
+            out.entries += items
+        return out
+
+
+MIMIC = register_layout(MimicLayout())

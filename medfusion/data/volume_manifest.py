@@ -19,6 +19,8 @@ Relative paths are resolved against the CSV's folder. Every cell is a path (neve
 The entries have the keys of :func:`medfusion.data.brats.discover_brats` entries plus ``brain_mask``,
 so the same transforms, checks and bundle configs read both.
 
+The layout is :class:`VolumeManifestLayout` (``volume_manifest``, registered in :mod:`medfusion.data.layout`).
+
 Why not :func:`medfusion.data.manifest.discover_manifest`: there a cell may be inline text and the
 label is a number; here every cell is a file, the label is a label map with a convention, and rows
 are checked the way a BraTS case folder is (so ``check-data`` can report each row on its own).
@@ -34,6 +36,8 @@ from typing import Any
 
 import pandas as pd
 
+from medfusion.data.brats import VolumeLayout
+from medfusion.data.layout import LayoutScan, register_layout
 from medfusion.data.manifest import _read_csv
 from medfusion.modality import BRATS_MODALITIES, Keys, validate_modalities
 
@@ -44,6 +48,8 @@ __all__ = [
     "is_volume_manifest",
     "read_volume_manifest",
     "read_volume_rows",
+    "VolumeManifestLayout",
+    "VOLUME_MANIFEST",
 ]
 
 logger = logging.getLogger(__name__)
@@ -248,3 +254,38 @@ def read_volume_manifest(
             )  # fmt: skip
     logger.info("read_volume_manifest: %d cases from %s.", len(entries), csv_path)
     return entries
+
+
+class VolumeManifestLayout(VolumeLayout):
+    """A volume manifest CSV (:func:`is_volume_manifest`); read like a BraTS folder (``brats`` family)."""
+
+    name = "volume_manifest"
+    expects = (
+        "a .csv with columns case_id, at least one of flair/t1/t1ce/t2 and optionally label (NIfTI paths), "
+        "brain_mask, label_convention"
+    )
+    is_file = True
+
+    def detect(self, path: str | os.PathLike) -> bool:
+        """True for a ``.csv`` laid out as a volume manifest (:func:`is_volume_manifest`)."""
+        return is_volume_manifest(Path(path).expanduser())
+
+    def _discover(
+        self, path: Path, mods: tuple[str, ...], require_label: bool, allow_missing: bool, label_convention: Any
+    ) -> list[dict[str, Any]]:
+        """The datalist of :func:`read_volume_manifest` (an absent modality file is an error unless allowed)."""
+        return read_volume_manifest(
+            path, mods, require_label, label_convention, "missing" if allow_missing else "error"
+        )
+
+    def _scan(self, path: Path, mods: tuple[str, ...], label_convention: str | None) -> LayoutScan:
+        """Every row on its own (:func:`read_volume_rows`): row problems are that case's errors and warnings."""
+        out = LayoutScan(self.name, str(path), mods)
+        try:
+            out.entries, out.case_errors, out.case_warnings = read_volume_rows(path, mods, label_convention)
+        except ValueError as err:
+            out.dataset_errors.append(str(err))
+        return out
+
+
+VOLUME_MANIFEST = register_layout(VolumeManifestLayout())

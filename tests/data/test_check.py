@@ -22,6 +22,7 @@ from medfusion.data.check import (
     detect_check_layout,
     validate_before_training,
 )
+from medfusion.data.layout import NoLayoutError
 from medfusion.data.synth_brats import write_brats_cohort
 
 
@@ -181,11 +182,14 @@ def test_manifest_tabular_text_and_volumes(tmp_path):
     assert check_path(tmp_path / "m.csv", progress=False).layout == "manifest"
 
 
-def test_detect_layout(tmp_path):
+def test_detect_layout(tmp_path, cohort):
     (tmp_path / "ehr").mkdir()
     assert detect_check_layout(tmp_path) == "mimic"
+    (tmp_path / "x.CSV").write_text("case_id,label,note\na,0,text\n")
     assert detect_check_layout(tmp_path / "x.CSV") == "manifest"
-    assert detect_check_layout(tmp_path / "ehr") == "brats"
+    assert detect_check_layout(cohort) == "brats"
+    with pytest.raises(NoLayoutError, match="No known dataset layout at .*ehr; tried volume_manifest, mimic"):
+        detect_check_layout(tmp_path / "ehr")  # an empty folder is no layout (it used to be called BraTS)
     with pytest.raises(ValueError, match="layout must be one of"):
         check_path(tmp_path, layout="nifti")
 

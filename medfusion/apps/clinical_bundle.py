@@ -11,10 +11,12 @@ The bundle's JSON stays declarative; what JSON cannot express cleanly lives here
   layout (listfile splits, a meta-validation part carved out of train) or a CSV manifest (split by patient
   with ``group_column`` and stratified by label, or as given by ``split_column``), and the rule in words;
 * :func:`class_sampler`: ``class_weights`` (``"auto"``: class-balanced sampling of the training rows);
-* :class:`RestrictToCombinationd`: inference with ``--combination``; rows lacking it get a line, not an abort;
+* :func:`restrict_to_combination` / :class:`RestrictToCombinationd`: inference with ``--combination``; rows lacking
+  it get a line, not an abort;
 * :class:`ModalityBatch`: ``prepare_batch`` for MONAI evaluators (dict inputs + ``modality_mask``);
 * :func:`auroc_output`: ``output_transform`` of MONAI's ``ROCAUC`` handler;
-* :class:`PredictionWriter`: inference handler writing per-sample probabilities to CSV;
+* :func:`prediction_rows` / :class:`PredictionWriter`: per-sample probabilities and method outputs (the one
+  format of the bundle's ``predictions.csv`` and of :func:`medfusion.apps.api.predict`);
 * :func:`qmf_weight_loss`, :func:`plot_weights_vs_loss`, :func:`method_figures`: the QMF
   weight-vs-loss figure of the evaluation.
 """
@@ -52,6 +54,10 @@ __all__ = [
     "no_class_weights_in_ddp",
     "bundle_check_settings",
     "RestrictToCombinationd",
+    "requested_mask",
+    "restrict_to_combination",
+    "prediction_rows",
+    "prediction_table",
     "clinical_preprocessing",
     "clinical_datalist",
     "clinical_splits",
@@ -527,13 +533,78 @@ PREDICTABLE_KEY = "predictable"
 """Batch key (bool per sample): the sample has at least one requested modality."""
 
 
+def requested_mask(modalities: Sequence[str], combination: Sequence[str] | str | None = None) -> torch.Tensor:
+    """Which of ``modalities`` a combination requests, bool ``[M]`` (``None`` or ``"all"``: every one).
+
+    Raises:
+        ValueError: a name that is not one of ``modalities``.
+    """
+    from medfusion.modality import parse_combination
+
+    mods = validate_modalities(modalities)
+    if combination is None or combination == "all":
+        combo: Sequence[str] = mods
+    elif isinstance(combination, str):
+        combo = parse_combination(combination, mods)
+    else:
+        combo = tuple(parse_combination("+".join(combination), mods))
+    return torch.tensor([m in combo for m in mods], dtype=torch.bool)
+
+
+def restrict_to_combination(
+    data: Mapping[Any, Any], modalities: Sequence[str], requested: torch.Tensor, mask_key: str = Keys.MASK
+) -> dict[Any, Any]:
+    """Keep only the ``requested`` modalities of one sample (mask ``[M]``) or a batch (mask ``[B, M]``).
+
+    The one rule of inference with a combination (:class:`RestrictToCombinationd` per sample, the in-memory
+    :func:`medfusion.apps.api.predict` per batch): the mask becomes ``modality_mask & requested`` and the
+    dropped modalities' inputs are zeroed. A sample with none of the requested modalities keeps its own mask
+    and inputs (so a batch can still run) and gets ``predictable = False``. Every sample gets
+    ``missing_modalities``: the requested modalities it does not have (``""`` when none is missing).
+
+    Args:
+        data: a sample or a batch with one key per modality and ``mask_key``.
+        modalities: the network's ordered modality names (the mask's columns).
+        requested: bool ``[M]`` (:func:`requested_mask`).
+        mask_key: where the mask lives.
+
+    Returns:
+        A copy of ``data`` with the restricted mask and inputs, ``missing_modalities`` (str, or a list of
+        ``B`` str) and ``predictable`` (bool, or bool ``[B]``).
+    """
+    d = dict(data)
+    raw = torch.as_tensor(d[mask_key], dtype=torch.bool)
+    single = raw.ndim == 1
+    have = raw.reshape(1, -1) if single else raw
+    req = requested.to(have.device).reshape(1, -1)
+    keep = have & req
+    ok = keep.any(dim=1)  # [B]
+    new_mask = torch.where(ok.unsqueeze(1), keep, have)
+    missing = [
+        combination_name(m for m, r, h in zip(modalities, req[0].tolist(), row) if r and not h) for row in have.tolist()
+    ]
+    for j, m in enumerate(modalities):
+        drop = have[:, j] & ~new_mask[:, j]  # [B]: present, but not requested (in a predictable row)
+        if bool(drop.any()):
+            x = torch.as_tensor(d[m])
+            if single:
+                d[m] = torch.zeros_like(x)
+            else:
+                d[m] = torch.where(drop.to(x.device).reshape(-1, *([1] * (x.ndim - 1))), torch.zeros_like(x), x)
+    d[mask_key] = new_mask[0] if single else new_mask
+    d[MISSING_KEY] = missing[0] if single else missing
+    d[PREDICTABLE_KEY] = bool(ok[0]) if single else ok
+    return d
+
+
 class RestrictToCombinationd(MapTransform):
     """Inference with a modality combination: keep only its modalities; never fail on a sample lacking all of them.
 
-    The mask becomes ``modality_mask & combination`` and the dropped modalities' inputs are zeroed. A sample with
-    none of the requested modalities keeps its own mask (so the batch can still run) and gets
-    ``predictable = False``; :class:`PredictionWriter` writes a line without probabilities for it. Every sample
-    gets ``missing_modalities``: the requested modalities it does not have (``""`` when none is missing).
+    Per sample, :func:`restrict_to_combination`: the mask becomes ``modality_mask & combination`` and the dropped
+    modalities' inputs are zeroed. A sample with none of the requested modalities keeps its own mask (so the batch
+    can still run) and gets ``predictable = False``; :class:`PredictionWriter` writes a line without probabilities
+    for it. Every sample gets ``missing_modalities``: the requested modalities it does not have (``""`` when none
+    is missing).
 
     Args:
         modalities: the network's ordered modality names.
@@ -544,105 +615,170 @@ class RestrictToCombinationd(MapTransform):
     def __init__(
         self, modalities: Sequence[str], combination: Sequence[str] | str | None = None, mask_key: str = Keys.MASK
     ) -> None:
-        from medfusion.modality import parse_combination
-
         self.modalities = validate_modalities(modalities)
         MapTransform.__init__(self, list(self.modalities))
-        if combination is None or combination == "all":
-            combo = self.modalities
-        elif isinstance(combination, str):
-            combo = parse_combination(combination, self.modalities)
-        else:
-            combo = tuple(parse_combination("+".join(combination), self.modalities))
-        self.requested = torch.tensor([m in combo for m in self.modalities], dtype=torch.bool)
+        self.requested = requested_mask(self.modalities, combination)
         self.mask_key = mask_key
 
     def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
         """Restrict one sample's mask; add ``missing_modalities`` and ``predictable``."""
-        d = dict(data)
-        have = torch.as_tensor(d[self.mask_key], dtype=torch.bool).reshape(-1)
-        keep = have & self.requested
-        d[MISSING_KEY] = combination_name(m for m, r, h in zip(self.modalities, self.requested, have) if r and not h)
-        d[PREDICTABLE_KEY] = bool(keep.any())
-        if d[PREDICTABLE_KEY]:
-            for m, k, h in zip(self.modalities, keep, have):
-                if h and not k:
-                    d[m] = torch.zeros_like(torch.as_tensor(d[m]))
-            d[self.mask_key] = keep
-        return d
+        return restrict_to_combination(data, self.modalities, self.requested, self.mask_key)
+
+
+def prediction_rows(
+    logits: torch.Tensor,
+    batch: Mapping[str, Any],
+    modalities: Sequence[str],
+    temperatures: Mapping[str, float] | None = None,
+    aux: Mapping[str, Any] | None = None,
+    first_row: int = 0,
+) -> list[dict[str, Any]]:
+    """Per-sample prediction rows of one batch: the one format of ``predictions.csv`` and of ``api.predict``.
+
+    Columns: ``case_id`` (``first_row + i`` without ids), ``modalities`` (the combination the model saw),
+    ``missing_modalities``, ``prob_0 .. prob_{K-1}``, ``pred`` (argmax), ``note``, ``label`` (when the batch has
+    labels), then the head's per-sample outputs (:func:`~medfusion.evaluation.classification.per_sample_aux`:
+    QMF ``weights_<m>``, OmniFuse ``omega_<m>``, per-modality logits ``modality_logits_<m>_<k>``, ...). A sample
+    without any requested modality (``predictable`` False) gets empty probabilities and outputs and a note.
+
+    Args:
+        logits: ``[B, K]`` network output.
+        batch: the batch (``modality_mask`` ``[B, M]``; optional ``case_id``, ``label``, ``missing_modalities``,
+            ``predictable``).
+        modalities: the network's ordered modality names.
+        temperatures: ``{combination: T}``: logits divided by the temperature of the sample's combination.
+        aux: the head's ``FusionOutput.aux`` of this batch (``None``: no method outputs).
+        first_row: running number of the batch's first sample (ids when the batch has no ``case_id``).
+
+    Returns:
+        ``B`` rows (dicts).
+    """
+    from medfusion.evaluation.classification import per_sample_aux
+
+    logits = logits.detach().float().cpu()
+    n = logits.shape[0]
+    mask = torch.as_tensor(batch[Keys.MASK]).bool().cpu().numpy().reshape(n, -1)
+    if temperatures:
+        names = [combination_name(m for m, f in zip(modalities, row) if f) for row in mask]
+        logits = logits / torch.tensor([[temperatures.get(c, 1.0)] for c in names])
+    probs = torch.softmax(logits, dim=1).numpy()
+    ids = batch.get(Keys.CASE_ID, [str(first_row + i) for i in range(n)])
+    labels = batch.get(Keys.LABEL)
+    missing = batch.get(MISSING_KEY, [""] * n)
+    ok = torch.as_tensor(batch.get(PREDICTABLE_KEY, torch.ones(n, dtype=torch.bool))).bool().reshape(-1).cpu().numpy()
+    outputs = per_sample_aux(aux or {}, n, modalities)
+    rows = []
+    for i in range(n):
+        row: dict[str, Any] = {"case_id": str(ids[i])}
+        if ok[i]:
+            row["modalities"] = combination_name(m for m, f in zip(modalities, mask[i]) if f)
+            row["missing_modalities"] = str(missing[i])
+            row.update({f"prob_{k}": float(probs[i, k]) for k in range(probs.shape[1])})
+            row["pred"] = int(probs[i].argmax())
+            row["note"] = ""
+        else:
+            row["modalities"] = ""
+            row["missing_modalities"] = str(missing[i])
+            row.update({f"prob_{k}": float("nan") for k in range(probs.shape[1])})
+            row["pred"] = pd.NA
+            row["note"] = f"no prediction: none of the requested modalities ({missing[i]}) is present"
+        if isinstance(labels, torch.Tensor):
+            row["label"] = float(labels.reshape(n, -1)[i, 0])
+        row.update({name: float(col[i]) if ok[i] else float("nan") for name, col in outputs.items()})
+        rows.append(row)
+    return rows
+
+
+def prediction_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """:func:`prediction_rows` of every batch as one table (``pred`` as a nullable integer column)."""
+    table = pd.DataFrame(list(rows))
+    if "pred" in table:
+        table["pred"] = table["pred"].astype("Int64")
+    return table
 
 
 class PredictionWriter:
-    """Inference handler: per-sample class probabilities with the modalities used, written as one CSV.
+    """Inference handler: per-sample class probabilities, the modalities used and the method's outputs, as one CSV.
 
-    Columns: ``case_id``, ``modalities`` (the combination the model saw), ``missing_modalities`` (requested
-    modalities the sample does not have), ``prob_0 .. prob_{K-1}``, ``pred`` (argmax), ``note`` and ``label`` when
-    the data has labels. A sample with none of the requested modalities (see :class:`RestrictToCombinationd`)
-    gets a line with empty probabilities and a note instead of stopping the run.
+    Rows are :func:`prediction_rows` (``case_id``, ``modalities``, ``missing_modalities``, ``prob_*``, ``pred``,
+    ``note``, ``label`` when the data has labels, then the head's per-sample outputs such as QMF ``weights_<m>``
+    or OmniFuse ``omega_<m>``, read from the fusion head's output by a forward hook while the engine runs). A
+    sample with none of the requested modalities (see :class:`RestrictToCombinationd`) gets a line with empty
+    probabilities and a note instead of stopping the run. :func:`medfusion.apps.api.predict` runs this handler
+    (without a file) and returns :meth:`table`.
 
     Args:
-        output_csv: the CSV file (parent folders are created).
+        output_csv: the CSV file (parent folders are created); ``None``: keep the rows in memory only.
         modalities: the network's ordered modality names.
         calibration_file: optional ``calibration.json`` (``medfusion calibrate``, fitted on validation): each
             sample's logits are divided by the temperature of its combination before the softmax.
+        method_outputs: add the head's per-sample outputs (``False``: probabilities only).
     """
 
     def __init__(
-        self, output_csv: str | Path, modalities: Sequence[str], calibration_file: str | Path | None = None
+        self,
+        output_csv: str | Path | None,
+        modalities: Sequence[str],
+        calibration_file: str | Path | None = None,
+        method_outputs: bool = True,
     ) -> None:
         from medfusion.evaluation.calibration import load_temperatures
 
-        self.output_csv = Path(output_csv)
+        self.output_csv = Path(output_csv) if output_csv is not None else None
         self.modalities = validate_modalities(modalities)
         self.temperatures = load_temperatures(calibration_file, self.modalities) if calibration_file else {}
+        self.method_outputs = method_outputs
         self.rows: list[dict[str, Any]] = []
+        self._aux: Mapping[str, Any] | None = None
+        self._hook: Any = None
 
     def attach(self, engine: Any) -> None:
-        """Register on ``STARTED`` (reset), ``ITERATION_COMPLETED`` (collect) and ``COMPLETED`` (write)."""
+        """Register on ``STARTED`` (reset, hook the head), ``ITERATION_COMPLETED`` (collect), ``COMPLETED`` (write)."""
         engine.add_event_handler(Events.STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._write)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._unhook)
 
     def _reset(self, engine: Any) -> None:
         self.rows = []
+        self._aux = None
+        self._unhook(engine)
+        from medfusion.batch import unwrap
+
+        head = getattr(unwrap(engine.network), "head", None) if hasattr(engine, "network") else None
+        if self.method_outputs and isinstance(head, torch.nn.Module):
+            self._hook = head.register_forward_hook(self._keep_aux)
+
+    def _keep_aux(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        aux = getattr(output, "aux", None)
+        self._aux = aux if isinstance(aux, Mapping) else None
+
+    def _unhook(self, engine: Any, *args: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def _collect(self, engine: Any) -> None:
-        batch = engine.state.batch
-        logits = engine.state.output[Keys.PRED].detach().float().cpu()
-        n = logits.shape[0]
-        mask = batch[Keys.MASK].bool().cpu().numpy().reshape(n, -1)
-        if self.temperatures:
-            names = [combination_name(m for m, f in zip(self.modalities, row) if f) for row in mask]
-            logits = logits / torch.tensor([[self.temperatures.get(c, 1.0)] for c in names])
-        probs = torch.softmax(logits, dim=1).numpy()
-        ids = batch.get(Keys.CASE_ID, [str(len(self.rows) + i) for i in range(n)])
-        labels = batch.get(Keys.LABEL)
-        missing = batch.get(MISSING_KEY, [""] * n)
-        ok = batch.get(PREDICTABLE_KEY, torch.ones(n, dtype=torch.bool))
-        ok = torch.as_tensor(ok).bool().reshape(-1).cpu().numpy()
-        for i in range(n):
-            row: dict[str, Any] = {"case_id": str(ids[i])}
-            if ok[i]:
-                row["modalities"] = combination_name(m for m, f in zip(self.modalities, mask[i]) if f)
-                row["missing_modalities"] = str(missing[i])
-                row.update({f"prob_{k}": float(probs[i, k]) for k in range(probs.shape[1])})
-                row["pred"] = int(probs[i].argmax())
-                row["note"] = ""
-            else:
-                row["modalities"] = ""
-                row["missing_modalities"] = str(missing[i])
-                row.update({f"prob_{k}": float("nan") for k in range(probs.shape[1])})
-                row["pred"] = pd.NA
-                row["note"] = f"no prediction: none of the requested modalities ({missing[i]}) is present"
-            if isinstance(labels, torch.Tensor):
-                row["label"] = float(labels.reshape(n, -1)[i, 0])
-            self.rows.append(row)
+        self.rows += prediction_rows(
+            engine.state.output[Keys.PRED],
+            engine.state.batch,
+            self.modalities,
+            self.temperatures,
+            self._aux,
+            first_row=len(self.rows),
+        )
+        self._aux = None
+
+    def table(self) -> pd.DataFrame:
+        """The rows collected by the last run, as :func:`prediction_table`."""
+        return prediction_table(self.rows)
 
     def _write(self, engine: Any) -> None:
+        self._unhook(engine)
+        if self.output_csv is None:
+            return
         self.output_csv.parent.mkdir(parents=True, exist_ok=True)
-        table = pd.DataFrame(self.rows)
-        if "pred" in table:
-            table["pred"] = table["pred"].astype("Int64")
+        table = self.table()
         table.to_csv(self.output_csv, index=False)
         skipped = int((table.get("modalities", pd.Series(dtype=str)) == "").sum())
         logger.info(

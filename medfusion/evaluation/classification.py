@@ -9,7 +9,8 @@ reliability diagram per combination. Accuracy, F1 and balanced accuracy use the 
 classes); with a validation loader, binary tasks also get a threshold chosen per combination on the
 validation split (maximum Youden's J) and the thresholded metrics at it (``*_at_thr``), which stay
 meaningful when a model predicts one class at 0.5 (imbalanced labels). Per-sample method outputs found in
-the head's ``aux`` (QMF weights, OmniFuse omega, ...) are exported beside the predictions.
+the head's ``aux`` (QMF weights, OmniFuse omega, per-modality logits, ...; :func:`per_sample_aux`) are exported
+beside the predictions.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "choose_threshold",
     "threshold_metrics",
     "bootstrap_ci",
+    "per_sample_aux",
     "predict_combinations",
     "evaluate_classification",
 ]
@@ -169,10 +171,31 @@ def bootstrap_ci(
     return out
 
 
-def _per_sample_aux(aux: Mapping[str, Any], batch_size: int, modalities: Sequence[str]) -> dict[str, np.ndarray]:
-    """Flatten ``[B]`` / ``[B, M]`` tensors of a head's aux into named per-sample columns."""
+def per_sample_aux(aux: Mapping[str, Any], batch_size: int, modalities: Sequence[str]) -> dict[str, np.ndarray]:
+    """Named per-sample columns of a fusion head's ``aux`` (the method outputs of ``predictions.csv``).
+
+    A ``[B]`` tensor ``x`` becomes column ``x``; a ``[B, M]`` tensor ``w`` (one value per modality, e.g. QMF's
+    ``weights``, OmniFuse's ``omega``) becomes ``w_<modality>``; a ``{modality: [B, K]}`` dict ``z`` (e.g.
+    ``modality_logits``) becomes ``z_<modality>_<k>``. Other entries (scalars, features, nested outputs) are left
+    out.
+
+    Args:
+        aux: ``FusionOutput.aux`` of one batch.
+        batch_size: ``B``.
+        modalities: the head's ordered modality names (``M``).
+
+    Returns:
+        ``{column: float array [B]}``.
+    """
     cols: dict[str, np.ndarray] = {}
     for name, v in aux.items():
+        if isinstance(v, Mapping) and v and set(v) <= set(modalities):
+            for m in modalities:
+                z = v.get(m)
+                if isinstance(z, torch.Tensor) and z.ndim == 2 and z.shape[0] == batch_size:
+                    for k, col in enumerate(z.detach().float().cpu().unbind(1)):
+                        cols[f"{name}_{m}_{k}"] = col.numpy()
+            continue
         if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] != batch_size:
             continue
         a = v.detach().float().cpu()
@@ -225,7 +248,7 @@ def predict_combinations(
                 frame["case_id"] = np.asarray(batch[Keys.CASE_ID], dtype=object)[keep]
             for k in range(probs.shape[1]):
                 frame[f"prob_{k}"] = probs[keep, k]
-            for name, col in _per_sample_aux(out.aux, b, modalities).items():
+            for name, col in per_sample_aux(out.aux, b, modalities).items():
                 frame[name] = col[keep]
             frames.append(pd.DataFrame(frame))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

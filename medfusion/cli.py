@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -107,9 +108,9 @@ def _cmd_synth_latent(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pairs(values: Sequence[str] | None, option: str, multi: bool = False) -> dict[str, object]:
+def _pairs(values: Sequence[str] | None, option: str, multi: bool = False) -> dict[str, str | list[str]]:
     """Parse ``["a=x,b=y"]`` (or, with ``multi``, ``["a=x,y,z"]``: one name with a column list) into a dict."""
-    out: dict[str, object] = {}
+    out: dict[str, str | list[str]] = {}
     for text in values or []:
         parts = [text] if multi else text.split(",")
         for part in parts:
@@ -124,20 +125,20 @@ def _pairs(values: Sequence[str] | None, option: str, multi: bool = False) -> di
 def _cmd_check_data(args: argparse.Namespace) -> int:
     from medfusion.data.check import check_path
 
-    settings: dict[str, object] = {}
+    settings: dict[str, Any] = {}
     if args.bundle is not None:
         from medfusion.apps.clinical_bundle import bundle_check_settings
         from medfusion.apps.export import parse_overrides
 
         settings = bundle_check_settings(args.bundle, parse_overrides(args.override))
-    modalities: object = settings.pop("modalities", None)
+    modalities: dict[str, Any] | None = settings.pop("modalities", None)
     columns = {**_pairs(args.columns, "--columns"), **_pairs(args.tabular, "--tabular", multi=True)}
     if args.modalities:
         modalities = {m: columns.get(m, m) for m in args.modalities}
     elif columns:
-        modalities = {**(dict(modalities) if isinstance(modalities, dict) else {}), **columns}  # type: ignore[arg-type]
-    kinds = {**dict(settings.pop("kinds", None) or {}), **_pairs(args.kinds, "--kinds")}  # type: ignore[arg-type]
-    manifest = {
+        modalities = {**(modalities or {}), **columns}
+    kinds = {**dict(settings.pop("kinds", None) or {}), **_pairs(args.kinds, "--kinds")}
+    manifest: dict[str, Any] = {
         "kinds": kinds or None,
         "id_column": args.id_column or settings.get("id_column") or "case_id",
         "label_columns": [args.label_column] if args.label_column else settings.get("label_columns", ["label"]),
@@ -149,7 +150,7 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
     report = check_path(
         args.path,
         layout=args.layout,
-        modalities=modalities,  # type: ignore[arg-type]
+        modalities=modalities,
         require_label=not args.no_labels,
         check_labels=not args.no_labels,
         num_workers=args.workers,
@@ -241,6 +242,8 @@ def _cmd_export_encoder(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
+    from medfusion.data.layout import LAYOUT_FAMILIES  # light: the layout modules are imported when used
+
     parser = argparse.ArgumentParser(
         prog="medfusion",
         description="Multimodal medical learning with missing, noisy or imbalanced modalities.",
@@ -323,9 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("path", type=Path, help="BraTS/MSD folder, MIMIC-style folder (holding ehr/) or CSV manifest")
     cd.add_argument(
         "--layout",
-        choices=("auto", "brats", "mimic", "manifest"),
+        choices=("auto", *LAYOUT_FAMILIES),
         default="auto",
-        help="auto: a .csv is a manifest, a folder with ehr/ is MIMIC-style, anything else BraTS",
+        help="auto: detected (a volume-manifest .csv or a BraTS/MSD folder is brats, a folder with ehr/ is mimic, "
+        "another .csv is a manifest); a folder of no known layout is an error naming the layouts tried",
     )
     cd.add_argument("--modalities", nargs="+", default=None, help="modality names (default: the layout's all)")
     cd.add_argument("--no-labels", action="store_true", help="do not require or check labels")

@@ -259,6 +259,8 @@ def _read_nifti(path: str, what: str, keep: bool = False) -> _Volume:
         img = nib.load(path)
     except Exception as err:  # nibabel raises ImageFileError, EOFError, OSError, ... for broken headers
         raise ValueError(f"{what} file {path} is not a readable NIfTI ({_err(err)}).") from None
+    if not isinstance(img, nib.spatialimages.SpatialImage):  # e.g. a CIFTI file: no voxel grid
+        raise ValueError(f"{what} file {path} is a {type(img).__name__}, not a volume with a voxel grid.")
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # truncated .nii.gz: EOFError / zlib.error / OSError on decompression

@@ -323,10 +323,10 @@ def read_manifest(
     if modalities is None:  # every other column, except columns that look like a patient id
         modalities = {c: c for c in df.columns if c not in special and not looks_like_patient_id(c)}
     mods = validate_modalities(list(modalities), field=f"manifest {path} modalities")
-    spec: dict[str, str | list[str]] = {
-        m: (modalities[m] if isinstance(modalities[m], str) else [str(c) for c in modalities[m]])  # type: ignore[union-attr]
-        for m in mods
-    }
+    spec: dict[str, str | list[str]] = {}
+    for m in mods:
+        given_cols = modalities[m]
+        spec[m] = given_cols if isinstance(given_cols, str) else [str(c) for c in given_cols]
     needed = list(special)
     for cols in spec.values():
         needed.extend([cols] if isinstance(cols, str) else cols)
@@ -412,7 +412,7 @@ def read_manifest(
             item[Keys.SPLIT.value] = str(df[split_column].iat[i]).strip()
         for m, cols in spec.items():
             kind = resolved[m]
-            if kind == "tabular":
+            if kind == "tabular" or not isinstance(cols, str):  # a column group is always tabular
                 row = tab_values[m][i]
                 item[m] = None if all(math.isnan(v) for v in row) else row
                 continue

@@ -415,7 +415,7 @@ def split_rule(
         part = parts.get(name, [])
         if not part:
             continue
-        labels = [e.get(Keys.LABEL) for e in part if isinstance(e.get(Keys.LABEL), (int, float))]
+        labels = [v for v in (e.get(Keys.LABEL) for e in part) if isinstance(v, (int, float))]
         pos = f", {100 * float(np.mean([float(v) > 0 for v in labels])):.0f}% label > 0" if labels else ""
         groups = {e[Keys.GROUP] for e in part if Keys.GROUP in e}
         grp = f", {len(groups)} groups" if groups else ""
@@ -467,7 +467,10 @@ def class_sampler(
         "class_weights: class counts %s, weights %s", counts.astype(int).tolist(), np.round(weights, 3).tolist()
     )
     return torch.utils.data.WeightedRandomSampler(
-        torch.as_tensor(weights[labels], dtype=torch.double), num_samples=len(labels), replacement=True
+        # a tensor is what the sampler makes of its weights (torch.as_tensor); torch types them as Sequence[float]
+        torch.as_tensor(weights[labels], dtype=torch.double),  # type: ignore[arg-type]
+        num_samples=len(labels),
+        replacement=True,
     )
 
 

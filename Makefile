@@ -41,12 +41,14 @@ orthanc:
 test: $(STAMP) orthanc
 	$(BIN)/ruff check medfusion tests benchmarks tutorials
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # the quick loop while developing: no bundle runs, tutorials, SIGKILL resume, torchrun or PACS tests
 test-fast: $(STAMP)
 	$(BIN)/ruff check medfusion tests benchmarks tutorials
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 demo: $(STAMP)
@@ -57,6 +59,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check medfusion tests benchmarks tutorials
 	# layers only point down (contract in pyproject.toml, picture in docs/architecture.md)
 	$(BIN)/lint-imports --no-cache
+	# types of medfusion/ at zero errors ([tool.mypy] in pyproject.toml)
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

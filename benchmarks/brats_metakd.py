@@ -771,8 +771,10 @@ def main(argv=None):
             per_arm[arm].append(df)
             ev = exercised(rows, getattr(method, "alpha", 0.0))
             ev.update(method_evidence(arm, net, method, rows, split))
-            if hasattr(method, "describe"):
-                ev.update(method.describe())
+            if isinstance(method, MetaKDMethod):  # its final state: softmax(w), ranking, weight source, steps
+                kd_source = method.kd_weights if isinstance(method.kd_weights, str) else "fixed"
+                ev.update(iwv=method.state.as_dict(), ranking=method.state.ranking(), kd_weights=kd_source)
+                ev["meta_steps"] = int(method.state.meta_steps)
                 ratio = kd_weight_matrix(method.state.w)
                 ev["kd_ratio_max"] = float(ratio.max())
                 sm = method.state.weights().detach()

@@ -3,9 +3,18 @@
 Data: ``write_clinical_cohort`` (MIMIC-style layout, known signal shares ehr 0.40 / cxr 0.35 / report 0.25),
 read with ``discover_mimic`` (AP and PA views, 48 h window, only stays with all three modalities so that the
 noise protocol and the per-combination evaluation start from complete samples), transformed ONCE with
-``clinical_transforms(mode="eval")`` through a MONAI ``CacheDataset`` (EHR standardised with a normaliser fitted
-on the training files) and stacked into tensors that every arm and seed reuses (cached on disk too). No
-training augmentation (documented simplification for speed).
+``clinical_transforms(mode="eval")`` (EHR standardised with a normaliser fitted on the training files) and stacked
+in memory by ``medfusion.apps.api.stack_datalist`` into ``TensorData`` splits that every arm and seed reuses (cached
+on disk too). No training augmentation (documented simplification for speed).
+
+Every arm goes through the library's in-memory API (``medfusion.apps.api``), i.e. the clinical bundle's
+components: ``fit`` (the recipe's head and kwargs from the method registry, ``build_method``, the bundles'
+``MethodTrainer`` with per-epoch re-seeding; Adam(lr), no scheduler, no validation), ``predict`` (the bundle's
+per-sample prediction rows, with the method outputs: QMF weights, OmniFuse omega, per-modality logits, from which
+the per-modality CE is computed) and ``evaluate`` (``evaluate_classification`` without bootstrap: AUROC per
+combination). Cache version ``b2-v4``: the shuffling draws from the re-seeded global generator, so the trained
+networks differ from those of the ``b2-v3`` runs behind the committed ``results/clinical_b2.*`` (same protocol,
+same settings, same noise draws and masks).
 
 Noise protocol (QMF): every arm is trained on clean data; at test time, with probability 0.5 per sample and
 modality, noise of strength eps in {0, 5, 10} (``medfusion.data.noise.add_modality_noise``, a batch-level
@@ -79,20 +88,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
+from scipy.special import logsumexp
 
+from medfusion.apps.api import FittedModel, TensorData, evaluate, fit, predict, stack_datalist
 from medfusion.apps.meta_fusion_stages import extract_features
 from medfusion.data.clinical import clinical_transforms
 from medfusion.data.ehr import fit_ehr_normalizer
 from medfusion.data.mimic import discover_mimic
 from medfusion.data.noise import add_modality_noise
 from medfusion.data.synth_clinical import write_clinical_cohort
-from medfusion.engines.trainer import build_trainer
-from medfusion.evaluation.classification import classification_metrics, predict_combinations
+from medfusion.evaluation.classification import classification_metrics
 from medfusion.fusion.meta_fusion_head import attach_head, default_grids, fit_meta_fusion
-from medfusion.fusion.recipes import create_method, default_head_kwargs, head_name
-from medfusion.modality import Keys, all_combination_masks, combination_name, combinations
-from medfusion.models.classifier import Classifier
+from medfusion.modality import combination_name, combinations
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODS = ("ehr", "cxr", "report")
@@ -116,7 +123,8 @@ MISSING_ARMS = ["concat", "omnifuse", "omnifuse_no_imputation", "qmf", "metakd"]
 META = "meta_fusion"  # fitted on the concat arm's encoders (stages (b)-(d)); not trained by ``train_arm``
 META_VERSION = "mf-v2"  # v2: rho chosen on the selected ensemble's validation loss
 LOADS: list[dict[str, Any]] = []
-CACHE_VERSION = "b2-v3"  # v3: QMF weights detached, MetaKD meta_steps, omnifuse_no_imputation, recipe names
+CACHE_VERSION = "b2-v4"  # v4: arms trained by medfusion.apps.api.fit (per-epoch re-seeding, global-RNG shuffling)
+# v3: QMF weights detached, MetaKD meta_steps, omnifuse_no_imputation, recipe names
 
 
 def record_load(phase: str) -> None:
@@ -125,10 +133,8 @@ def record_load(phase: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def load_data(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Generate (once) the cohort, load every split ONCE through CacheDataset and stack it into tensors."""
-    from monai.data import CacheDataset
-
+def load_data(args: argparse.Namespace) -> tuple[dict[str, TensorData], dict[str, Any]]:
+    """Generate (once) the cohort, transform every split ONCE and stack it in memory (``stack_datalist``)."""
     cohort = args.data / f"cohort{args.samples}"
     info_path = args.data / f"cohort{args.samples}.json"
     if not info_path.exists():
@@ -138,9 +144,10 @@ def load_data(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict
         info_path.write_text(json.dumps(info, default=str))
     info = json.loads(info_path.read_text())
     key = f"s{args.image_size}_l{args.max_length}_t{args.ehr_timestep}"
-    cache = args.data / f"tensors{args.samples}_{key}.pt"
+    cache = args.data / f"tensors{args.samples}_{key}_v2.pt"
     if cache.exists():
-        return torch.load(cache, weights_only=False), info
+        stored = torch.load(cache, weights_only=False)
+        return {s: TensorData.from_batch(b, MODS) for s, b in stored.items()}, info
     lists = {
         s: discover_mimic(
             cohort / "ehr",
@@ -161,57 +168,14 @@ def load_data(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict
         ehr_normalizer=normalizer,
         max_length=args.max_length,
     )
-    data = {}
-    for s, dl in lists.items():
-        ds = CacheDataset(dl, tf, cache_rate=1.0, num_workers=0, progress=False)
-        items = [ds[i] for i in range(len(ds))]
-        data[s] = {
-            **{m: torch.stack([torch.as_tensor(it[m]) for it in items]) for m in MODS},
-            Keys.MASK: torch.stack([torch.as_tensor(it[Keys.MASK]) for it in items]).bool(),
-            Keys.LABEL: torch.tensor([float(np.asarray(it[Keys.LABEL]).reshape(-1)[0]) for it in items]),
-            Keys.INDEX: torch.arange(len(items)),
-            Keys.CASE_ID: [str(it[Keys.CASE_ID]) for it in items],
-        }
-    torch.save(data, cache)
+    data = {s: stack_datalist(dl, tf, MODS) for s, dl in lists.items()}
+    torch.save({s: d.as_batch() for s, d in data.items()}, cache)
     return data, info
 
 
-class TensorBatches:
-    """Re-iterable batches of a stacked split (what ``build_trainer`` / the evaluators iterate).
-
-    Args:
-        data: stacked split (one tensor per modality, mask, label, index).
-        mods: the network's modalities (mask columns are selected accordingly).
-        batch_size: batch size.
-        shuffle: reshuffle every pass with a seeded generator.
-        seed: shuffle seed.
-        mask: optional bool [N, 3] presence override (missingness protocol); absent inputs are zeroed.
-    """
-
-    def __init__(self, data, mods, batch_size, shuffle=False, seed=0, mask=None):
-        self.mods = tuple(mods)
-        cols = [MODS.index(m) for m in self.mods]
-        full = data[Keys.MASK] if mask is None else torch.as_tensor(mask).bool()
-        self.tensors = {}
-        for m in self.mods:
-            keep = full[:, MODS.index(m)].to(data[m].dtype).reshape(-1, *([1] * (data[m].ndim - 1)))
-            self.tensors[m] = data[m] * keep
-        self.tensors[Keys.MASK] = full[:, cols]
-        self.tensors[Keys.LABEL] = data[Keys.LABEL]
-        self.tensors[Keys.INDEX] = data[Keys.INDEX]
-        self.n = int(data[Keys.LABEL].shape[0])
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.gen = torch.Generator().manual_seed(int(seed))
-
-    def __len__(self) -> int:
-        return (self.n + self.batch_size - 1) // self.batch_size
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=self.gen) if self.shuffle else torch.arange(self.n)
-        for i in range(0, self.n, self.batch_size):
-            idx = order[i : i + self.batch_size]
-            yield {k: v[idx] for k, v in self.tensors.items()}
+def masked(data: TensorData, mask: np.ndarray | None) -> TensorData:
+    """``data`` with modalities removed where the bool [N, 3] ``mask`` is False (``None``: unchanged)."""
+    return data if mask is None else data.with_mask(mask)
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -223,123 +187,71 @@ def encoder_specs(args: argparse.Namespace, t_steps: int) -> dict[str, dict[str,
     }
 
 
-class LossRecorder:
-    """Ignite handler keeping every iteration's scalar losses (``engine.state.output``)."""
+def train_arm(arm: str, data: dict[str, TensorData], args, seed: int, mask=None) -> FittedModel:
+    """Train one arm (recipe name, or ``<modality>_only`` = concat on one modality) with ``medfusion.apps.api.fit``.
 
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine: Any) -> None:
-        out = engine.state.output or {}
-        self.rows.append({k: float(v) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1})
-
-
-def train_arm(arm, data, args, seed, mask=None, val_mask=None):
-    """Train one arm (recipe name, or ``<modality>_only``); returns (network, modalities, seconds, method, losses).
-
-    ``losses``: mean of every logged loss over the last epoch.
+    ``mask``: bool [N_train, 3] presence mask of the training split (missingness protocol; ``None`` = complete).
     """
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    t_steps = data["train"]["ehr"].shape[1]
-    specs = encoder_specs(args, t_steps)
+    specs = encoder_specs(args, int(data["train"].inputs["ehr"].shape[1]))
     recipe = "concat" if arm.endswith("_only") else arm
     mods = (arm[: -len("_only")],) if arm.endswith("_only") else MODS
-    n_train = int(data["train"][Keys.LABEL].shape[0])
-    net = Classifier(
-        {m: specs[m] for m in mods},
-        head=head_name(recipe),
-        num_classes=2,
-        head_kwargs=default_head_kwargs(recipe, n_train),
-    )
-    loader = TensorBatches(data["train"], mods, args.batch_size, shuffle=True, seed=seed, mask=mask)
     kw: dict[str, Any] = {}
-    if recipe.startswith("omnifuse"):
-        kw = {"seed": seed}
-    elif recipe.startswith("metakd"):
+    meta = None
+    if recipe.startswith("metakd"):
         kw = {
             "alpha": args.metakd_alpha if recipe != "metakd_no_kd" else 0.0,
-            "meta_loader": TensorBatches(data["val"], MODS, args.batch_size, shuffle=True, seed=seed + 1),
             "meta_interval": args.meta_interval,
             "meta_steps": args.meta_steps,
-            "seed": seed,
         }
+        meta = data["val"]  # complete val split, shuffled: MetaKD's meta-validation batches
     elif recipe.startswith("qmf"):
         kw = {"lam": args.qmf_lambda}
-    method = create_method(recipe, mods, kw)
-    recorder = LossRecorder()
-    trainer = build_trainer(
-        net,
-        method,
-        loader,
-        max_epochs=args.epochs,
+    return fit(
+        recipe,
+        {m: specs[m] for m in mods},
+        masked(data["train"], mask),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
         lr=args.lr,
+        method_kwargs=kw,
+        meta=meta,
+        seed=seed,
         device="cpu",
-        log_every=10**9,
-        epoch_length=len(loader),
-        handlers=[recorder],
     )
-    logging.getLogger("medfusion.train").setLevel(logging.WARNING)
-    t0 = time.time()
-    trainer.run()
-    last = recorder.rows[-len(loader) :]
-    losses = {k: float(np.mean([r[k] for r in last if k in r])) for k in (last[0] if last else {})}
-    return net.eval(), mods, time.time() - t0, method, losses
 
 
-def qmf_levels(net, batches: TensorBatches) -> dict[str, Any]:
+def per_sample(model: Any, data: TensorData) -> dict[str, np.ndarray]:
+    """``medfusion.apps.api.predict`` as arrays: P(class 1), label and, when the head has them, the fusion weights
+    [N, M], OmniFuse's omega [N, M], the per-modality logits z [N, M, K] and each modality's own CE [N, M]."""
+    p = predict(model, data, device="cpu")
+    res = {"prob": p["prob_1"].to_numpy(float), "label": p["label"].to_numpy(float)}
+    for key in ("weights", "omega"):
+        cols = [f"{key}_{m}" for m in MODS]
+        if all(c in p for c in cols):
+            res[key] = p[cols].to_numpy(float)
+    k = sum(c.startswith("prob_") for c in p.columns)
+    if all(f"modality_logits_{m}_0" in p for m in MODS):
+        z = np.stack([p[[f"modality_logits_{m}_{j}" for j in range(k)]].to_numpy(float) for m in MODS], 1)
+        y = res["label"].astype(int)
+        res["z"] = z
+        res["ce"] = logsumexp(z, axis=-1) - np.take_along_axis(z, y[:, None, None].repeat(len(MODS), 1), -1)[..., 0]
+    return res
+
+
+def qmf_levels(model: FittedModel, test: TensorData) -> dict[str, Any]:
     """A QMF network on a clean set: logit level per modality (mean logsumexp z_m), mean weight, and the AUROC
     with the energy weights vs equal weights (softmax of the sum of the present modalities' logits)."""
-    lse, weights, eq, probs, labels = [], [], [], [], []
-    with torch.no_grad():
-        for b in batches:
-            out = net.forward_outputs({m: b[m] for m in batches.mods}, b[Keys.MASK])
-            z = torch.stack([out.aux["modality_logits"][m] for m in batches.mods], 1).float()  # [B, M, K]
-            lse.append(torch.logsumexp(z, -1))
-            weights.append(out.aux["weights"].float())
-            eq.append(torch.softmax(z.sum(1), -1)[:, 1])
-            probs.append(torch.softmax(out.logits.float(), 1)[:, 1])
-            labels.append(b[Keys.LABEL].long())
-    lse_all, w_all = torch.cat(lse), torch.cat(weights)
-    y = torch.cat(labels).numpy()
+    pr = per_sample(model, test)
+    z, w, y = pr["z"], pr["weights"], pr["label"]
+    lse = logsumexp(z, axis=-1)  # [N, M]
+    zsum = z.sum(1)
+    eq = np.exp(zsum[:, 1] - logsumexp(zsum, axis=-1))
     return {
-        "logit_level": {m: float(lse_all[:, j].mean()) for j, m in enumerate(batches.mods)},
-        "mean_weight": {m: float(w_all[:, j].mean()) for j, m in enumerate(batches.mods)},
-        "auroc_energy_weights": metrics(torch.cat(probs).numpy(), y)["auroc"],
-        "auroc_equal_weights": metrics(torch.cat(eq).numpy(), y)["auroc"],
+        "logit_level": {m: float(lse[:, j].mean()) for j, m in enumerate(MODS)},
+        "mean_weight": {m: float(w[:, j].mean()) for j, m in enumerate(MODS)},
+        "auroc_energy_weights": metrics(pr["prob"], y)["auroc"],
+        "auroc_equal_weights": metrics(eq, y)["auroc"],
     }
-
-
-@torch.no_grad()
-def predict(net, batches: TensorBatches) -> dict[str, np.ndarray]:
-    """Per-sample probability of class 1, label, and (when the head has them) fusion weights and modality CE."""
-    probs, labels, weights, omega, ce = [], [], [], [], []
-    for b in batches:
-        mask = b[Keys.MASK]
-        out = net.forward_outputs({m: b[m] for m in batches.mods}, mask)
-        probs.append(torch.softmax(out.logits.float(), 1)[:, 1])
-        y = b[Keys.LABEL].long()
-        labels.append(y)
-        if "weights" in out.aux:
-            weights.append(out.aux["weights"].float())
-        if "omega" in out.aux:
-            omega.append(out.aux["omega"].float())
-        if "modality_logits" in out.aux:
-            ml = out.aux["modality_logits"]
-            ce.append(torch.stack([F.cross_entropy(ml[m].float(), y, reduction="none") for m in batches.mods], 1))
-    res = {"prob": torch.cat(probs).numpy(), "label": torch.cat(labels).numpy()}
-    if weights:
-        res["weights"] = torch.cat(weights).numpy()
-    if omega:
-        res["omega"] = torch.cat(omega).numpy()
-    if ce:
-        res["ce"] = torch.cat(ce).numpy()
-    return res
 
 
 def metrics(prob: np.ndarray, label: np.ndarray) -> dict[str, float]:
@@ -452,13 +364,13 @@ def meta_val_mask(args: argparse.Namespace, seed: int, rate: float, n_val: int) 
 
 
 def fit_meta_fusion_arm(
-    concat_net: Classifier,
-    data: dict[str, dict[str, Any]],
+    concat_net: torch.nn.Module,
+    data: dict[str, TensorData],
     args: argparse.Namespace,
     seed: int,
     tr_mask: np.ndarray | None = None,
     val_mask: np.ndarray | None = None,
-) -> tuple[Classifier, dict[str, Any], float]:
+) -> tuple[torch.nn.Module, dict[str, Any], float]:
     """Meta Fusion stages (b)-(d) on a trained concat network (which is left unchanged).
 
     Args:
@@ -476,7 +388,7 @@ def fit_meta_fusion_arm(
     t0 = time.time()
     net = copy.deepcopy(concat_net).eval()
     feats = {
-        split: extract_features(net, TensorBatches(data[split], MODS, 256, mask=mask), MODS, device="cpu")
+        split: extract_features(net, masked(data[split], mask).batches(256), MODS, device="cpu")
         for split, mask in (("train", tr_mask), ("val", val_mask))
     }
     grids = default_grids(MODS, {m: int(feats["train"].x[m].shape[1]) for m in MODS})
@@ -502,9 +414,9 @@ def fit_meta_fusion_arm(
     return net.eval(), choices, time.time() - t0
 
 
-def concat_check(net: Classifier, data, cached_auroc: float, te_mask: np.ndarray | None) -> dict[str, Any]:
+def concat_check(net: Any, data, cached_auroc: float, te_mask: np.ndarray | None) -> dict[str, Any]:
     """Retrained concat network vs the cached concat unit: same test AUROC (deterministic retraining)?"""
-    pr = predict(net, TensorBatches(data["test"], MODS, 256, mask=te_mask))
+    pr = per_sample(net, masked(data["test"], te_mask))
     got = metrics(pr["prob"], pr["label"])["auroc"]
     same = bool(abs(got - cached_auroc) < 1e-9)
     if not same:
@@ -516,10 +428,10 @@ def concat_check(net: Classifier, data, cached_auroc: float, te_mask: np.ndarray
     return {"cached_auroc": float(cached_auroc), "retrained_auroc": float(got), "identical": same}
 
 
-def meta_noise_unit(data, args, seed: int, concat_net: Classifier, concat_sec: float) -> dict[str, Any]:
+def meta_noise_unit(data, args, seed: int, concat_net: torch.nn.Module, concat_sec: float) -> dict[str, Any]:
     """Meta Fusion unit of one noise seed: clean fit, clean test row, noise evaluations, rate-0 evaluations."""
     net, choices, sec = fit_meta_fusion_arm(concat_net, data, args, seed)
-    pr = predict(net, TensorBatches(data["test"], MODS, 256))
+    pr = per_sample(net, data["test"])
     m = metrics(pr["prob"], pr["label"])
     row = {"seed": seed, "arm": META, "train_s": concat_sec + sec, "fit_s": sec, **m, "choices": choices}
     print(
@@ -528,10 +440,10 @@ def meta_noise_unit(data, args, seed: int, concat_net: Classifier, concat_sec: f
         f"({choices['committee_distinct']} distinct)",
         flush=True,
     )
-    full = np.ones((int(data["test"][Keys.LABEL].shape[0]), len(MODS)), dtype=bool)
+    full = np.ones((len(data["test"]), len(MODS)), dtype=bool)
     return {
         "extras": [row],
-        "noise": noise_eval_seed(data, args, seed, {META: (net, MODS)}),
+        "noise": noise_eval_seed(data, args, seed, {META: net}),
         "rate0": {META: missing_eval(net, data, 0.0, seed, META, full, float("nan"))},
     }
 
@@ -554,11 +466,18 @@ def noise_eval_seed(data, args, seed, models) -> dict[str, list[dict[str, Any]]]
         draws = 1 if eps == 0 else args.noise_draws
         for d in range(draws):
             gen = torch.Generator().manual_seed(10_000 + 100 * seed + 10 * ei + d)
-            noisy, noisy_mask = add_modality_noise(
-                test, KINDS, float(eps), p=0.5, generator=gen, modalities=MODS, ehr_std_per_eps=args.ehr_std_per_eps
+            noisy_batch, noisy_mask = add_modality_noise(
+                test.as_batch(),
+                KINDS,
+                float(eps),
+                p=0.5,
+                generator=gen,
+                modalities=MODS,
+                ehr_std_per_eps=args.ehr_std_per_eps,
             )
-            for arm, (net, mods) in models.items():
-                pr = predict(net, TensorBatches(noisy, mods, 256))
+            noisy = TensorData.from_batch(noisy_batch, MODS)
+            for arm, model in models.items():
+                pr = per_sample(model, noisy)
                 rows.append({"seed": seed, "eps": eps, "draw": d, "arm": arm, **metrics(pr["prob"], pr["label"])})
                 for key, name in (("weights", "qmf_weight"), ("omega", "omnifuse_omega")):
                     if key not in pr or "ce" not in pr:
@@ -649,21 +568,24 @@ def single_missing_mask(n: int, rate: float, seed: int, j: int) -> np.ndarray:
 def missing_eval(net, data, rate: float, seed: int, arm: str, te_mask: np.ndarray, sec: float) -> dict[str, Any]:
     """Masked-test AUROC, per-combination AUROC (full test) and one-modality-at-a-time AUROC of one model."""
     test = data["test"]
-    n_te = int(test[Keys.LABEL].shape[0])
-    pr = predict(net, TensorBatches(test, MODS, 256, mask=te_mask))
+    n_te = len(test)
+    pr = per_sample(net, masked(test, te_mask))
     row = {"rate": rate, "seed": seed, "arm": arm, "train_s": sec, **metrics(pr["prob"], pr["label"])}
-    preds = predict_combinations(
-        net, TensorBatches(test, MODS, 256), MODS, all_combination_masks(MODS), torch.device("cpu"), progress=False
-    )
-    combo_rows = []
-    for name in [combination_name(c) for c in combinations(MODS)]:
-        part = preds[preds["combination"] == name]
-        m = metrics(part["prob_1"].to_numpy(), part["label"].to_numpy().astype(int))
-        combo_rows.append({"rate": rate, "seed": seed, "arm": arm, "combination": name, **m})
+    summary = evaluate(net, test, n_bootstrap=0, device="cpu")  # every sample under every combination it can form
+    combo_rows = [
+        {
+            "rate": rate,
+            "seed": seed,
+            "arm": arm,
+            "combination": name,
+            **{k: float(summary.loc[name, k]) for k in ("accuracy", "auroc")},
+        }
+        for name in [combination_name(c) for c in combinations(MODS)]
+    ]
     single_rows = []
     for j, mod in enumerate(MODS):
         mask = single_missing_mask(n_te, rate, seed, j)
-        ps = predict(net, TensorBatches(test, MODS, 256, mask=mask))
+        ps = per_sample(net, masked(test, mask))
         single_rows.append(
             {
                 "rate": rate,
@@ -687,8 +609,7 @@ def missing_protocol(data, args, rate0: dict[tuple[int, str], dict[str, Any]], c
     rows, combo_rows, single_rows, eff = [], [], [], []
     test = data["test"]
     combo_names = [combination_name(c) for c in combinations(MODS)]
-    n_tr, n_te = int(data["train"][Keys.LABEL].shape[0]), int(test[Keys.LABEL].shape[0])
-    n_val = int(data["val"][Keys.LABEL].shape[0])
+    n_tr, n_te, n_val = len(data["train"]), len(test), len(data["val"])
     tag = meta_tag(args)
     for seed in args.missing_seeds:
         for rate in args.missing_rates:
@@ -702,7 +623,7 @@ def missing_protocol(data, args, rate0: dict[tuple[int, str], dict[str, Any]], c
                     "train_complete_fraction": float(tr_mask.all(1).mean()),
                 }
             )
-            concat_live: tuple[Classifier, float] | None = None  # concat network trained in this (seed, rate)
+            concat_live: tuple[torch.nn.Module, float] | None = None  # concat network trained in this (seed, rate)
             concat_res: dict[str, Any] | None = None
             for arm in missing_arms(args):
                 if rate == 0:
@@ -713,9 +634,9 @@ def missing_protocol(data, args, rate0: dict[tuple[int, str], dict[str, Any]], c
                     if res is None:
                         check = None
                         if concat_live is None:
-                            net, _, csec, _, _ = train_arm("concat", data, args, seed, mask=tr_mask)
-                            check = concat_check(net, data, concat_res["row"]["auroc"], te_mask)
-                            concat_live = (net, csec)
+                            fitted = train_arm("concat", data, args, seed, mask=tr_mask)
+                            check = concat_check(fitted, data, concat_res["row"]["auroc"], te_mask)
+                            concat_live = (fitted.network, fitted.seconds)
                         mf_net, choices, sec = fit_meta_fusion_arm(
                             concat_live[0], data, args, seed, tr_mask, meta_val_mask(args, seed, rate, n_val)
                         )
@@ -733,12 +654,12 @@ def missing_protocol(data, args, rate0: dict[tuple[int, str], dict[str, Any]], c
                     name = f"missing_r{int(round(rate * 100)):02d}_s{seed}_{arm}"
                     res = cache.get(name)
                     if res is None:
-                        net, _, sec, _, losses = train_arm(arm, data, args, seed, mask=tr_mask)
-                        res = missing_eval(net, data, rate, seed, arm, te_mask, sec)
-                        res["final_losses"] = losses
+                        fitted = train_arm(arm, data, args, seed, mask=tr_mask)
+                        res = missing_eval(fitted, data, rate, seed, arm, te_mask, fitted.seconds)
+                        res["final_losses"] = fitted.epoch_losses()
                         cache.put(name, res)
                         if arm == "concat":
-                            concat_live = (net, sec)
+                            concat_live = (fitted.network, fitted.seconds)
                     if arm == "concat":
                         concat_res = res
                 rows.append(res["row"])
@@ -1305,8 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
     record_load("start")
 
     data, info = load_data(args)
-    sizes = {s: int(d[Keys.LABEL].shape[0]) for s, d in data.items()}
-    prevalence = {s: float(d[Keys.LABEL].mean()) for s, d in data.items()}
+    sizes = {s: len(d) for s, d in data.items()}
+    prevalence = {s: float(d.label.float().mean()) for s, d in data.items()}
     print(f"data loaded in {time.time() - t_start:.0f}s: {sizes}, prevalence {prevalence}", flush=True)
     record_load("data loaded")
     import monai
@@ -1348,26 +1269,29 @@ def main(argv: list[str] | None = None) -> int:
     extras: list[dict[str, Any]] = []
     noise_raw: dict[str, list[dict[str, Any]]] = {"rows": [], "corr": [], "weights": []}
     rate0: dict[tuple[int, str], dict[str, Any]] = {}
-    n_te = int(data["test"][Keys.LABEL].shape[0])
+    n_te = len(data["test"])
+    logging.getLogger("medfusion.train").setLevel(logging.WARNING)
     for seed in args.seeds:
         unit = cache.get(f"noise_s{seed}")
-        concat_live: tuple[Classifier, float] | None = None
+        concat_live: tuple[torch.nn.Module, float] | None = None
         if unit is None:
-            models: dict[str, tuple[Any, tuple[str, ...]]] = {}
+            models: dict[str, Any] = {}
             unit = {"extras": [], "rate0": {}}
             for arm in NOISE_ARMS:
-                net, mods, sec, method, losses = train_arm(arm, data, args, seed)
-                models[arm] = (net, mods)
-                pr = predict(net, TensorBatches(data["test"], mods, 256))
+                fitted = train_arm(arm, data, args, seed)
+                models[arm] = fitted
+                sec = fitted.seconds
+                pr = per_sample(fitted, data["test"])
                 m = metrics(pr["prob"], pr["label"])
-                row = {"seed": seed, "arm": arm, "train_s": sec, **m, "final_losses": losses}
+                row = {"seed": seed, "arm": arm, "train_s": sec, **m, "final_losses": fitted.epoch_losses()}
                 if arm.startswith("metakd"):
-                    row["iwv"] = method.state.as_dict()
-                    row["meta_steps"] = int(method.state.meta_steps)
+                    state = fitted.method.state  # type: ignore[attr-defined]
+                    row["iwv"] = state.as_dict()
+                    row["meta_steps"] = int(state.meta_steps)
                 if arm.startswith("qmf"):
-                    row["qmf"] = qmf_levels(net, TensorBatches(data["test"], mods, 256))
+                    row["qmf"] = qmf_levels(fitted, data["test"])
                 if arm.startswith("omnifuse"):
-                    head = net.head
+                    head = fitted.network.head
                     row["lazy_combination"] = (
                         combination_name(combinations(MODS)[int(head.lazy_combination)])
                         if int(head.lazy_combination) >= 0
@@ -1381,10 +1305,10 @@ def main(argv: list[str] | None = None) -> int:
             unit["noise"] = noise_eval_seed(data, args, seed, models)
             full = np.ones((n_te, len(MODS)), dtype=bool)
             for arm in MISSING_ARMS:
-                unit["rate0"][arm] = missing_eval(models[arm][0], data, 0.0, seed, arm, full, float("nan"))
+                unit["rate0"][arm] = missing_eval(models[arm], data, 0.0, seed, arm, full, float("nan"))
             cache.put(f"noise_s{seed}", unit)
             concat_sec = next(r["train_s"] for r in unit["extras"] if r["arm"] == "concat")
-            concat_live = (models["concat"][0], concat_sec)
+            concat_live = (models["concat"].network, concat_sec)
             del models
         else:
             print(f"seed {seed}: noise unit loaded from {cache.root}", flush=True)
@@ -1394,10 +1318,10 @@ def main(argv: list[str] | None = None) -> int:
             if mf_unit is None:
                 check = None
                 if concat_live is None:  # concat cached, network gone: retrain it (same seed -> same network)
-                    net, _, csec, _, _ = train_arm("concat", data, args, seed)
+                    fitted = train_arm("concat", data, args, seed)
                     cached = next(r["auroc"] for r in unit["extras"] if r["arm"] == "concat")
-                    check = concat_check(net, data, cached, None)
-                    concat_live = (net, csec)
+                    check = concat_check(fitted, data, cached, None)
+                    concat_live = (fitted.network, fitted.seconds)
                 mf_unit = meta_noise_unit(data, args, seed, *concat_live)
                 mf_unit["concat_check"] = check
                 cache.put(mf_name, mf_unit)
@@ -1462,7 +1386,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{ {k: round(v, 3) for k, v in prevalence.items()} }. Seeds: noise protocol {args.seeds}, missingness "
         f"protocol {args.missing_seeds} (training seeds; the noise "
         f"draws are seeded by (seed, eps, draw) and shared by all arms of a seed). Encoders: EHR MLP on "
-        f"[{data['train']['ehr'].shape[1]}, 76] (2 h bins, standardised), CXR ResNet10-2D (widen "
+        f"[{data['train'].inputs['ehr'].shape[1]}, 76] (2 h bins, standardised), CXR ResNet10-2D (widen "
         f"{args.cnn_width}) at {args.image_size}², report bert_tiny (random init, {args.max_length} tokens). "
         f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}, no augmentation; QMF lambda "
         f"{args.qmf_lambda}; MetaKD alpha {args.metakd_alpha}, meta update every {args.meta_interval} iterations on "

@@ -40,7 +40,7 @@ from medfusion.encoders.base import EncoderOutput
 from medfusion.fusion.base import FusionHead, FusionOutput, impute_features, register_fusion
 from medfusion.fusion.method import Method
 from medfusion.fusion.recipes import register_method
-from medfusion.modality import Keys, combination_name, parse_combination, validate_modalities
+from medfusion.modality import Keys, parse_combination, validate_modalities
 
 __all__ = [
     "ImportanceWeights",
@@ -495,16 +495,6 @@ class MetaKDMethod(Method):
             {m: round(v, 4) for m, v in weights.items()},
         )
         return row
-
-    def describe(self) -> dict[str, Any]:
-        """What the method decided: final IWV (softmax), its ranking and where the KD weights came from."""
-        mode = self.kd_weights if isinstance(self.kd_weights, str) else "fixed"
-        return {
-            "iwv": self.state.as_dict(),
-            "ranking": combination_name(self.state.ranking()).split("+"),
-            "kd_weights": mode,
-            "meta_steps": int(self.state.meta_steps),
-        }
 
 
 class MetaStepHandler:

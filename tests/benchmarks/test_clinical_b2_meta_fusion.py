@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
+from medfusion.apps.api import TensorData
 from medfusion.fusion.meta_fusion_head import MetaFusionHead
-from medfusion.modality import Keys
 from medfusion.models.classifier import Classifier
 
 PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "clinical_b2.py"
@@ -25,15 +25,10 @@ _spec.loader.exec_module(b2)
 DIMS = {"ehr": 4, "cxr": 5, "report": 3}
 
 
-def _split(n: int, seed: int) -> dict:
+def _split(n: int, seed: int) -> TensorData:
     g = torch.Generator().manual_seed(seed)
     y = (torch.arange(n) % 2).float()
-    return {
-        **{m: torch.randn(n, d, generator=g) + 1.5 * y[:, None] for m, d in DIMS.items()},
-        Keys.MASK: torch.ones(n, 3, dtype=torch.bool),
-        Keys.LABEL: y,
-        Keys.INDEX: torch.arange(n),
-    }
+    return TensorData({m: torch.randn(n, d, generator=g) + 1.5 * y[:, None] for m, d in DIMS.items()}, label=y)
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -74,8 +69,9 @@ def test_arm_fits_on_a_copy_and_reports_choices(setup):
     res = b2.missing_eval(mf, data, 0.5, 3, b2.META, te_mask, sec)
     assert len(res["combo_rows"]) == 7 and len(res["single_rows"]) == 3
     assert 0.0 <= res["row"]["auroc"] <= 1.0
-    pr = b2.predict(mf, b2.TensorBatches(data["test"], b2.MODS, 8, mask=te_mask))
+    pr = b2.per_sample(mf, b2.masked(data["test"], te_mask))
     assert pr["prob"].shape == (24,) and np.isfinite(pr["prob"]).all()
+    assert np.array_equal(pr["label"], data["test"].label.numpy())
 
 
 def test_meta_val_mask_and_arms():
@@ -103,3 +99,26 @@ def test_paired_stats_by_hand():
     assert st["seeds"] == 3 and st["positive_seeds"] == 2
     assert st["mean"] == pytest.approx(0.13 / 3)
     assert st["se"] == pytest.approx(np.std([0.10, -0.02, 0.05], ddof=1) / np.sqrt(3))
+
+
+def test_per_sample_reads_the_heads_outputs_from_api_predict():
+    """B2's per-sample arrays (QMF weights, each modality's own CE) from api.predict == the head's forward."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    enc = {m: {"name": "mlp", "in_features": d, "hidden": [], "out_dim": 3} for m, d in DIMS.items()}
+    net = Classifier(enc, head="qmf", num_classes=2, head_kwargs={"num_samples": 24}).eval()
+    test = _split(24, 2).with_mask(b2.drop_mask(24, 0.3, np.random.default_rng(2)))
+    pr = b2.per_sample(net, test)
+    with torch.no_grad():
+        out = net.forward_outputs(test.inputs, test.mask)
+    y = test.label.long()
+    ce = torch.stack([F.cross_entropy(out.aux["modality_logits"][m], y, reduction="none") for m in b2.MODS], 1)
+    np.testing.assert_allclose(pr["ce"], ce.numpy(), atol=1e-5)
+    np.testing.assert_allclose(pr["weights"], out.aux["weights"].numpy(), atol=1e-6)
+    np.testing.assert_allclose(pr["prob"], torch.softmax(out.logits, 1)[:, 1].numpy(), atol=1e-6)
+    levels = b2.qmf_levels(net, test)
+    z = torch.stack([out.aux["modality_logits"][m] for m in b2.MODS], 1)
+    assert levels["logit_level"]["cxr"] == pytest.approx(float(torch.logsumexp(z, -1)[:, 1].mean()), abs=1e-5)
+    eq = torch.softmax(z.sum(1), -1)[:, 1].numpy()
+    assert levels["auroc_equal_weights"] == pytest.approx(b2.metrics(eq, y.numpy())["auroc"])

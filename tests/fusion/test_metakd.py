@@ -262,7 +262,7 @@ def test_uniform_and_fixed_kd_weights_are_constant_and_skip_the_meta_step():
     assert fixed.state.as_dict() == pytest.approx({"a": 0.5, "b": 0.3, "c": 0.2})
     ratio = kd_weight_matrix(fixed.state.w)
     assert float(ratio[0, 2]) == pytest.approx(2.5) and float(ratio[2, 0]) == pytest.approx(0.4)
-    assert fixed.describe()["kd_weights"] == "fixed" and uniform.describe()["kd_weights"] == "uniform"
+    assert uniform.kd_weights == "uniform" and uniform.state.meta_steps == fixed.state.meta_steps == 0
     for bad, msg in (
         ("oracle", "kd_weights must be"),
         ({"a": 1.0, "b": 1.0}, "one weight per modality"),

@@ -355,7 +355,7 @@ class VolumeLayout(DatasetLayout):
         label_convention: Any = None,
     ) -> list[dict[str, Any]]:
         """The datalist (see :func:`discover_brats` for the arguments, the keys and the errors)."""
-        mods = validate_modalities(modalities or BRATS_MODALITIES, BRATS_MODALITIES)
+        mods = validate_modalities(modalities or self.default_modalities, self.default_modalities)
         return self._discover(Path(path).expanduser(), mods, require_label, allow_missing_modalities, label_convention)
 
     def scan(
@@ -374,7 +374,7 @@ class VolumeLayout(DatasetLayout):
         """
         from medfusion.data.labels import convention_key
 
-        mods = validate_modalities(modalities or BRATS_MODALITIES, BRATS_MODALITIES)
+        mods = validate_modalities(modalities or self.default_modalities, self.default_modalities)
         fixed = convention_key(label_convention) if label_convention is not None else None
         return self._scan(Path(path).expanduser(), mods, fixed)
 

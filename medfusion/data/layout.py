@@ -30,7 +30,7 @@ every layout tried) when none matches; :func:`resolve_layout` also accepts a lay
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -67,7 +67,7 @@ class LayoutScan:
         layout: layout name (shown in reports).
         root: the path that was read (a manifest's CSV, the dataset folder).
         modalities: the modalities the entries hold, in order.
-        entries: datalist entries of the cases that could be discovered (``sample_index`` ``0..n-1``).
+        entries: datalist entries of the cases that could be discovered, as the layout's discovery gives them.
         case_errors: ``{case_id: [message, ...]}`` problems found while discovering a case (a case without an
             entry has its problems here only).
         case_warnings: ``{case_id: [message, ...]}`` tolerated problems found while discovering a case.
@@ -111,7 +111,8 @@ class DatasetLayout:
         family: the ``check-data --layout`` / bundle name the layout belongs to (``brats``, ``mimic``, ``manifest``).
         expects: what the layout looks like, for the "no layout recognised" error.
         is_file: the layout is a file (a CSV) rather than a folder.
-        default_modalities: the modalities read when none are given (empty: the data decide, e.g. a manifest).
+        default_modalities: the modalities read when none are given, and the names allowed (empty: the data
+            decide, e.g. a manifest).
     """
 
     name: ClassVar[str] = ""
@@ -159,11 +160,6 @@ class DatasetLayout:
             ValueError: unknown modality names or options.
         """
         raise NotImplementedError
-
-    def no_options(self, options: Mapping[str, Any]) -> None:
-        """Raise ``TypeError`` naming ``options`` when a layout without options is given some."""
-        if options:
-            raise TypeError(f"{self.name} layout: unexpected option(s) {sorted(options)}.")
 
     def __repr__(self) -> str:
         return f"<DatasetLayout {self.name}>"
@@ -234,8 +230,7 @@ def detect_layout(path: str | os.PathLike, candidates: Sequence[str] | None = No
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"dataset path {p} does not exist.")
-    known = layouts()
-    tried = [known[n] if n in known else get_layout(n) for n in (candidates or list(known))]
+    tried = [get_layout(n) for n in candidates] if candidates else list(layouts().values())
     for lay in tried:
         if lay.detect(p):
             return lay

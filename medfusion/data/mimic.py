@@ -408,7 +408,7 @@ class MimicLayout(DatasetLayout):
             ValueError: cxr/report requested but the dataset has no CXR root (and none is given); see
                 :func:`discover_mimic` for the rest.
         """
-        mods = validate_modalities(modalities or CLINICAL_MODALITIES, CLINICAL_MODALITIES)
+        mods = validate_modalities(modalities or self.default_modalities, self.default_modalities)
         r = self.roots(path, ehr_root, cxr_root, reports_root)
         if r["cxr"] is None and ("cxr" in mods or "report" in mods):
             raise ValueError(
@@ -434,7 +434,7 @@ class MimicLayout(DatasetLayout):
         ``cxr``/``report`` are left out when the dataset has no CXR root. ``options``: the roots, ``task`` and
         :func:`discover_mimic` options (``window_hours``, ``views``).
         """
-        mods = validate_modalities(modalities or CLINICAL_MODALITIES, CLINICAL_MODALITIES)
+        mods = validate_modalities(modalities or self.default_modalities, self.default_modalities)
         p = Path(path).expanduser()
         if not p.is_dir():
             raise FileNotFoundError(f"MIMIC-style folder {p} does not exist or is not a folder.")

@@ -203,3 +203,15 @@ def test_scanning_logs_nothing_and_leaves_other_loggers_alone(brats, tmp_path, c
     with caplog.at_level(logging.WARNING):
         discover_brats(ds)  # the loader does log it
     assert any("no t2 file" in r.getMessage() for r in caplog.records if r.name == "medfusion.data.brats")
+
+
+def test_mimic_roots_of_a_mimic3_benchmarks_root_and_a_missing_cxr_root(clinical):
+    mimic = get_layout("mimic")
+    ehr = clinical / "ehr"  # a mimic3-benchmarks root: root/all_stays.csv, <task>/ listfiles
+    assert mimic.detect(ehr)
+    items = mimic.discover(ehr, ["ehr"], split="test")
+    assert items == mimic.discover(clinical, ["ehr"], split="test")
+    with pytest.raises(ValueError, match=r"MIMIC-style dataset .*ehr: modalities \['ehr', 'cxr'\] include cxr/report"):
+        mimic.discover(ehr, ["ehr", "cxr"], split="test")
+    scan = mimic.scan(ehr)  # check-data leaves cxr/report out when there is no CXR root
+    assert scan.modalities == ("ehr",) and not scan.dataset_errors

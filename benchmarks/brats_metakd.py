@@ -197,7 +197,8 @@ def bench_step_overhead(split, args, steps=20):
 
     trainer.state.iteration = 0
     trainer.state.epoch = 1
-    t_engine, t_plain = [], []
+    t_engine: list[float] = []
+    t_plain: list[float] = []
     for i, b in enumerate(batches):
         for kind in ("engine", "plain") if i % 2 == 0 else ("plain", "engine"):
             t0 = time.perf_counter()
@@ -533,7 +534,7 @@ def omnifuse_imputation_stats(net, cases):
     the real one; 1: no better than the zero image).
     """
     net.eval()
-    ratios = {m: [] for m in MODS}
+    ratios: dict[str, list[float]] = {m: [] for m in MODS}
     for b in _eval_batches(cases):
         x = b[Keys.IMAGE]  # [1, M, D, H, W]
         full = torch.ones(1, len(MODS), dtype=torch.bool)
@@ -784,7 +785,7 @@ def main(argv=None):
             if arm == "no_kd" and any(ARMS[a].needs_oracle for a in arms):
                 oracle, single_dice = oracle_from(net, split, args)
                 oracles.append({"seed": seed, "weights": oracle, "meta_val_single_modality_dice": single_dice})
-            if arm == "metakd":
+            if out_dir is not None:  # the metakd arm
                 iwv.append({"seed": seed, **method.state.as_dict(), "ranking": method.state.ranking()})
                 trajectories[seed] = pd.read_csv(out_dir / "iwv_trajectory.csv")
                 ev.update(meta_gradient_stats(trajectories[seed]))

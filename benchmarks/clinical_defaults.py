@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"seed": seed, "arm": "logreg", "defaults": "-", "vitals_auroc": lr["auroc"],
                         "vitals_auroc_lo": lr["auroc_lo"], "vitals_auroc_hi": lr["auroc_hi"]})  # fmt: skip
         logger.info("seed %d: logistic regression test AUROC %.3f (%s)", seed, lr["auroc"], split_rule)
-        arms = [] if args.only_old else [("new", head, dict(extra)) for head in heads]
+        arms: list[tuple[str, str, dict[str, Any]]] = []
+        if not args.only_old:
+            arms = [("new", head, dict(extra)) for head in heads]
         if args.old_defaults and seed == seeds[0]:
             arms += [("old", head, {**OLD_DEFAULTS, **extra}) for head in (args.old_heads or heads)]
         if args.minilm_check and seed == seeds[0]:

@@ -31,6 +31,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def _tutorial():
     spec = importlib.util.spec_from_file_location("compare_and_route", ROOT / "tutorials" / "compare_and_route.py")
+    if spec is None or spec.loader is None:
+        raise ImportError("cannot load tutorials/compare_and_route.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

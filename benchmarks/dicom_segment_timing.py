@@ -37,6 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     spec = importlib.util.spec_from_file_location("pacs_tutorial", ROOT / "tutorials" / "pacs_pipeline.py")
+    if spec is None or spec.loader is None:
+        raise ImportError("cannot load tutorials/pacs_pipeline.py")
     tutorial = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tutorial)
     rows = []

@@ -295,7 +295,14 @@ def run_rep(task: tuple[str, int, int | None]) -> dict[str, Any]:
     tr, va, te = (_mf_data(d, sp[k]) for k in ("train", "val", "test"))
     y_te = d["y"][sp["test"]]
     in_dims = {"m1": st.p[0], "m2": st.p[1]}
-    common = {"task": "regression", "hidden": st.head, "epochs": epochs, "lr": 1e-3, "batch_size": 64, "seed": seed}
+    common: dict[str, Any] = {
+        "task": "regression",
+        "hidden": st.head,
+        "epochs": epochs,
+        "lr": 1e-3,
+        "batch_size": 64,
+        "seed": seed,
+    }
     res: dict[str, Any] = {"setting": name, "seed": seed, "epochs": epochs}
     timing = {}
 

@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(args)
     if args.from_json:  # re-render the markdown of a finished run
-        res = json.loads(args.from_json.read_text())
-        write_md(args, res, res["summary"])
+        finished = json.loads(args.from_json.read_text())
+        write_md(args, finished, finished["summary"])
         return 0
     res: dict[str, Any] = {
         "command": " ".join(["python benchmarks/omnifuse_profile.py", *(argv if argv is not None else sys.argv[1:])]),

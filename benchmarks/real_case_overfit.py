@@ -37,11 +37,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
+from nibabel.spatialimages import SpatialImage
 
 from medfusion.data.brats import discover_brats
 from medfusion.data.check import check_brats
@@ -61,16 +63,20 @@ ARMS = ("original", "zscored_mask", "zscored_nomask")
 logger = logging.getLogger("real_case_overfit")
 
 
+def _nifti(path: str) -> SpatialImage:
+    return cast(SpatialImage, nib.load(path))  # NIfTI files load as spatial images
+
+
 def make_zscored_copy(case: Path, work: Path) -> tuple[Path, Path, dict]:
     """Write the case z-scored with exporter names; return (manifest with mask, manifest without, facts)."""
-    images = {m: np.asarray(nib.load(str(case / f"{case.name}_{m}.nii.gz")).dataobj) for m in MODS}
-    seg_img = nib.load(str(case / f"{case.name}_seg.nii.gz"))
+    images = {m: np.asarray(_nifti(str(case / f"{case.name}_{m}.nii.gz")).dataobj) for m in MODS}
+    seg_img = _nifti(str(case / f"{case.name}_seg.nii.gz"))
     files = write_brats2015_case(work / case.name, images, np.asarray(seg_img.dataobj), affine=seg_img.affine)
     row = {"case_id": case.name, **{k: f"{case.name}/{f}" for k, f in files.items()}, "label_convention": "brats2015"}
     with_mask, without = work / "manifest_mask.csv", work / "manifest_nomask.csv"
     pd.DataFrame([row]).to_csv(with_mask, index=False)
     pd.DataFrame([{k: v for k, v in row.items() if k != "brain_mask"}]).to_csv(without, index=False)
-    flair = np.asarray(nib.load(str(work / case.name / files["flair"])).dataobj)
+    flair = np.asarray(_nifti(str(work / case.name / files["flair"])).dataobj)
     facts = {
         "zscored_flair_background": nonzero_background(flair),
         "zscored_flair_fraction_nonzero": float(np.count_nonzero(flair) / flair.size),
@@ -115,7 +121,8 @@ def train_and_evaluate(entry: dict, args: argparse.Namespace) -> dict:
             if it >= args.iterations:
                 break
     train_s = time.time() - t0
-    moved = float(torch.sqrt(sum(((p.detach() - s) ** 2).sum() for p, s in zip(net.parameters(), start))))
+    squares = sum(((p.detach() - s) ** 2).sum() for p, s in zip(net.parameters(), start))
+    moved = float(torch.sqrt(cast(torch.Tensor, squares)))  # a sum of tensors
     t1 = time.time()
     per_case = evaluate_segmentation(
         net,
@@ -129,7 +136,7 @@ def train_and_evaluate(entry: dict, args: argparse.Namespace) -> dict:
         progress=False,
     )
     row = per_case.iloc[0]
-    out = {
+    out: dict[str, Any] = {
         "dice_tc": float(row["dice_tc"]),
         "dice_wt": float(row["dice_wt"]),
         "dice_et": float(row["dice_et"]),
@@ -371,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import monai
 
+    seg_loss: Any = default_task_loss("segmentation")  # Dice + BCE, with the Dice loss as .dice
     res: dict = {
         "command": "python benchmarks/real_case_overfit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "case": args.real.name,
@@ -386,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "arms": {},
         "loss": "`default_task_loss('segmentation')` = Dice + BCE, "
-        + ("batch Dice" if getattr(default_task_loss("segmentation").dice, "batch", False) else "per-crop Dice"),
+        + ("batch Dice" if getattr(seg_loss.dice, "batch", False) else "per-crop Dice"),
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

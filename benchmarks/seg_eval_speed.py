@@ -61,7 +61,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 MODS = BRATS_MODALITIES
 DICE = ["dice_tc", "dice_wt", "dice_et", "dice_et_pp"]
-MODES = {
+MODES: dict[str, dict[str, Any]] = {
     "naive": {"cached": False},
     "cached": {"cached": True, "batch_combinations": False},
     "batched": {"cached": True, "batch_combinations": True},
@@ -304,6 +304,8 @@ def crop_agreement(rows: list[dict[str, Any]], tmp: Path) -> list[dict[str, Any]
         if set(pair) != {True, False}:
             continue
         if kind == "single":
+            on: np.ndarray
+            off: np.ndarray
             on, off = (np.unpackbits(np.load(tmp / f"{kind}_{roi}_{c}.npy")).astype(bool) for c in (1, 0))
             on, off = (m[: 3 * (len(m) // 3)].reshape(3, -1) for m in (on, off))  # [TC, WT, ET] rows
             dice = [2 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum())) for a, b in zip(on, off)]

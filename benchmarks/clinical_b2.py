@@ -83,7 +83,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -99,6 +99,7 @@ from medfusion.data.noise import add_modality_noise
 from medfusion.data.synth_clinical import write_clinical_cohort
 from medfusion.evaluation.classification import classification_metrics
 from medfusion.fusion.meta_fusion_head import attach_head, default_grids, fit_meta_fusion
+from medfusion.fusion.omnifuse import OmniFuseHead
 from medfusion.modality import combination_name, combinations
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -634,6 +635,8 @@ def missing_protocol(data, args, rate0: dict[tuple[int, str], dict[str, Any]], c
                     if res is None:
                         check = None
                         if concat_live is None:
+                            if concat_res is None:
+                                raise RuntimeError("missing protocol: the concat arm must run before meta_fusion")
                             fitted = train_arm("concat", data, args, seed, mask=tr_mask)
                             check = concat_check(fitted, data, concat_res["row"]["auroc"], te_mask)
                             concat_live = (fitted.network, fitted.seconds)
@@ -840,7 +843,9 @@ def plot_noise(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def qmf_md(args: argparse.Namespace, extras: list[dict[str, Any]], noise_rows: list[dict[str, Any]]) -> list[str]:
+def qmf_md(
+    args: argparse.Namespace, extras: list[dict[str, Any]], noise_rows: list[dict[str, Any]]
+) -> tuple[list[str], list[dict[str, Any]]]:
     """Markdown: QMF vs its fair baseline and vs the non-detached variant (paired), and what its weights did."""
     per_seed = pd.DataFrame(noise_rows).groupby(["arm", "eps", "seed"])["auroc"].mean().sort_index()
     L = [
@@ -1076,7 +1081,7 @@ def reading(args, nsum, csum, wsum, msum, paired, results, mf_noise=None, mf_mis
         f"({100 * wc.iloc[0]['auroc_worst']:.1f}), worst {wc.iloc[-1]['arm']} ({100 * wc.iloc[-1]['auroc_worst']:.1f})."
     )
     singles = {a: au(a, 0.0) for a in NOISE_ARMS if a.endswith("_only")}
-    best_single = max(singles, key=singles.get)
+    best_single = max(singles, key=singles.__getitem__)
     L.append(
         f"* Clean (eps=0): QMF {au('qmf', 0.0):.1f} vs late fusion {au('late', 0.0):.1f} and the best single "
         f"modality {best_single} {singles[best_single]:.1f}"
@@ -1144,7 +1149,7 @@ def reading(args, nsum, csum, wsum, msum, paired, results, mf_noise=None, mf_mis
             m: np.mean([ms.loc[(a, r), f"auroc_minus_{m}_mean"] for a in missing_arms(args) for r in rates])
             for m in MODS
         }
-        worst = min(drop, key=drop.get)
+        worst = min(drop, key=drop.__getitem__)
         L.append(
             "* One modality missing at a time: mean AUROC over arms and r>0 when only m is missing — "
             + ", ".join(f"{m} {100 * v:.1f}" for m, v in drop.items())
@@ -1227,7 +1232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data, info = load_data(args)
     sizes = {s: len(d) for s, d in data.items()}
-    prevalence = {s: float(d.label.float().mean()) for s, d in data.items()}
+    prevalence = {s: float(cast(torch.Tensor, d.label).float().mean()) for s, d in data.items()}  # labelled splits
     print(f"data loaded in {time.time() - t_start:.0f}s: {sizes}, prevalence {prevalence}", flush=True)
     record_load("data loaded")
     import monai
@@ -1291,7 +1296,7 @@ def main(argv: list[str] | None = None) -> int:
                 if arm.startswith("qmf"):
                     row["qmf"] = qmf_levels(fitted, data["test"])
                 if arm.startswith("omnifuse"):
-                    head = fitted.network.head
+                    head = cast(OmniFuseHead, fitted.network.head)
                     row["lazy_combination"] = (
                         combination_name(combinations(MODS)[int(head.lazy_combination)])
                         if int(head.lazy_combination) >= 0

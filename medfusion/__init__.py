@@ -13,6 +13,7 @@ __all__ = [
     "CLINICAL_MODALITIES",
     "load_encoder",
     "fit",
+    "load_fitted",
     "predict",
     "evaluate",
     "TensorData",
@@ -24,6 +25,7 @@ __all__ = [
 _LAZY = {
     "load_encoder": "medfusion.apps.export",
     "fit": "medfusion.apps.api",
+    "load_fitted": "medfusion.apps.api",
     "predict": "medfusion.apps.api",
     "evaluate": "medfusion.apps.api",
     "TensorData": "medfusion.apps.api",

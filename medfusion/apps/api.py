@@ -58,7 +58,7 @@ from medfusion.engines.utils import resolve_device
 from medfusion.fusion.method import Method
 from medfusion.modality import Keys, validate_modalities
 
-__all__ = ["TensorData", "TensorBatches", "stack_datalist", "FittedModel", "fit", "predict", "evaluate"]
+__all__ = ["TensorData", "TensorBatches", "stack_datalist", "FittedModel", "fit", "load_fitted", "predict", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -367,6 +367,25 @@ def _plain_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(kwargs or {})
 
 
+def _network(
+    method_name: str,
+    encoders: Mapping[str, Mapping[str, Any]],
+    num_classes: int,
+    head_kwargs: Mapping[str, Any] | None,
+    num_train_samples: int | None,
+) -> nn.Module:
+    """The bundle's ``network_def``: encoders by name + the recipe's head with its default kwargs.
+
+    ``num_train_samples=None`` (loading) leaves the data-sized head kwargs out: loading the weights sizes them.
+    """
+    from medfusion.fusion.recipes import default_head_kwargs, head_name
+    from medfusion.models.classifier import Classifier
+
+    kwargs = default_head_kwargs(method_name, num_train_samples, head_kwargs)
+    return Classifier({m: dict(spec) for m, spec in encoders.items()}, head=head_name(method_name),
+                      num_classes=int(num_classes), head_kwargs=kwargs)  # fmt: skip
+
+
 def fit(
     method_name: str,
     encoders: Mapping[str, Mapping[str, Any]],
@@ -444,8 +463,7 @@ def fit(
     from monai.utils import set_determinism
 
     from medfusion.engines.checkpoint import AtomicCheckpointSaver
-    from medfusion.fusion.recipes import build_method, default_head_kwargs, head_name
-    from medfusion.models.classifier import Classifier
+    from medfusion.fusion.recipes import build_method, head_name
 
     mods = validate_modalities(list(encoders))
     if early_stop_patience is not None and val is None:
@@ -458,9 +476,8 @@ def fit(
         num_train_samples = len(sized)
     dev = resolve_device(device)
     set_determinism(seed=int(seed))
-    kwargs = default_head_kwargs(method_name, int(num_train_samples), head_kwargs)
-    network = Classifier({m: dict(encoders[m]) for m in mods}, head=head_name(method_name),
-                         num_classes=int(num_classes), head_kwargs=kwargs).to(dev)  # fmt: skip
+    network = _network(method_name, {m: encoders[m] for m in mods}, num_classes, head_kwargs, num_train_samples)
+    network = network.to(dev)
     context = {
         "meta_loader": _batches(meta, batch_size, True, mods) if meta is not None else None,
         "output_dir": str(output_dir) if output_dir is not None else None,
@@ -558,6 +575,50 @@ def fit(
         seconds=time.time() - start,
         output_dir=Path(output_dir) if output_dir is not None else None,
     )
+
+
+def load_fitted(path: str | Path, device: str | torch.device | None = None) -> FittedModel:
+    """Load a model :func:`fit` saved (``model.pt`` or ``last_checkpoint_epoch=N.pt`` of its ``output_dir``).
+
+    The file's run record says what to build; the weights go through the one checked loader
+    (:func:`~medfusion.engines.record.load_model`). The network is rebuilt from the record's encoders, head
+    kwargs and number of classes (QMF's loss history is sized by the weights); the recipe is rebuilt from the
+    record's method kwargs and gets its saved state (without a meta-validation loader: enough to read it, e.g.
+    MetaKD's learned weights, and to predict).
+
+    Args:
+        path: the checkpoint file.
+        device: ``None``/``"auto"`` = CUDA when available.
+
+    Returns:
+        The :class:`FittedModel` (empty ``history``; ``output_dir`` = the file's folder).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable file, or a checkpoint without the record :func:`fit` writes (e.g. a bundle's
+            ``model.pt``: its network is described by the bundle config; load it with the bundle).
+    """
+    from medfusion.engines.record import RECORD_KEY, load_model, read_checkpoint
+    from medfusion.fusion.recipes import build_method
+
+    p = Path(path)
+    record = read_checkpoint(p).get(RECORD_KEY)
+    model = record.get("model") if isinstance(record, Mapping) else None
+    if not isinstance(model, Mapping) or "encoders" not in model:
+        raise ValueError(
+            f"checkpoint {p} has no record of fit's network (encoders, head, classes); a bundle checkpoint is "
+            "loaded with its bundle (inference.json, medfusion.apps.export.load_bundle_model)."
+        )
+    assert isinstance(record, Mapping)
+    mods = validate_modalities(record["modalities"])
+    network = _network(record["method"], {m: model["encoders"][m] for m in mods}, model["num_classes"],
+                       model.get("head_kwargs"), None)  # fmt: skip
+    ckpt = load_model(p, network, model)
+    method = build_method(record["method"], mods, model.get("method_kwargs"), {"seed": record.get("seed")})
+    if isinstance(ckpt.get("method"), Mapping):
+        method.load_state_dict(ckpt["method"])
+    dev = resolve_device(device)
+    return FittedModel(network=network.to(dev).eval(), method=method, record=dict(record), output_dir=p.parent)
 
 
 def _model(model: FittedModel | nn.Module, data: Data) -> tuple[nn.Module, tuple[str, ...]]:

@@ -6,7 +6,6 @@ extra: the model fitted here is loaded by the clinical bundle's inference.json.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medfusion.apps.api import TensorData, evaluate, fit, predict, stack_datalist
+from medfusion.apps.api import TensorData, evaluate, fit, load_fitted, predict, stack_datalist
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "clinical_fusion"
@@ -133,11 +132,9 @@ def test_predictions_equal_the_bundle_inference_writer(qmf, cohort, tmp_path):
     wf.run()
     wf.finalize()
     bundle = pd.read_csv(tmp_path / "pred" / "predictions.csv", keep_default_na=False, na_values=[""])
-    # the bundle loaded the best model.pt; predict with the same weights
-    from medfusion.engines.record import load_model
-
-    best = copy.deepcopy(qmf)
-    load_model(qmf.output_dir / "model.pt", best.network, qmf.record["model"])
+    # the bundle loaded the best model.pt; predict with the same file
+    best = load_fitted(qmf.output_dir / "model.pt", device="cpu")
+    assert best.record == qmf.record
     ours = predict(best, stack_for(cohort), combination="ehr+report")
     assert list(bundle.columns) == list(ours.columns) and "weights_report" in bundle
     assert bundle["case_id"].tolist() == ours["case_id"].tolist()
@@ -197,3 +194,18 @@ def test_tensor_data_checks_shapes_and_masks_by_name():
     assert dropped.select(["b"]).mask[:, 0].tolist() == [False, True, True, True]
     batches = list(dropped.batches(3))
     assert [len(b["case_id"]) for b in batches] == [3, 1] and batches[1]["sample_index"].tolist() == [3]
+
+
+def test_load_fitted_rebuilds_network_and_recipe_from_the_record(splits, tmp_path):
+    enc = _encoders(splits["train"].inputs["ehr"].shape[1])
+    fitted = fit("metakd", enc, splits["train"], meta=splits["val"], epochs=1, batch_size=16, output_dir=tmp_path,
+                 method_kwargs={"meta_interval": 1, "meta_steps": 1})  # fmt: skip
+    assert fitted.method.state.meta_steps == 3  # one meta step after each of the 3 iterations
+    loaded = load_fitted(tmp_path / "last_checkpoint_epoch=1.pt")
+    assert loaded.record == fitted.record and loaded.modalities == MODS
+    assert loaded.method.state.as_dict() == pytest.approx(fitted.method.state.as_dict())  # the learned KD weights
+    assert loaded.method.state.meta_steps == 3
+    pd.testing.assert_frame_equal(predict(loaded, splits["test"]), predict(fitted, splits["test"]))
+    torch.save({"model": {}, "record": {"model": {"modalities": list(MODS)}}}, tmp_path / "bundle.pt")
+    with pytest.raises(ValueError, match="a bundle checkpoint is loaded with its bundle"):
+        load_fitted(tmp_path / "bundle.pt")

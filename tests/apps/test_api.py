@@ -180,6 +180,14 @@ def test_fit_never_replaces_a_run_without_overwrite(splits, tmp_path):
     for a, b in zip(first.network.state_dict().values(), again.network.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert [r["loss"] for r in first.history] == [r["loss"] for r in again.history]
+    # resume: epoch 2 continued from the epoch-1 checkpoint == two epochs in one go (per-epoch re-seeding)
+    resumed = fit("concat", {"ehr": enc["ehr"]}, small, epochs=2, batch_size=16, output_dir=tmp_path, seed=3,
+                  resume=True)  # fmt: skip
+    straight = fit("concat", {"ehr": enc["ehr"]}, small, epochs=2, batch_size=16, seed=3)
+    assert [r["epoch"] for r in resumed.history] == [2, 2, 2]
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history[3:]]
+    for a, b in zip(resumed.network.state_dict().values(), straight.network.state_dict().values()):
+        torch.testing.assert_close(a, b)
 
 
 def test_tensor_data_checks_shapes_and_masks_by_name():
@@ -209,3 +217,29 @@ def test_load_fitted_rebuilds_network_and_recipe_from_the_record(splits, tmp_pat
     torch.save({"model": {}, "record": {"model": {"modalities": list(MODS)}}}, tmp_path / "bundle.pt")
     with pytest.raises(ValueError, match="a bundle checkpoint is loaded with its bundle"):
         load_fitted(tmp_path / "bundle.pt")
+
+
+def test_fit_and_predict_read_a_dataloader_over_the_bundle_transforms(cohort, splits):
+    """A DataLoader over the datalist (as the bundle reads it) instead of TensorData: the same predictions."""
+    from monai.data import DataLoader, Dataset
+
+    from medfusion.data.clinical import clinical_transforms
+    from medfusion.data.mimic import discover_mimic
+
+    two = ("ehr", "cxr")  # the bundle builds its transforms for the model's modalities (mask columns = model's)
+    tf = clinical_transforms({m: KINDS[m] for m in two}, mode="eval", **SIZES)
+    lists = {
+        s: discover_mimic(cohort / "ehr", cohort / "cxr", cohort / "reports", split=s, modalities=two)
+        for s in ("train", "test")
+    }
+    for i, item in enumerate(lists["train"]):
+        item["sample_index"] = i  # the bundle's splits number the rows
+    train = DataLoader(Dataset(lists["train"], tf), batch_size=16, shuffle=True)
+    enc = {m: spec for m, spec in _encoders(splits["train"].inputs["ehr"].shape[1]).items() if m in two}
+    fitted = fit("qmf", enc, train, epochs=1, device="cpu")  # num_train_samples from train.dataset
+    assert fitted.network.head.num_samples == 42 and len(fitted.history) == 3
+    via_loader = predict(fitted, DataLoader(Dataset(lists["test"], tf), batch_size=5))
+    via_tensors = predict(fitted, splits["test"])  # the 3-modality split: ehr and cxr selected by name
+    assert via_loader["case_id"].tolist() == via_tensors["case_id"].tolist()
+    for col in ("prob_1", "weights_ehr", "weights_cxr"):
+        np.testing.assert_allclose(via_loader[col], via_tensors[col], atol=1e-5)

@@ -7,14 +7,14 @@ noise protocol and the per-combination evaluation start from complete samples), 
 in memory by ``medfusion.apps.api.stack_datalist`` into ``TensorData`` splits that every arm and seed reuses (cached
 on disk too). No training augmentation (documented simplification for speed).
 
-Every arm goes through the library's in-memory API (``medfusion.apps.api``), i.e. the clinical bundle's
+Every trained arm goes through the library's in-memory API (``medfusion.apps.api``), i.e. the clinical bundle's
 components: ``fit`` (the recipe's head and kwargs from the method registry, ``build_method``, the bundles'
-``MethodTrainer`` with per-epoch re-seeding; Adam(lr), no scheduler, no validation), ``predict`` (the bundle's
-per-sample prediction rows, with the method outputs: QMF weights, OmniFuse omega, per-modality logits, from which
-the per-modality CE is computed) and ``evaluate`` (``evaluate_classification`` without bootstrap: AUROC per
-combination). Cache version ``b2-v4``: the shuffling draws from the re-seeded global generator, so the trained
-networks differ from those of the ``b2-v3`` runs behind the committed ``results/clinical_b2.*`` (same protocol,
-same settings, same noise draws and masks).
+``MethodTrainer`` with per-epoch re-seeding; AdamW with weight decay 0 = Adam's update, no scheduler, no
+validation), ``predict`` (the bundle's per-sample prediction rows, with the method outputs: QMF weights, OmniFuse
+omega, per-modality logits, from which the per-modality CE is computed) and ``evaluate`` (``evaluate_classification``
+without bootstrap: AUROC per combination). Cache version ``b2-v4``: the shuffling draws from the re-seeded global
+generator, so the trained networks differ from those of the ``b2-v3`` runs behind the committed
+``results/clinical_b2.*`` (same protocol, same settings, same noise draws and masks).
 
 Noise protocol (QMF): every arm is trained on clean data; at test time, with probability 0.5 per sample and
 modality, noise of strength eps in {0, 5, 10} (``medfusion.data.noise.add_modality_noise``, a batch-level

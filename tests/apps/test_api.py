@@ -108,6 +108,9 @@ def test_evaluate_matches_predict_per_combination(qmf, splits, tmp_path):
         evaluate(qmf, splits["test"], n_bootstrap=0, output_dir=tmp_path / "eval")
     again = evaluate(qmf, splits["test"], n_bootstrap=0, output_dir=tmp_path / "eval", overwrite=True)
     pd.testing.assert_frame_equal(again, summary)
+    thr = evaluate(qmf, splits["test"], n_bootstrap=0, threshold_data=splits["train"], combinations=["ehr", "cxr"])
+    assert list(thr.index) == ["ehr", "cxr", "mean"] and np.isfinite(thr.loc["ehr", "threshold"])
+    assert {"sensitivity_at_thr", "specificity_at_thr"} <= set(thr.columns)
 
 
 def test_predictions_equal_the_bundle_inference_writer(qmf, cohort, tmp_path):
@@ -172,6 +175,8 @@ def test_fit_never_replaces_a_run_without_overwrite(splits, tmp_path):
     small = splits["train"].select(["ehr"])
     first = fit("concat", {"ehr": enc["ehr"]}, small, epochs=1, batch_size=16, output_dir=tmp_path, seed=3)
     assert first.record["modalities"] == ["ehr"] and (tmp_path / "last_checkpoint_epoch=1.pt").is_file()
+    with pytest.raises(ValueError, match="early_stop_patience needs val"):
+        fit("concat", {"ehr": enc["ehr"]}, small, epochs=1, early_stop_patience=2)
     with pytest.raises(FileExistsError, match="already holds a run"):
         fit("concat", {"ehr": enc["ehr"]}, small, epochs=1, batch_size=16, output_dir=tmp_path, seed=3)
     again = fit("concat", {"ehr": enc["ehr"]}, small, epochs=1, batch_size=16, output_dir=tmp_path, seed=3,

@@ -329,7 +329,7 @@ def phantom(args: argparse.Namespace) -> dict[str, Any]:
     from medfusion.engines.trainer import build_trainer
     from medfusion.evaluation.classification import predict_combinations
     from medfusion.fusion.recipes import create_method, default_head_kwargs, head_name
-    from medfusion.modality import Keys, all_combination_masks, combination_name, combinations
+    from medfusion.modality import all_combination_masks, combination_name, combinations
     from medfusion.models.classifier import Classifier
 
     torch.set_num_threads(args.threads)
@@ -349,14 +349,14 @@ def phantom(args: argparse.Namespace) -> dict[str, Any]:
         for mining in PHANTOM_VARIANTS:
             torch.manual_seed(seed)
             np.random.seed(seed)
-            n_train = int(data["train"][Keys.LABEL].shape[0])
+            n_train = len(data["train"])
             net = Classifier(
-                b2.encoder_specs(ns, data["train"]["ehr"].shape[1]),
+                b2.encoder_specs(ns, data["train"].inputs["ehr"].shape[1]),
                 head=head_name("omnifuse"),
                 num_classes=2,
                 head_kwargs=default_head_kwargs("omnifuse", n_train),
             )
-            loader = b2.TensorBatches(data["train"], MODS, 32, shuffle=True, seed=seed)
+            loader = data["train"].batches(32, shuffle=True)  # order from torch's generator, seeded above
             method = create_method("omnifuse", MODS, {"seed": seed, **mining_kwargs(mining)})
             trainer = build_trainer(
                 net,
@@ -372,8 +372,8 @@ def phantom(args: argparse.Namespace) -> dict[str, Any]:
             epochs = epoch_recorder(trainer, net, mining, data)
             trainer.run()
             net.eval()
-            test = b2.TensorBatches(data["test"], MODS, 64)
-            pred = b2.predict(net, test)
+            test = data["test"].batches(64)
+            pred = b2.per_sample(net, data["test"])
             table = predict_combinations(
                 net, test, MODS, all_combination_masks(MODS), torch.device("cpu"), progress=False
             )
@@ -402,7 +402,6 @@ def epoch_recorder(trainer: Any, net: Any, mining: str, data: dict[str, Any]) ->
 
     The pass of an online run runs on the same weights after the method's handler and is not used for training.
     """
-    import clinical_b2 as b2
     from ignite.engine import Events
 
     import medfusion.fusion.omnifuse as om
@@ -414,7 +413,7 @@ def epoch_recorder(trainer: Any, net: Any, mining: str, data: dict[str, Any]) ->
     def check(_: Any) -> None:
         row = {"lazy_used": int(net.head.lazy_combination), "seconds": time.perf_counter() - t_epoch[-1]}
         if mining != "epoch":
-            sums, counts = om.combination_losses(net, b2.TensorBatches(data["train"], MODS, 32), MODS)
+            sums, counts = om.combination_losses(net, data["train"].batches(32), MODS)
             row["lazy_epoch_pass"] = om.lazy_from_losses(sums, counts)[1]
         epochs.append(row)
 

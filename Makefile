@@ -59,7 +59,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check medfusion tests benchmarks tutorials
 	# layers only point down (contract in pyproject.toml, picture in docs/architecture.md)
 	$(BIN)/lint-imports --no-cache
-	# types of medfusion/ at zero errors ([tool.mypy] in pyproject.toml)
+	# types of medfusion/ and benchmarks/ at zero errors ([tool.mypy] in pyproject.toml)
 	$(BIN)/mypy
 
 clean:

@@ -24,7 +24,7 @@ The bundle's JSON stays declarative; what JSON cannot express cleanly lives here
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -635,6 +635,7 @@ def prediction_rows(
     temperatures: Mapping[str, float] | None = None,
     aux: Mapping[str, Any] | None = None,
     first_row: int = 0,
+    per_modality: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """Per-sample prediction rows of one batch: the one format of ``predictions.csv`` and of ``api.predict``.
 
@@ -652,6 +653,7 @@ def prediction_rows(
         temperatures: ``{combination: T}``: logits divided by the temperature of the sample's combination.
         aux: the head's ``FusionOutput.aux`` of this batch (``None``: no method outputs).
         first_row: running number of the batch's first sample (ids when the batch has no ``case_id``).
+        per_modality: the head's ``per_modality_aux`` keys (``[B, M]`` entries of ``aux``).
 
     Returns:
         ``B`` rows (dicts).
@@ -669,7 +671,7 @@ def prediction_rows(
     labels = batch.get(Keys.LABEL)
     missing = batch.get(MISSING_KEY, [""] * n)
     ok = torch.as_tensor(batch.get(PREDICTABLE_KEY, torch.ones(n, dtype=torch.bool))).bool().reshape(-1).cpu().numpy()
-    outputs = per_sample_aux(aux or {}, n, modalities)
+    outputs = per_sample_aux(aux or {}, n, modalities, per_modality)
     rows = []
     for i in range(n):
         row: dict[str, Any] = {"case_id": str(ids[i])}
@@ -734,6 +736,7 @@ class PredictionWriter:
         self.rows: list[dict[str, Any]] = []
         self._aux: Mapping[str, Any] | None = None
         self._hook: Any = None
+        self._per_modality: tuple[str, ...] = ()
 
     def attach(self, engine: Any) -> None:
         """Register on ``STARTED`` (reset, hook the head), ``ITERATION_COMPLETED`` (collect), ``COMPLETED`` (write)."""
@@ -755,6 +758,7 @@ class PredictionWriter:
     def _keep_aux(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         aux = getattr(output, "aux", None)
         self._aux = aux if isinstance(aux, Mapping) else None
+        self._per_modality = tuple(getattr(module, "per_modality_aux", ()))
 
     def _unhook(self, engine: Any, *args: Any) -> None:
         if self._hook is not None:
@@ -769,6 +773,7 @@ class PredictionWriter:
             self.temperatures,
             self._aux,
             first_row=len(self.rows),
+            per_modality=self._per_modality,
         )
         self._aux = None
 

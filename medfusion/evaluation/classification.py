@@ -16,7 +16,7 @@ beside the predictions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -171,21 +171,28 @@ def bootstrap_ci(
     return out
 
 
-def per_sample_aux(aux: Mapping[str, Any], batch_size: int, modalities: Sequence[str]) -> dict[str, np.ndarray]:
+def per_sample_aux(
+    aux: Mapping[str, Any], batch_size: int, modalities: Sequence[str], per_modality: Collection[str] = ()
+) -> dict[str, np.ndarray]:
     """Named per-sample columns of a fusion head's ``aux`` (the method outputs of ``predictions.csv``).
 
-    A ``[B]`` tensor ``x`` becomes column ``x``; a ``[B, M]`` tensor ``w`` (one value per modality, e.g. QMF's
-    ``weights``, OmniFuse's ``omega``) becomes ``w_<modality>``; a ``{modality: [B, K]}`` dict ``z`` (e.g.
-    ``modality_logits``) becomes ``z_<modality>_<k>``. Other entries (scalars, features, nested outputs) are left
-    out.
+    A ``[B]`` tensor ``x`` becomes column ``x``; a key ``w`` the head declares per-modality
+    (``FusionHead.per_modality_aux``, ``[B, M]``: QMF's ``weights``/``energy``, OmniFuse's ``omega``) becomes
+    ``w_<modality>``; a ``{modality: [B, K]}`` dict ``z`` (e.g. ``modality_logits``) becomes ``z_<modality>_<k>``.
+    Other entries (scalars, undeclared ``[B, X]`` tensors such as ``joint_logits`` ``[B, K]``, features, nested
+    outputs) are left out: a ``[B, K]`` tensor is never named by modality because ``K`` happens to equal ``M``.
 
     Args:
         aux: ``FusionOutput.aux`` of one batch.
         batch_size: ``B``.
         modalities: the head's ordered modality names (``M``).
+        per_modality: the head's ``per_modality_aux`` keys.
 
     Returns:
         ``{column: float array [B]}``.
+
+    Raises:
+        ValueError: a declared per-modality entry is not ``[B, M]``.
     """
     cols: dict[str, np.ndarray] = {}
     for name, v in aux.items():
@@ -199,11 +206,16 @@ def per_sample_aux(aux: Mapping[str, Any], batch_size: int, modalities: Sequence
         if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] != batch_size:
             continue
         a = v.detach().float().cpu()
-        if a.ndim == 1:
-            cols[name] = a.numpy()
-        elif a.ndim == 2 and a.shape[1] == len(modalities):
+        if name in per_modality:
+            if tuple(a.shape) != (batch_size, len(modalities)):
+                raise ValueError(
+                    f"aux[{name!r}] is declared per-modality ([B, M] = [{batch_size}, {len(modalities)}]) "
+                    f"but has shape {list(a.shape)}."
+                )
             for i, m in enumerate(modalities):
                 cols[f"{name}_{m}"] = a[:, i].numpy()
+        elif a.ndim == 1:
+            cols[name] = a.numpy()
     return cols
 
 
@@ -224,6 +236,7 @@ def predict_combinations(
         aux columns. Combinations a sample cannot form (a needed modality absent) are skipped.
     """
     net = cast(Any, unwrap(model)).to(device).eval()  # duck-typed: encode/head (cached) or forward_outputs
+    per_modality = tuple(getattr(getattr(net, "head", None), "per_modality_aux", ()))
     frames = []
     for batch in tqdm(loader, desc="evaluate", disable=not progress):
         batch = to_device(batch, device)
@@ -248,7 +261,7 @@ def predict_combinations(
                 frame["case_id"] = np.asarray(batch[Keys.CASE_ID], dtype=object)[keep]
             for k in range(probs.shape[1]):
                 frame[f"prob_{k}"] = probs[keep, k]
-            for name, col in per_sample_aux(out.aux, b, modalities).items():
+            for name, col in per_sample_aux(out.aux, b, modalities, per_modality).items():
                 frame[name] = col[keep]
             frames.append(pd.DataFrame(frame))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

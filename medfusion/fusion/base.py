@@ -9,7 +9,7 @@ inferers, evaluators and TorchScript work unchanged; training calls ``forward_ou
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -51,7 +51,15 @@ class FusionHead(nn.Module):
 
     Args:
         modalities: ordered modality names the head is built for.
+
+    Attributes:
+        per_modality_aux: the ``aux`` keys holding one value per modality, ``[B, M]`` in ``modalities`` order
+            (e.g. QMF's ``weights``); exported as ``<key>_<modality>`` columns of ``predictions.csv``. Other
+            ``[B, X]`` entries (e.g. OmniFuse's ``joint_logits`` ``[B, K]``) are never read as per-modality, even
+            when ``X == M``.
     """
+
+    per_modality_aux: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, modalities: Sequence[str]) -> None:
         super().__init__()

@@ -351,6 +351,8 @@ class OmniFuseHead(FusionHead, LazyCombinationMixin):
         under ``target_mask``, detached) when ``target_mask`` is given.
     """
 
+    per_modality_aux = ("omega",)
+
     zero_pooled: torch.Tensor
     zero_pooled_ready: torch.Tensor
 

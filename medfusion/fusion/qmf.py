@@ -291,6 +291,8 @@ class QMFHead(FusionHead, LossHistoryMixin):
         aux={"modality_logits": {name: [B, K]} (absent rows = 0), "weights": [B, M], "energy": [B, M]})``.
     """
 
+    per_modality_aux = ("weights", "energy")
+
     def __init__(
         self,
         modalities: Sequence[str],

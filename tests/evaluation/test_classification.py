@@ -126,3 +126,20 @@ def test_threshold_from_validation_loader_and_summary_notes(tmp_path):
     assert f"{summary.loc['ehr+cxr+report', 'auroc']:.3f} [" in row
     assert "Split: rule." in md and "mean: unweighted mean of the 7 combination rows" in md
     assert "largest Youden's J" in md
+
+
+def test_per_sample_aux_names_only_declared_keys_by_modality():
+    from medfusion.evaluation.classification import per_sample_aux
+
+    aux = {
+        "weights": torch.tensor([[0.25, 0.75], [1.0, 0.0]]),
+        "joint_logits": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),  # [B, K] with K == M == 2
+        "count": torch.tensor([2.0, 1.0]),
+        "modality_logits": {"ehr": torch.tensor([[0.5, -0.5], [1.0, 2.0]])},
+    }
+    cols = per_sample_aux(aux, 2, ("ehr", "cxr"), per_modality=("weights",))
+    assert sorted(cols) == ["count", "modality_logits_ehr_0", "modality_logits_ehr_1", "weights_cxr", "weights_ehr"]
+    np.testing.assert_allclose(cols["weights_cxr"], [0.75, 0.0])
+    np.testing.assert_allclose(cols["modality_logits_ehr_1"], [-0.5, 2.0])
+    with pytest.raises(ValueError, match=r"aux\['joint_logits'\] is declared per-modality"):
+        per_sample_aux({"joint_logits": torch.zeros(2, 3)}, 2, ("ehr", "cxr"), per_modality=("joint_logits",))

@@ -126,3 +126,22 @@ def test_absent_modalities_get_no_gradient(name: str) -> None:
                 assert (t.grad[absent] == 0).all(), f"{name}: absent {m!r} received gradient"
     present_grads = [features[m].pooled.grad for m in MODS if features[m].pooled.grad is not None]
     assert present_grads and any(g.abs().sum() > 0 for g in present_grads), f"{name}: no gradient at all"
+
+
+@pytest.mark.parametrize("name", list_fusions())
+def test_per_modality_aux_is_declared_and_exported_by_name(name: str) -> None:
+    """Only the head's declared ``per_modality_aux`` keys become ``<key>_<modality>`` columns (here ``K == M``, so
+    a ``[B, K]`` entry such as OmniFuse's ``joint_logits`` would pass a shape test and be misnamed)."""
+    from medfusion.evaluation.classification import per_sample_aux
+
+    head = _head(name)
+    mask = all_combination_masks(MODS)
+    with torch.no_grad():
+        out = head(_features(0), mask)
+    for key in head.per_modality_aux:
+        assert tuple(out.aux[key].shape) == (7, len(MODS)), key
+    cols = per_sample_aux(out.aux, 7, MODS, head.per_modality_aux)
+    named = {c.rsplit("_", 1)[0] for c in cols if c.rsplit("_", 1)[-1] in MODS}
+    assert named == set(head.per_modality_aux)
+    if name == "omnifuse":
+        assert tuple(out.aux["joint_logits"].shape) == (7, K) and not any(c.startswith("joint_") for c in cols)

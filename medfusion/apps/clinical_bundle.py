@@ -509,12 +509,27 @@ class ModalityBatch:
     def __call__(
         self, batchdata: Mapping[str, Any], device: Any = None, non_blocking: bool = False, **kwargs: Any
     ) -> tuple[Any, Any, tuple[Any, ...], dict[str, Any]]:
-        """Move the batch to ``device`` and split it into inputs, labels and the mask."""
+        """Move the batch to ``device`` and split it into inputs, labels and the mask.
+
+        Raises:
+            KeyError: the batch lacks a modality of the network (or ``modality_mask``).
+            ValueError: ``modality_mask`` is not ``[B, M]`` for the network's ``M`` modalities (a loader built for
+                other modalities: its mask columns would be read as the network's).
+        """
         batch = to_device(batchdata, device if device is not None else "cpu", non_blocking)
         label = batch.get(Keys.LABEL)
         if isinstance(label, torch.Tensor):
             label = label.reshape(label.shape[0], -1)[:, 0].long()
-        return model_inputs(batch, self.modalities), label, (batch[Keys.MASK].bool(),), {}
+        inputs = model_inputs(batch, self.modalities)
+        if Keys.MASK not in batch:
+            raise KeyError(f"batch has no {Keys.MASK!r}; keys present: {sorted(batch)}.")
+        mask = batch[Keys.MASK]
+        if mask.ndim != 2 or mask.shape[1] != len(self.modalities):
+            raise ValueError(
+                f"batch {Keys.MASK!r} has shape {list(mask.shape)}, expected [B, {len(self.modalities)}] for the "
+                f"network's modalities [{', '.join(self.modalities)}]: build the loader for these modalities."
+            )
+        return inputs, label, (mask.bool(),), {}
 
 
 def auroc_output(output: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -743,7 +758,7 @@ class PredictionWriter:
         engine.add_event_handler(Events.STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._write)
-        engine.add_event_handler(Events.EXCEPTION_RAISED, self._unhook)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
 
     def _reset(self, engine: Any) -> None:
         self.rows = []
@@ -759,6 +774,15 @@ class PredictionWriter:
         aux = getattr(output, "aux", None)
         self._aux = aux if isinstance(aux, Mapping) else None
         self._per_modality = tuple(getattr(module, "per_modality_aux", ()))
+
+    def _on_exception(self, engine: Any, e: BaseException) -> None:
+        """Remove the head hook, then re-raise the exception.
+
+        Ignite hands an exception to the ``EXCEPTION_RAISED`` handlers INSTEAD of raising it, so a handler that
+        does not re-raise would turn a failed inference into a silent run without predictions.
+        """
+        self._unhook(engine)
+        raise e
 
     def _unhook(self, engine: Any, *args: Any) -> None:
         if self._hook is not None:

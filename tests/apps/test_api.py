@@ -248,3 +248,16 @@ def test_fit_and_predict_read_a_dataloader_over_the_bundle_transforms(cohort, sp
     assert via_loader["case_id"].tolist() == via_tensors["case_id"].tolist()
     for col in ("prob_1", "weights_ehr", "weights_cxr"):
         np.testing.assert_allclose(via_loader[col], via_tensors[col], atol=1e-5)
+
+
+def test_a_loader_built_for_other_modalities_is_refused_by_name(qmf, splits):
+    """Plain batch loaders are checked per batch (ModalityBatch): a missing modality key, or a mask whose width
+    is not the network's M (its columns would be read as the network's modalities), is one clear error."""
+    batch = splits["test"].as_batch()
+    no_cxr = {k: v for k, v in batch.items() if k != "cxr"}
+    with pytest.raises(KeyError, match=r"no key for modalities \['cxr'\]"):
+        predict(qmf, [no_cxr])
+    wide = dict(batch, modality_mask=torch.ones(len(splits["test"]), 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"expected \[B, 3\] for the network's modalities \[ehr, cxr, report\]"):
+        predict(qmf, [wide])
+    pd.testing.assert_frame_equal(predict(qmf, [batch]), predict(qmf, splits["test"], batch_size=len(batch["ehr"])))

@@ -1,21 +1,39 @@
-"""Run a medfusion MONAI bundle from Python (what ``python -m monai.bundle run`` does, via ``ConfigWorkflow``).
+"""Run a medfusion MONAI bundle from Python, and the evaluation components of the bundles' ``evaluate.json``.
 
+:func:`bundle_workflow` does what ``python -m monai.bundle run`` does, via ``ConfigWorkflow``.
 ``medfusion evaluate`` and ``make demo`` use these so the CLI, the demo and the bundle commands
-execute the very same configs.
+execute the very same configs. :class:`ClassificationEvaluation` (``clinical_fusion``) and
+:class:`SegmentationEvaluation` (``brats_metakd``) are the ``"evaluation"`` components whose ``run()`` is the
+``run`` of ``evaluate.json`` / ``router_evaluate.json``: every setting is a named argument in the config.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from monai.bundle import ConfigWorkflow
 
-__all__ = ["bundle_workflow", "train_bundle", "evaluate_bundle", "read_summary", "torchrun_command"]
+if TYPE_CHECKING:
+    import torch
+
+    from medfusion.evaluation.report import ResultsFolder
+
+__all__ = [
+    "bundle_workflow",
+    "run_bundle",
+    "train_bundle",
+    "evaluate_bundle",
+    "read_summary",
+    "torchrun_command",
+    "ClassificationEvaluation",
+    "SegmentationEvaluation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +78,28 @@ def _run(wf: ConfigWorkflow) -> None:
     wf.finalize()
 
 
-def train_bundle(bundle_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> ConfigWorkflow:
-    """Train with ``configs/train.json`` (+ overrides); returns the finished workflow."""
-    wf = bundle_workflow(bundle_dir, ["train.json"], "train", overrides)
+def run_bundle(
+    bundle_dir: str | Path,
+    configs: Sequence[str],
+    workflow_type: str = "train",
+    overrides: Mapping[str, Any] | None = None,
+) -> ConfigWorkflow:
+    """Build (arguments as :func:`bundle_workflow`), initialise, run and finalise a bundle workflow.
+
+    What ``python -m monai.bundle run`` does, from Python, e.g.
+    ``run_bundle(bundle, ["inference.json", "router_inference.json"], "infer", {"routing_file": ...})``.
+
+    Returns:
+        The finished workflow (``wf.parser`` holds every resolved component).
+    """
+    wf = bundle_workflow(bundle_dir, configs, workflow_type, overrides)
     _run(wf)
     return wf
+
+
+def train_bundle(bundle_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> ConfigWorkflow:
+    """Train with ``configs/train.json`` (+ overrides); returns the finished workflow."""
+    return run_bundle(bundle_dir, ["train.json"], "train", overrides)
 
 
 def evaluate_bundle(
@@ -172,3 +207,150 @@ def torchrun_command(
     for key, value in (overrides or {}).items():
         cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
     return cmd
+
+
+@dataclass(kw_only=True)
+class _BundleEvaluation:
+    """An evaluation written all or nothing into ``results`` (a :class:`~medfusion.evaluation.report.ResultsFolder`).
+
+    ``results`` refuses a non-empty output folder unless ``overwrite`` when it is built; :meth:`run` writes
+    into its hidden folder and publishes it only when the evaluation is complete.
+    """
+
+    results: ResultsFolder
+
+    def run(self) -> pd.DataFrame:
+        """Evaluate into ``results.path``, then publish the folder; returns the summary table."""
+        return self.results.run(self._evaluate)
+
+    def _evaluate(self) -> pd.DataFrame:
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class ClassificationEvaluation(_BundleEvaluation):
+    """The ``"evaluation"`` of ``clinical_fusion``'s ``evaluate.json``: a classifier on every modality combination.
+
+    :meth:`run` calls :func:`~medfusion.evaluation.classification.evaluate_classification` and then the
+    method's extra outputs (:func:`~medfusion.apps.clinical_bundle.method_figures`, e.g. QMF's weight-vs-loss
+    figure) into the results folder. Keyword arguments only (the config's named arguments).
+
+    Args:
+        results: where the files go (all or nothing).
+        network: the trained classifier (checkpoint already loaded).
+        dataloader: the evaluated split's batches.
+        modalities: the model's ordered modality names.
+        method_name: the bundle's ``method_name`` (title of the summary; which extra outputs are written).
+        combinations: combination names to evaluate (default all ``2^M - 1``).
+        n_bootstrap: bootstrap resamples for the 95% CIs (0 = none).
+        cached: encode once per batch and re-run only the head per combination (``False`` for a router).
+        device: default automatic.
+        progress: progress bar over the batches.
+        seed: bootstrap seed.
+        calibration_file: ``calibration.json`` from ``medfusion calibrate`` (per-combination temperatures).
+        record: facts about the run written to ``evaluation.json``.
+        threshold_loader: validation batches for the per-combination decision threshold (binary tasks).
+        notes: paragraphs under the summary table (the split rule).
+        figures: write the method's extra outputs (``False`` for a router: it has no single method).
+    """
+
+    network: torch.nn.Module
+    dataloader: Iterable[Mapping[str, Any]]
+    modalities: Sequence[str]
+    method_name: str
+    combinations: Sequence[str] | None = None
+    n_bootstrap: int = 200
+    cached: bool = True
+    device: str | torch.device | None = None
+    progress: bool = True
+    seed: int = 0
+    calibration_file: str | Path | None = None
+    record: Mapping[str, Any] | None = None
+    threshold_loader: Iterable[Mapping[str, Any]] | None = None
+    notes: Sequence[str] | None = None
+    figures: bool = True
+
+    def _evaluate(self) -> pd.DataFrame:
+        from medfusion.apps.clinical_bundle import method_figures
+        from medfusion.evaluation.calibration import load_temperatures
+        from medfusion.evaluation.classification import evaluate_classification
+
+        temperatures = load_temperatures(self.calibration_file, self.modalities) if self.calibration_file else None
+        summary = evaluate_classification(
+            self.network,
+            self.dataloader,
+            self.modalities,
+            self.results.path,
+            combinations_to_run=self.combinations,
+            n_bootstrap=self.n_bootstrap,
+            cached=self.cached,
+            device=self.device,
+            progress=self.progress,
+            title=f"AUROC per modality combination ({self.method_name})",
+            seed=self.seed,
+            temperatures=temperatures,
+            record=self.record,
+            threshold_loader=self.threshold_loader,
+            notes=self.notes,
+        )
+        if self.figures:
+            method_figures(
+                self.method_name, self.network, self.dataloader, self.modalities, self.results.path, device=self.device
+            )
+        return summary
+
+
+@dataclass(kw_only=True)
+class SegmentationEvaluation(_BundleEvaluation):
+    """The ``"evaluation"`` of ``brats_metakd``'s ``evaluate.json``: a segmenter on every modality combination.
+
+    :meth:`run` calls :func:`~medfusion.evaluation.segmentation.evaluate_segmentation` into the results folder.
+    Keyword arguments only (the config's named arguments).
+
+    Args:
+        results: where the files go (all or nothing).
+        network: the trained segmenter (checkpoint already loaded) or a router.
+        data: the evaluated cases (datalist entries).
+        modalities: the model's ordered modality names.
+        combinations: combination names to evaluate (default all ``2^M - 1``).
+        roi_size: sliding-window size.
+        sw_batch_size: windows per forward pass.
+        cached: shared per-modality encoding across combinations.
+        hd95: compute HD95.
+        amp: mixed precision (CUDA).
+        device: default automatic.
+        record: facts about the run written to ``evaluation.json``.
+        crop_foreground: run the windows over the brain's bounding box only.
+    """
+
+    network: torch.nn.Module
+    data: Sequence[Mapping[str, Any]]
+    modalities: Sequence[str]
+    combinations: Sequence[str] | None = None
+    roi_size: Sequence[int] = (96, 96, 96)
+    sw_batch_size: int = 1
+    cached: bool = True
+    hd95: bool = True
+    amp: bool = False
+    device: str | torch.device | None = None
+    record: Mapping[str, Any] | None = None
+    crop_foreground: bool = True
+
+    def _evaluate(self) -> pd.DataFrame:
+        from medfusion.evaluation.segmentation import evaluate_segmentation
+
+        return evaluate_segmentation(
+            self.network,
+            self.data,
+            self.modalities,
+            self.results.path,
+            combinations_to_run=self.combinations,
+            roi_size=self.roi_size,
+            sw_batch_size=self.sw_batch_size,
+            cached=self.cached,
+            hd95=self.hd95,
+            amp=self.amp,
+            device=self.device,
+            record=self.record,
+            crop_foreground=self.crop_foreground,
+        )

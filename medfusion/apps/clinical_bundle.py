@@ -103,8 +103,16 @@ ENCODER_KINDS: dict[str, tuple[str, ...]] = {
 """Registered encoder name -> modality kinds it reads (ResNets read ``image`` or ``volume`` by ``spatial_dims``)."""
 
 
+def _layout_columns(manifest_columns: Mapping[str, Any] | None, layout: str | None) -> Mapping[str, Any]:
+    """The manifest columns that apply: none unless ``layout`` is ``"manifest"`` (``None``: as given)."""
+    return {} if layout not in (None, "manifest") else (manifest_columns or {})
+
+
 def resolve_kinds(
-    modalities: Sequence[str], kinds: Mapping[str, str], manifest_columns: Mapping[str, Any] | None = None
+    modalities: Sequence[str],
+    kinds: Mapping[str, str],
+    manifest_columns: Mapping[str, Any] | None = None,
+    layout: str | None = None,
 ) -> dict[str, str]:
     """``{modality: kind}`` in the order of ``modalities``; a manifest column group (a list) is ``tabular``.
 
@@ -112,13 +120,15 @@ def resolve_kinds(
         modalities: ordered modality names.
         kinds: the bundle's ``modality_kinds`` (may hold more modalities).
         manifest_columns: the manifest layout's ``{modality: column or [columns]}`` (``None`` for MIMIC).
+        layout: the bundle's ``data_layout``: ``manifest_columns`` are read only for ``"manifest"``
+            (``None``: read as given).
 
     Raises:
         ValueError: a modality without a kind (and not a column group), or an unknown kind.
     """
     from medfusion.data.manifest import MODALITY_KINDS
 
-    groups = {m for m, c in (manifest_columns or {}).items() if not isinstance(c, str)}
+    groups = {m for m, c in _layout_columns(manifest_columns, layout).items() if not isinstance(c, str)}
     merged = {**dict(kinds), **{m: "tabular" for m in groups}}
     out = _per_modality("modality_kinds", modalities, merged)
     bad = {m: k for m, k in out.items() if k not in MODALITY_KINDS}
@@ -131,17 +141,26 @@ def tabular_sizes(
     kinds: Mapping[str, str],
     tabular_features: Mapping[str, int] | None = None,
     manifest_columns: Mapping[str, Any] | None = None,
+    layout: str | None = None,
 ) -> dict[str, int]:
     """``{modality: F}`` of the tabular modalities: the manifest column group's length, else ``tabular_features``.
+
+    Args:
+        kinds: ``{modality: kind}`` (:func:`resolve_kinds`).
+        tabular_features: the bundle's ``tabular_features`` (``{modality: F}``).
+        manifest_columns: the manifest layout's ``{modality: column or [columns]}``.
+        layout: the bundle's ``data_layout``: ``manifest_columns`` are read only for ``"manifest"``
+            (``None``: read as given).
 
     Raises:
         ValueError: a tabular modality whose size is known from neither, or given twice differently.
     """
+    columns = _layout_columns(manifest_columns, layout)
     out: dict[str, int] = {}
     for m, kind in kinds.items():
         if kind != "tabular":
             continue
-        cols = (manifest_columns or {}).get(m)
+        cols = columns.get(m)
         from_cols = (1 if isinstance(cols, str) else len(cols)) if cols is not None else None
         given = (tabular_features or {}).get(m)
         if from_cols is not None and given is not None and int(given) != from_cols:
@@ -215,6 +234,7 @@ def clinical_preprocessing(
     kinds: Mapping[str, str],
     mode: str = "eval",
     tabular_features: Mapping[str, int] | None = None,
+    transform_kwargs: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
     """:func:`~medfusion.data.clinical.clinical_transforms` for the selected ``modalities``.
@@ -225,7 +245,10 @@ def clinical_preprocessing(
         mode: ``"train"`` (augmentation) or ``"eval"``.
         tabular_features: ``{modality: F}`` (may hold more modalities than used; only tabular ones of
             ``modalities`` are passed on).
-        **kwargs: further :func:`~medfusion.data.clinical.clinical_transforms` arguments.
+        transform_kwargs: further :func:`~medfusion.data.clinical.clinical_transforms` arguments as one mapping
+            (the bundle's ``transform_kwargs``: sizes, tokenizer, seed).
+        **kwargs: further :func:`~medfusion.data.clinical.clinical_transforms` arguments (win over
+            ``transform_kwargs``).
 
     Raises:
         ValueError: a modality without a kind.
@@ -234,7 +257,8 @@ def clinical_preprocessing(
 
     ordered = ordered_kinds(modalities, kinds)
     tab = {m: int(f) for m, f in (tabular_features or {}).items() if ordered.get(m) == "tabular"}
-    return clinical_transforms(ordered, mode=mode, tabular_features=tab or None, **kwargs)
+    options = {**dict(transform_kwargs or {}), **kwargs}
+    return clinical_transforms(ordered, mode=mode, tabular_features=tab or None, **options)
 
 
 def _manifest_spec(modalities: Sequence[str], columns: Mapping[str, Any] | None) -> dict[str, Any]:

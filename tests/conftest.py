@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,47 @@ def sparse_cohort(tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("sparse") / "cohort"
     return write_manifest_cohort(out, rows=60, seed=3, image_size=32, absent_file_rate=0.08)
+
+
+@pytest.fixture(scope="session")
+def brats_cohort(tmp_path_factory) -> Callable[..., Path]:
+    """``brats_cohort(cases, size, seed, style="brats2021")``: a generated BraTS cohort (``write_brats_cohort``).
+
+    One cohort per set of arguments for the whole session, shared by every test asking for it: read-only (copy it
+    before changing files).
+    """
+    from medfusion.data.synth_brats import write_brats_cohort
+
+    made: dict[tuple, Path] = {}
+
+    def make(cases: int, size: int, seed: int, style: str = "brats2021") -> Path:
+        key = (cases, size, seed, style)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"brats_{cases}x{size}_s{seed}") / "cohort"
+            write_brats_cohort(out, cases=cases, size=size, seed=seed, style=style)
+            made[key] = out
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def clinical_cohort(tmp_path_factory) -> Callable[..., Path]:
+    """``clinical_cohort(samples, seed, manifest_cohort=True)``: a generated clinical cohort (MIMIC-style layout,
+    plus the PET/CT/labs manifest unless ``manifest_cohort`` is false; ``write_clinical_cohort``).
+
+    One cohort per set of arguments for the whole session, shared by every test asking for it: read-only.
+    """
+    from medfusion.data.synth_clinical import write_clinical_cohort
+
+    made: dict[tuple, Path] = {}
+
+    def make(samples: int, seed: int, manifest_cohort: bool = True) -> Path:
+        key = (samples, seed, manifest_cohort)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"clinical_{samples}_s{seed}") / "cohort"
+            write_clinical_cohort(out, samples=samples, seed=seed, manifest_cohort=manifest_cohort)
+            made[key] = out
+        return made[key]
+
+    return make

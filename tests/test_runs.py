@@ -26,12 +26,8 @@ CLINICAL = ROOT / "bundles" / "clinical_fusion"
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    from medfusion.data.synth_brats import write_brats_cohort
-
-    out = tmp_path_factory.mktemp("runs") / "cohort"
-    write_brats_cohort(out, cases=5, size=16, seed=2)
-    return out
+def cohort(brats_cohort) -> Path:
+    return brats_cohort(5, 16, 2)
 
 
 def _train(cohort: Path, work: Path, **overrides) -> None:

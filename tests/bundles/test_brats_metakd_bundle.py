@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from monai.bundle import ConfigWorkflow, verify_metadata
+from monai.bundle import verify_metadata
 
-from medfusion.apps.bundle import bundle_workflow, evaluate_bundle, train_bundle
+from medfusion.apps.bundle import bundle_workflow, evaluate_bundle, run_bundle, train_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "brats_metakd"
@@ -19,23 +19,18 @@ ROI = [32, 32, 32]
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    from medfusion.data.synth_brats import write_brats_cohort
-
-    out = tmp_path_factory.mktemp("brats") / "cohort"
-    write_brats_cohort(out, cases=6, size=32, seed=7)
-    return out
+def cohort(brats_cohort) -> Path:
+    return brats_cohort(6, 32, 7)
 
 
 @pytest.fixture(scope="module")
-def trained(cohort, tmp_path_factory) -> Path:
+def trained(cohort, tmp_path_factory, work_dirs) -> Path:
     work = tmp_path_factory.mktemp("bundle_run")
     train_bundle(
         BUNDLE,
         {
             "dataset_dir": str(cohort),
-            "ckpt_dir": str(work / "models"),
-            "output_dir": str(work / "runs"),
+            **work_dirs(work),
             "max_epochs": 2,
             "roi_size": ROI,
             "batch_size": 2,
@@ -60,13 +55,7 @@ def test_check_properties(cohort):
     wf = bundle_workflow(BUNDLE, ["train.json"], "train", {"dataset_dir": str(cohort), "num_workers": 0})
     wf.initialize()
     assert not wf.check_properties()
-    inf = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / "inference.json"),
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        workflow_type="infer",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(cohort),
-    )
+    inf = bundle_workflow(BUNDLE, ["inference.json"], "infer", {"dataset_dir": str(cohort)})
     inf.initialize()
     assert not inf.check_properties()
 
@@ -101,22 +90,9 @@ def test_evaluate_all_15_combinations(cohort, trained, tmp_path):
 
 
 def _infer(dataset_dir: Path, ckpt: Path, out: Path, combination: str, roi, channels, overlap: float = 0.5) -> None:
-    wf = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / "inference.json"),
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        workflow_type="infer",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(dataset_dir),
-        ckpt_path=str(ckpt),
-        output_dir=str(out),
-        combination=combination,
-        roi_size=roi,
-        sw_overlap=overlap,
-        **{"network_def#channels": channels},
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
+    overrides = {"dataset_dir": str(dataset_dir), "ckpt_path": str(ckpt), "output_dir": str(out)}
+    overrides.update(combination=combination, roi_size=roi, sw_overlap=overlap, **{"network_def#channels": channels})
+    run_bundle(BUNDLE, ["inference.json"], "infer", overrides)
 
 
 def test_inference_writes_labels_in_dataset_convention(cohort, trained, tmp_path):

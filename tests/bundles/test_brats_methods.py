@@ -14,9 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
 
-from medfusion.apps.bundle import evaluate_bundle, train_bundle
+from medfusion.apps.bundle import evaluate_bundle, run_bundle, train_bundle
 from medfusion.models.seg_recipes import list_seg_methods, segmenter_class
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,15 +23,21 @@ BUNDLE = ROOT / "bundles" / "brats_metakd"
 ROI = [16, 16, 16]
 CHANNELS = [4, 8, 16]
 METHODS = [m for m in list_seg_methods() if m != "metakd"]  # metakd: tests/bundles/test_brats_metakd_bundle.py
+#: one tiny epoch of the bundle's training: 3 train cases in batches of 2 = 2 iterations per epoch
+TRAIN = {
+    "network_def#channels": CHANNELS,
+    "roi_size": ROI,
+    "batch_size": 2,
+    "num_workers": 0,
+    "cache_rate": 0.0,
+    "max_epochs": 1,
+    "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.0},
+}
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    from medfusion.data.synth_brats import write_brats_cohort
-
-    out = tmp_path_factory.mktemp("brats_methods") / "cohort"
-    write_brats_cohort(out, cases=5, size=16, seed=3)
-    return out
+def cohort(brats_cohort) -> Path:
+    return brats_cohort(5, 16, 3)
 
 
 def test_every_method_is_tested():
@@ -41,23 +46,9 @@ def test_every_method_is_tested():
 
 @pytest.mark.parametrize("method_name", METHODS)
 @pytest.mark.usefixtures("one_thread")  # tiny tensors: 2 threads on the busy 2-core machine are far slower
-def test_method_trains_evaluates_and_infers(method_name, cohort, tmp_path):
+def test_method_trains_evaluates_and_infers(method_name, cohort, tmp_path, work_dirs):
     net = {"network_def#channels": CHANNELS, "method_name": method_name}
-    wf = train_bundle(
-        BUNDLE,
-        {
-            **net,
-            "dataset_dir": str(cohort),
-            "ckpt_dir": str(tmp_path / "models"),
-            "output_dir": str(tmp_path / "runs"),
-            "max_epochs": 1,
-            "roi_size": ROI,
-            "batch_size": 2,
-            "num_workers": 0,
-            "cache_rate": 0.0,
-            "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.0},  # 3 train cases: 2 iterations
-        },
-    )
+    wf = train_bundle(BUNDLE, {**TRAIN, **net, "dataset_dir": str(cohort), **work_dirs(tmp_path)})
     assert type(wf.parser.get_parsed_content("network")) is segmenter_class(method_name)
     last = torch.load(tmp_path / "models" / "last_checkpoint_epoch=1.pt", weights_only=False)
     assert last["trainer"]["iteration"] == 2
@@ -86,21 +77,9 @@ def test_method_trains_evaluates_and_infers(method_name, cohort, tmp_path):
     assert len(per_case) == 5 * 15
     assert per_case["dice_wt"].between(0, 1).all()
 
-    infer = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / "inference.json"),
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        workflow_type="infer",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(cohort),
-        ckpt_path=str(tmp_path / "models" / "model.pt"),
-        output_dir=str(tmp_path / "pred"),
-        combination="t1ce+t2",
-        roi_size=ROI,
-        **net,
-    )
-    infer.initialize()
-    infer.run()
-    infer.finalize()
+    inference = {"ckpt_path": str(tmp_path / "models" / "model.pt"), "output_dir": str(tmp_path / "pred")}
+    inference.update(dataset_dir=str(cohort), combination="t1ce+t2", roi_size=ROI)
+    run_bundle(BUNDLE, ["inference.json"], "infer", {**inference, **net})
     preds = sorted((tmp_path / "pred").glob("*.nii.gz"))
     assert len(preds) == 5
     assert set(np.unique(np.asarray(nib.load(str(preds[0])).dataobj)).tolist()) <= {0, 1, 2, 4}
@@ -108,26 +87,11 @@ def test_method_trains_evaluates_and_infers(method_name, cohort, tmp_path):
 
 @pytest.mark.parametrize("method_name", ["qmf", "omnifuse"])  # the methods with their own training state
 @pytest.mark.usefixtures("one_thread")
-def test_resume_after_an_epoch_matches_an_uninterrupted_run(method_name, cohort, tmp_path):
+def test_resume_after_an_epoch_matches_an_uninterrupted_run(method_name, cohort, tmp_path, work_dirs):
     def run(work: Path, epochs: int, resume: bool) -> None:
-        train_bundle(
-            BUNDLE,
-            {
-                "network_def#channels": CHANNELS,
-                "method_name": method_name,
-                "dataset_dir": str(cohort),
-                "ckpt_dir": str(work / "models"),
-                "output_dir": str(work / "runs"),
-                "max_epochs": epochs,
-                "lr_scheduler#T_max": 2,  # the schedule of the 2-epoch run in both
-                "resume": resume,
-                "roi_size": ROI,
-                "batch_size": 2,
-                "num_workers": 0,
-                "cache_rate": 0.0,
-                "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.0},
-            },
-        )
+        ov = {**TRAIN, "method_name": method_name, "dataset_dir": str(cohort), **work_dirs(work)}
+        # lr_scheduler#T_max: the schedule of the 2-epoch run in both
+        train_bundle(BUNDLE, {**ov, "max_epochs": epochs, "lr_scheduler#T_max": 2, "resume": resume})
 
     run(tmp_path / "full", 2, False)
     run(tmp_path / "cut", 1, False)
@@ -147,33 +111,17 @@ def test_resume_after_an_epoch_matches_an_uninterrupted_run(method_name, cohort,
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_router_runs_a_different_method_per_combination(cohort, tmp_path):
+def test_router_runs_a_different_method_per_combination(cohort, tmp_path, work_dirs):
     """Compare two methods and route each combination to one of them (issue #14's use case)."""
-    from medfusion.apps.bundle import bundle_workflow
     from medfusion.evaluation.compare import compare_runs
 
-    base = {
-        "network_def#channels": CHANNELS,
-        "dataset_dir": str(cohort),
-        "roi_size": ROI,
-        "batch_size": 2,
-        "num_workers": 0,
-        "max_epochs": 1,
-        "split_counts": {"meta_val": 0.2, "val": 0.2, "test": 0.0},
-        "eval_hd95": False,
-        "eval_split": "all",
-    }
-
-    def run(configs, overrides):
-        wf = bundle_workflow(BUNDLE, configs, "train", overrides)
-        wf.initialize()
-        wf.run()
-        wf.finalize()
-
+    base = {**TRAIN, "dataset_dir": str(cohort), "eval_hd95": False, "eval_split": "all"}
     for name in ("hemis", "late"):
-        ov = {**base, "method_name": name, "ckpt_dir": str(tmp_path / name / "models")}
-        train_bundle(BUNDLE, {**ov, "output_dir": str(tmp_path / name / "runs")})
-        run(["train.json", "evaluate.json"], {**ov, "eval_output_dir": str(tmp_path / name / "eval")})
+        ov = {**base, "method_name": name, **work_dirs(tmp_path / name)}
+        train_bundle(BUNDLE, ov)
+        run_bundle(
+            BUNDLE, ["train.json", "evaluate.json"], "train", {**ov, "eval_output_dir": str(tmp_path / name / "eval")}
+        )
     compare_runs([tmp_path / "hemis" / "eval", tmp_path / "late" / "eval"], tmp_path / "cmp", n_boot=20,
                  routing_metric="dice_wt")  # fmt: skip
     table = json.loads((tmp_path / "cmp" / "routing.json").read_text())
@@ -190,8 +138,10 @@ def test_router_runs_a_different_method_per_combination(cohort, tmp_path):
     assert {table["runs"][r]["overrides"]["method_name"] for r in ("hemis", "late")} == {"hemis", "late"}
     (tmp_path / "cmp" / "routing.json").write_text(json.dumps(table))
     routes = table["routes"]
-    run(
+    run_bundle(
+        BUNDLE,
         ["train.json", "evaluate.json", "router_evaluate.json"],
+        "train",
         {**base, "routing_file": str(tmp_path / "cmp" / "routing.json"), "eval_output_dir": str(tmp_path / "router")},
     )
     mine = pd.read_csv(tmp_path / "router" / "per_case.csv")

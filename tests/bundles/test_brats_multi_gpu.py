@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,10 @@ COMMON = {
     # 1 process x 2 crops optimise different losses; per-crop Dice is the same under both (default_task_loss)
     "method#task_loss": "$monai.losses.DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=False)",
     "network_def#channels": [8, 16, 32, 64],
-    "train#preprocessing": "$medfusion.data.volume.brats_transforms(@modalities, 'train', roi_size=@roi_size, "
-    "flip_prob=0.0, intensity_aug=False)",
-    "meta#preprocessing": "$@train#preprocessing",
+    "train#preprocessing#flip_prob": 0.0,
+    "train#preprocessing#intensity_aug": False,
+    "meta#preprocessing#flip_prob": 0.0,
+    "meta#preprocessing#intensity_aug": False,
     "train#dataloader#shuffle": False,
     "meta#dataloader#shuffle": False,
     "check_data": False,
@@ -43,26 +45,24 @@ COMMON = {
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    from medfusion.data.synth_brats import write_brats_cohort
-
-    out = tmp_path_factory.mktemp("ddp") / "cohort"
-    write_brats_cohort(out, cases=9, size=32, seed=11)  # 9 cases -> 4 training cases (even)
-    return out
+def cohort(brats_cohort) -> Path:
+    return brats_cohort(9, 32, 11)  # 9 cases -> 4 training cases (even)
 
 
-def test_torchrun_two_processes_matches_single_process(cohort, tmp_path, ddp_vs_single):
-    single = tmp_path / "single"
-    train_bundle(
-        BUNDLE,
-        {
-            **COMMON,
-            "dataset_dir": str(cohort),
-            "batch_size": 2,
-            "ckpt_dir": str(single / "models"),
-            "output_dir": str(single / "runs"),
-        },
-    )
+@pytest.fixture
+def single_run(cohort, work_dirs) -> Callable[[dict, Path], Path]:
+    """``single_run(common, work)``: the single-process run (batch 2) the 2-process run (batch 1 per rank) is
+    compared with, written under ``work``."""
+
+    def run(common: dict, work: Path) -> Path:
+        train_bundle(BUNDLE, {**common, "dataset_dir": str(cohort), "batch_size": 2, **work_dirs(work)})
+        return work
+
+    return run
+
+
+def test_torchrun_two_processes_matches_single_process(cohort, tmp_path, ddp_vs_single, single_run):
+    single = single_run(COMMON, tmp_path / "single")
     ddp = tmp_path / "ddp"
     a, b = ddp_vs_single(BUNDLE, COMMON, cohort, single, ddp, epoch=2)
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == 4
@@ -77,21 +77,11 @@ def test_torchrun_two_processes_matches_single_process(cohort, tmp_path, ddp_vs_
     assert len(list((ddp / "models").glob("last_checkpoint_epoch=*.pt"))) == 1
 
 
-def test_torchrun_qmf_matches_single_process(cohort, tmp_path, ddp_vs_single):
+def test_torchrun_qmf_matches_single_process(cohort, tmp_path, ddp_vs_single, single_run):
     """A method with its own distributed state: QMF's per-case loss history is gathered from both ranks."""
     # Eq. 16 pairs cases inside a batch (none in a batch of 1 per rank), so the regulariser is off here
     common = {**COMMON, "method_name": "qmf", "method_kwargs": {"lam": 0.0}, "network_def#channels": [4, 8, 16]}
-    single = tmp_path / "single"
-    train_bundle(
-        BUNDLE,
-        {
-            **common,
-            "dataset_dir": str(cohort),
-            "batch_size": 2,
-            "ckpt_dir": str(single / "models"),
-            "output_dir": str(single / "runs"),
-        },
-    )
+    single = single_run(common, tmp_path / "single")
     a, b = ddp_vs_single(BUNDLE, common, cohort, single, tmp_path / "ddp", epoch=2)
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == 4
     for k, v in a["model"].items():
@@ -121,7 +111,7 @@ FAULT = textwrap.dedent(
 )
 
 
-def test_one_rank_failing_stops_all_ranks_with_its_error_and_no_half_written_checkpoint(cohort, tmp_path):
+def test_one_rank_failing_stops_all_ranks_with_its_error_and_no_half_written_checkpoint(cohort, tmp_path, work_dirs):
     (tmp_path / "fault.py").write_text(FAULT)
     # a config fragment merged after multi_gpu_train.json: rank 1 raises at iteration 3. 4 training cases, 2 ranks,
     # batch 1: 2 iterations per epoch, so iteration 3 is in epoch 2 (after epoch 1's checkpoint and model.pt were
@@ -131,10 +121,7 @@ def test_one_rank_failing_stops_all_ranks_with_its_error_and_no_half_written_che
     fragment.write_text(json.dumps({"train#trainer#train_handlers": handlers + " + [fault.FailOnRank(1, 3)]",
                                     "+imports": ["$import fault"]}))  # fmt: skip
     work = tmp_path / "ddp"
-    overrides = {
-        **COMMON, "dataset_dir": str(cohort), "batch_size": 1,
-        "ckpt_dir": str(work / "models"), "output_dir": str(work / "runs"),
-    }  # fmt: skip
+    overrides = {**COMMON, "dataset_dir": str(cohort), "batch_size": 1, **work_dirs(work)}
     configs = ["train.json", "multi_gpu_train.json", os.path.relpath(fragment, BUNDLE / "configs")]
     cmd = torchrun_command(BUNDLE, configs, overrides)
     path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medfusion.apps.bundle import bundle_workflow, train_bundle
+from medfusion.apps.bundle import run_bundle, train_bundle
 from medfusion.evaluation.compare import compare_runs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,25 +26,15 @@ COMMON = {
 }
 
 
-def _run(configs, overrides):
-    wf = bundle_workflow(BUNDLE, configs, "train", overrides)
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-
-
-def test_brats_router_evaluates_and_infers(tmp_path):
-    from medfusion.data.synth_brats import write_brats_cohort
-
-    cohort = tmp_path / "cohort"
-    write_brats_cohort(cohort, cases=6, size=32, seed=7)
+def test_brats_router_evaluates_and_infers(tmp_path, brats_cohort):
+    cohort = brats_cohort(6, 32, 7)
     base = {**COMMON, "dataset_dir": str(cohort)}
     for name, impute in (("mean", "mean"), ("zero", "zero")):
         ov = {**base, "network_def#impute": impute, "ckpt_dir": str(tmp_path / name / "models")}
         train_bundle(BUNDLE, {**ov, "output_dir": str(tmp_path / name / "runs")})
         for split in ("val", "test"):
-            out = str(tmp_path / name / split)
-            _run(["train.json", "evaluate.json"], {**ov, "eval_split": split, "eval_output_dir": out})
+            evaluation = {"eval_split": split, "eval_output_dir": str(tmp_path / name / split)}
+            run_bundle(BUNDLE, ["train.json", "evaluate.json"], "train", {**ov, **evaluation})
     record = json.loads((tmp_path / "zero" / "val" / "evaluation.json").read_text())
     assert record["network"]["network_def"]["impute"] == "zero" and record["split"] == "val"
 
@@ -57,8 +47,10 @@ def test_brats_router_evaluates_and_infers(tmp_path):
 
     # evaluated on test like any model: per combination, identical to the run routed to it
     routed = str(tmp_path / "cmp" / "routing.json")
-    _run(
+    run_bundle(
+        BUNDLE,
         ["train.json", "evaluate.json", "router_evaluate.json"],
+        "train",
         {**base, "routing_file": routed, "eval_split": "test", "eval_output_dir": str(tmp_path / "router")},
     )
     mine = pd.read_csv(tmp_path / "router" / "per_case.csv")
@@ -74,8 +66,10 @@ def test_brats_router_evaluates_and_infers(tmp_path):
 
     # deployed: segmentations written and the model used per case recorded
     inf = {k: v for k, v in base.items() if k in ("device", "roi_size")}
-    _run(
+    run_bundle(
+        BUNDLE,
         ["inference.json", "router_inference.json"],
+        "infer",
         {**inf, "dataset_dir": str(cohort), "routing_file": routed, "combination": "flair+t1ce",
          "output_dir": str(tmp_path / "pred")},
     )  # fmt: skip

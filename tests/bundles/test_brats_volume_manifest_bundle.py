@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from medfusion.apps.bundle import train_bundle
+from medfusion.apps.bundle import bundle_workflow, train_bundle
 from medfusion.cli import main
 from medfusion.data.synth_brats import write_brats_cohort
 
@@ -36,15 +36,14 @@ def export(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(export, tmp_path_factory) -> Path:
+def trained(export, tmp_path_factory, work_dirs) -> Path:
     work = tmp_path_factory.mktemp("b15run")
     train_bundle(
         BUNDLE,
         {
             **COMMON,
             "dataset_dir": str(export / "cases.csv"),
-            "ckpt_dir": str(work / "models"),
-            "output_dir": str(work / "runs"),
+            **work_dirs(work),
             "max_epochs": 1,
             "batch_size": 2,
             "num_workers": 0,
@@ -56,14 +55,14 @@ def trained(export, tmp_path_factory) -> Path:
     return work
 
 
-def test_without_the_convention_the_pre_training_check_names_it(export, tmp_path):
+def test_without_the_convention_the_pre_training_check_names_it(export, tmp_path, work_dirs):
     overrides = {**COMMON, "label_convention": None, "dataset_dir": str(export / "cases.csv")}
-    overrides.update({"ckpt_dir": str(tmp_path / "m"), "output_dir": str(tmp_path / "r"), "num_workers": 0})
+    overrides.update({**work_dirs(tmp_path), "num_workers": 0})
     with pytest.raises(RuntimeError) as err:
         train_bundle(BUNDLE, overrides)
     cause = str(err.value.__cause__)
     assert "holds value(s) [3]" in cause and "the values fit ['brats2015']" in cause
-    assert not (tmp_path / "m" / "model.pt").exists()
+    assert not (tmp_path / "models" / "model.pt").exists()
 
 
 def test_flair_t1ce_model_evaluates_from_the_cli(export, trained, tmp_path, capsys):
@@ -80,16 +79,8 @@ def test_flair_t1ce_model_evaluates_from_the_cli(export, trained, tmp_path, caps
 
 
 def _inference_workflow(dataset: Path, ckpt: Path, out: Path, **overrides) -> ConfigWorkflow:
-    return ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / "inference.json"),
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        workflow_type="infer",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(dataset),
-        ckpt_path=str(ckpt),
-        output_dir=str(out),
-        **{**COMMON, **overrides},
-    )
+    paths = {"dataset_dir": str(dataset), "ckpt_path": str(ckpt), "output_dir": str(out)}
+    return bundle_workflow(BUNDLE, ["inference.json"], "infer", {**paths, **COMMON, **overrides})
 
 
 def _infer(export: Path, trained: Path, out: Path, convention) -> ConfigWorkflow:

@@ -7,6 +7,7 @@ labs) runs for one method; inference writes per-sample probabilities.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,61 +17,40 @@ import pytest
 import torch
 from monai.bundle import verify_metadata
 
-from medfusion.apps.bundle import bundle_workflow
+from medfusion.apps.bundle import bundle_workflow, run_bundle
 from medfusion.data.splits import random_split
 from medfusion.fusion.recipes import build_method, default_head_kwargs, list_methods
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "clinical_fusion"
 SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
-TINY: dict[str, Any] = {
-    "image_size": 32,
-    "volume_size": 16,
-    "max_length": 32,
-    "batch_size": 8,
-    "num_workers": 0,
-    "encoders#report": {"name": "bert_tiny"},
-    "encoders#ehr#hidden": 16,
-    "device": "$torch.device('cpu')",
-}
 MANIFEST: dict[str, Any] = {"data_layout": "manifest", "modalities": ["pet", "ct", "report", "labs"]}
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    from medfusion.data.synth_clinical import write_clinical_cohort
-
-    out = tmp_path_factory.mktemp("clinical") / "cohort"
-    write_clinical_cohort(out, samples=60, seed=0)
-    return out
-
-
-def _run(configs: list[str], workflow_type: str, overrides: dict[str, Any]) -> None:
-    wf = bundle_workflow(BUNDLE, configs, workflow_type, overrides)
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-
-
-def _train_eval(cohort: Path, work: Path, method: str, extra: dict[str, Any] | None = None) -> pd.DataFrame:
-    ov = {
-        **TINY,
-        "dataset_dir": str(cohort),
-        "method_name": method,
-        "ckpt_dir": str(work / "models"),
-        "output_dir": str(work / "runs"),
-        "max_epochs": 1,
-        **(extra or {}),
-    }
-    _run(["train.json"], "train", ov)
-    _run(["train.json", "evaluate.json"], "train", {**ov, "eval_output_dir": str(work / "eval"), "eval_n_bootstrap": 0})
-    return pd.read_csv(work / "eval" / "summary.csv", index_col=0)
+def cohort(clinical_cohort) -> Path:
+    return clinical_cohort(60, 0)
 
 
 @pytest.fixture(scope="module")
-def trained_qmf(cohort, tmp_path_factory) -> Path:
+def train_eval(clinical_tiny, work_dirs) -> Callable[..., pd.DataFrame]:
+    """``train_eval(cohort, work, method, extra)``: one tiny epoch, then every combination of the test split."""
+
+    def run(cohort: Path, work: Path, method: str, extra: dict[str, Any] | None = None) -> pd.DataFrame:
+        ov = {**clinical_tiny, "dataset_dir": str(cohort), "method_name": method, **work_dirs(work), "max_epochs": 1}
+        ov.update(extra or {})
+        run_bundle(BUNDLE, ["train.json"], "train", ov)
+        evaluation = {"eval_output_dir": str(work / "eval"), "eval_n_bootstrap": 0}
+        run_bundle(BUNDLE, ["train.json", "evaluate.json"], "train", {**ov, **evaluation})
+        return pd.read_csv(work / "eval" / "summary.csv", index_col=0)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained_qmf(cohort, train_eval, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("qmf")
-    _train_eval(cohort, work, "qmf")
+    train_eval(cohort, work, "qmf")
     return work
 
 
@@ -122,11 +102,9 @@ def test_recipe_context_routing():
         ),
     ],
 )
-def test_ablation_recipes_are_selected_by_method_name(cohort, tmp_path, method, extra, check):
-    dirs = {"ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "runs")}
-    wf = bundle_workflow(
-        BUNDLE, ["train.json"], "train", {**TINY, **dirs, "dataset_dir": str(cohort), "method_name": method, **extra}
-    )
+def test_ablation_recipes_are_selected_by_method_name(cohort, tmp_path, method, extra, check, clinical_tiny, work_dirs):
+    ov = {**clinical_tiny, **work_dirs(tmp_path), "dataset_dir": str(cohort), "method_name": method, **extra}
+    wf = bundle_workflow(BUNDLE, ["train.json"], "train", ov)
     wf.initialize()
     assert check(wf.parser.get_parsed_content("network"), wf.parser.get_parsed_content("method"))
 
@@ -137,29 +115,29 @@ def test_metadata_validates_offline():
     verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(SCHEMA))
 
 
-def test_check_properties(cohort, tmp_path):
-    dirs = {"ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "runs")}  # keep the bundle clean
-    wf = bundle_workflow(BUNDLE, ["train.json"], "train", {**TINY, **dirs, "dataset_dir": str(cohort)})
+def test_check_properties(cohort, tmp_path, clinical_tiny, work_dirs):
+    ov = {**clinical_tiny, **work_dirs(tmp_path), "dataset_dir": str(cohort)}  # work_dirs: keep the bundle clean
+    wf = bundle_workflow(BUNDLE, ["train.json"], "train", ov)
     wf.initialize()
     assert not wf.check_properties()
     inf = bundle_workflow(
         BUNDLE,
         ["inference.json"],
         "infer",
-        {**TINY, "dataset_dir": str(cohort), "ckpt_path": str(tmp_path / "none.pt")},
+        {**clinical_tiny, "dataset_dir": str(cohort), "ckpt_path": str(tmp_path / "none.pt")},
     )
     inf.initialize()
     assert not inf.check_properties()
 
 
 @pytest.mark.parametrize("method", list_methods(include_ablations=False))
-def test_every_method_trains_and_evaluates_all_7_combinations(cohort, tmp_path, method, request):
+def test_every_method_trains_and_evaluates_all_7_combinations(cohort, tmp_path, method, request, train_eval):
     if method == "qmf":  # trained once, shared with the QMF/inference tests
         tmp_path = request.getfixturevalue("trained_qmf")
         summary = pd.read_csv(tmp_path / "eval" / "summary.csv", index_col=0)
     else:
         extra = {"method_kwargs": {"meta_interval": 1, "meta_steps": 2}} if method == "metakd" else {}
-        summary = _train_eval(cohort, tmp_path, method, extra)
+        summary = train_eval(cohort, tmp_path, method, extra)
     assert len(summary) == 8 and summary.index[-1] == "mean"
     assert set(summary.index[:-1]) == {
         "ehr", "cxr", "report", "ehr+cxr", "ehr+report", "cxr+report", "ehr+cxr+report"
@@ -192,12 +170,13 @@ def test_qmf_exports_weights_and_scatter(trained_qmf):
     assert hist_count.shape == (38, 3) and int(hist_count.sum()) > 0  # per-sample loss history in the model
 
 
-def test_inference_writes_probabilities_for_a_combination(cohort, trained_qmf, tmp_path):
-    _run(
+def test_inference_writes_probabilities_for_a_combination(cohort, trained_qmf, tmp_path, clinical_tiny):
+    run_bundle(
+        BUNDLE,
         ["inference.json"],
         "infer",
         {
-            **TINY,
+            **clinical_tiny,
             "dataset_dir": str(cohort),
             "method_name": "qmf",
             "ckpt_path": str(trained_qmf / "models" / "model.pt"),
@@ -214,9 +193,9 @@ def test_inference_writes_probabilities_for_a_combination(cohort, trained_qmf, t
 
 
 @pytest.mark.parametrize("method", list_methods(include_ablations=False))
-def test_manifest_layout_four_modalities_15_combinations(cohort, tmp_path, method):
+def test_manifest_layout_four_modalities_15_combinations(cohort, tmp_path, method, train_eval):
     extra = {"method_kwargs": {"meta_interval": 1, "meta_steps": 2}} if method == "metakd" else {}
-    summary = _train_eval(cohort, tmp_path, method, {**MANIFEST, **extra})
+    summary = train_eval(cohort, tmp_path, method, {**MANIFEST, **extra})
     assert len(summary) == 16 and summary.index[-1] == "mean"
     assert "pet+ct+report+labs" in summary.index
     assert np.isfinite(summary["accuracy"].to_numpy()).all()

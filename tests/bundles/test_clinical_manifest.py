@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,50 +18,33 @@ import pytest
 import torch
 
 from medfusion.apps import clinical_bundle as cb
-from medfusion.apps.bundle import bundle_workflow
+from medfusion.apps.bundle import bundle_workflow, run_bundle
 from medfusion.data.splits import groups_in_several_parts
 from medfusion.data.synth_manifest import cohort_bundle_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "clinical_fusion"
-TINY: dict[str, Any] = {
-    "image_size": 32,
-    "max_length": 32,
-    "batch_size": 8,
-    "num_workers": 0,
-    "encoders#report": {"name": "bert_tiny"},
-    "device": "$torch.device('cpu')",
-}
-
-
-def _overrides(cohort: dict | Path, work: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        **TINY,
-        **cohort_bundle_overrides(cohort),
-        "dataset_dir": str(work),
-        "ckpt_dir": str(work / "models"),
-        "output_dir": str(work / "runs"),
-        **extra,
-    }
-
-
-def _run(configs: list[str], workflow_type: str, overrides: dict[str, Any]) -> Any:
-    wf = bundle_workflow(BUNDLE, configs, workflow_type, overrides)
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return wf
 
 
 @pytest.fixture(scope="module")
-def trained(sparse_cohort, tmp_path_factory) -> tuple[Path, dict[str, Any], Any]:
+def overrides(clinical_tiny, work_dirs) -> Callable[..., dict[str, Any]]:
+    """``overrides(cohort, work, **extra)``: tiny settings, the cohort's manifest overrides, run folders in ``work``."""
+
+    def make(cohort: dict | Path, work: Path, **extra: Any) -> dict[str, Any]:
+        data = {**cohort_bundle_overrides(cohort), "dataset_dir": str(work)}
+        return {**clinical_tiny, **data, **work_dirs(work), **extra}
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def trained(sparse_cohort, tmp_path_factory, overrides) -> tuple[Path, dict[str, Any], Any]:
     """concat trained for 2 epochs on the generated cohort, then evaluated (every combination, 50 bootstraps)."""
     work = tmp_path_factory.mktemp("sparse_bundle")
-    ov = _overrides(sparse_cohort, work, method_name="concat", max_epochs=2)
-    wf = _run(["train.json"], "train", ov)
-    _run(
-        ["train.json", "evaluate.json"], "train", {**ov, "eval_output_dir": str(work / "eval"), "eval_n_bootstrap": 50}
-    )
+    ov = overrides(sparse_cohort, work, method_name="concat", max_epochs=2)
+    wf = run_bundle(BUNDLE, ["train.json"], "train", ov)
+    evaluation = {"eval_output_dir": str(work / "eval"), "eval_n_bootstrap": 50}
+    run_bundle(BUNDLE, ["train.json", "evaluate.json"], "train", {**ov, **evaluation})
     return work, ov, wf.parser.get_parsed_content("split")
 
 
@@ -88,7 +72,7 @@ def test_tabular_preprocessing_fitted_on_train_saved_and_reused(trained):
     assert bool(ckpt["encoders.vitals.preprocess.fitted"])
     # medfusion.load_encoder rebuilds the network (manifest overrides) and returns the fitted preprocessing with it
     keys = ("data_layout", "modalities", "manifest_columns", "encoders#report", "method_name", "max_length")
-    keys += ("image_size",)  # the model record is checked: the input size it was trained with
+    keys += ("image_size", "volume_size")  # the model record is checked: the input sizes it was trained with
     ckpt_path = work / "models" / "model.pt"
     encoder, preprocess = load_encoder(BUNDLE, "vitals", ckpt_path, "inference.json", {k: ov[k] for k in keys})
     torch.testing.assert_close(encoder.preprocess.center, ref.center)
@@ -115,7 +99,8 @@ def test_summary_has_cis_thresholds_split_rule_and_explains_mean(trained):
 def test_inference_with_a_combination_never_aborts(trained, sparse_cohort, tmp_path):
     work, ov, _ = trained
     inf = {k: v for k, v in ov.items() if k not in ("ckpt_dir", "output_dir", "group_column")}
-    _run(
+    run_bundle(
+        BUNDLE,
         ["inference.json"],
         "infer",
         {**inf, "method_name": "concat", "ckpt_path": str(work / "models" / "model.pt"), "output_dir": str(tmp_path),
@@ -160,14 +145,14 @@ def test_split_column_and_leak_warning(sparse_cohort, tmp_path, caplog):
     )
 
 
-def test_pretraining_check_names_rows_with_bad_labels(sparse_cohort, tmp_path):
+def test_pretraining_check_names_rows_with_bad_labels(sparse_cohort, tmp_path, overrides):
     src = Path(sparse_cohort["manifest"]).parent
     work = Path(shutil.copytree(src, tmp_path / "c"))
     table = pd.read_csv(work / "manifest.csv", dtype=str, keep_default_na=False)
     table.loc[3, "outcome"] = "2"
     table.loc[7, "outcome"] = "0.5"
     table.to_csv(work / "manifest.csv", index=False)
-    ov = _overrides(work, work, max_epochs=1)
+    ov = overrides(work, work, max_epochs=1)
     wf = bundle_workflow(BUNDLE, ["train.json"], "train", ov)
     with pytest.raises(RuntimeError) as exc:
         wf.initialize()
@@ -231,7 +216,7 @@ def test_restrict_to_combination():
     assert math.isclose(float(none["c"].sum()), 2.0)
 
 
-def test_defaults_stop_early_on_validation_auroc_and_keep_the_best_epoch(sparse_cohort, tmp_path):
+def test_defaults_stop_early_on_validation_auroc_and_keep_the_best_epoch(sparse_cohort, tmp_path, overrides):
     """Issue #11.7: the defaults are lr 1e-3 and early stopping on validation AUROC (benchmarks/clinical_defaults.py).
 
     Run with a patience of 1 on the small cohort: training stops one epoch after the best validation AUROC (or at
@@ -242,7 +227,7 @@ def test_defaults_stop_early_on_validation_auroc_and_keep_the_best_epoch(sparse_
     assert defaults.parser.get_parsed_content("early_stop_patience") == 5
     assert list(defaults.parser.get_parsed_content("validate#key_metric", instantiate=False)) == ["val_auroc"]
     seen: list[tuple[int, float]] = []
-    ov = _overrides(sparse_cohort, tmp_path, method_name="concat", max_epochs=4, early_stop_patience=1)
+    ov = overrides(sparse_cohort, tmp_path, method_name="concat", max_epochs=4, early_stop_patience=1)
     wf = bundle_workflow(BUNDLE, ["train.json"], "train", ov)
     wf.initialize()
     evaluator = wf.parser.get_parsed_content("validate#evaluator")

@@ -25,8 +25,7 @@ COMMON = {
     "modality_dropout": "none",
     "max_epochs": 2,
     "num_workers": 0,
-    "train#preprocessing": "$medfusion.apps.clinical_bundle.clinical_preprocessing(@modalities, "
-    "@modality_kinds, 'eval', @tabular_features, **@transform_kwargs)",
+    "train#preprocessing#mode": "eval",
     "train#dataloader#shuffle": False,
     "check_data": False,
     "device": "$torch.device('cpu')",
@@ -34,26 +33,13 @@ COMMON = {
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    from medfusion.data.synth_clinical import write_clinical_cohort
-
-    out = tmp_path_factory.mktemp("clinical_ddp") / "cohort"
-    write_clinical_cohort(out, samples=40, seed=2, manifest_cohort=False)
-    return out
+def cohort(clinical_cohort) -> Path:
+    return clinical_cohort(40, 2, manifest_cohort=False)
 
 
-def test_torchrun_two_processes_matches_single_process(cohort, tmp_path, ddp_vs_single):
+def test_torchrun_two_processes_matches_single_process(cohort, tmp_path, ddp_vs_single, work_dirs):
     single = tmp_path / "single"
-    wf = train_bundle(
-        BUNDLE,
-        {
-            **COMMON,
-            "dataset_dir": str(cohort),
-            "batch_size": 2,
-            "ckpt_dir": str(single / "models"),
-            "output_dir": str(single / "runs"),
-        },
-    )
+    wf = train_bundle(BUNDLE, {**COMMON, "dataset_dir": str(cohort), "batch_size": 2, **work_dirs(single)})
     n_train = len(wf.parser.get_parsed_content("split")["train"])
     assert n_train == 24  # even, so no DistributedSampler padding
     ddp = tmp_path / "ddp"

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medfusion.apps.bundle import bundle_workflow
+from medfusion.apps.bundle import run_bundle
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "clinical_fusion"
 SETTINGS = {
@@ -27,24 +27,14 @@ SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    from medfusion.data.synth_clinical import write_clinical_cohort
-
-    out = tmp_path_factory.mktemp("determinism") / "cohort"
-    write_clinical_cohort(out, samples=40, seed=4, manifest_cohort=False)
-    return out
+def cohort(clinical_cohort) -> Path:
+    return clinical_cohort(40, 4, manifest_cohort=False)
 
 
 def _run(cohort: Path, work: Path) -> tuple[dict, pd.DataFrame]:
     ov = {**SETTINGS, "dataset_dir": str(cohort), "ckpt_dir": str(work / "m"), "output_dir": str(work / "r")}
-    for configs, extra in (
-        (["train.json"], {}),
-        (["train.json", "evaluate.json"], {"eval_output_dir": str(work / "e")}),
-    ):
-        wf = bundle_workflow(BUNDLE, configs, "train", {**ov, **extra})
-        wf.initialize()
-        wf.run()
-        wf.finalize()
+    run_bundle(BUNDLE, ["train.json"], "train", ov)
+    run_bundle(BUNDLE, ["train.json", "evaluate.json"], "train", {**ov, "eval_output_dir": str(work / "e")})
     ckpt = torch.load(work / "m" / "last_checkpoint_epoch=2.pt", weights_only=False)
     return ckpt, pd.read_csv(work / "e" / "summary.csv", index_col=0)
 

@@ -46,7 +46,6 @@ from medfusion.apps.clinical_bundle import (
     ModalityBatch,
     PredictionWriter,
     auroc_output,
-    method_figures,
     requested_mask,
     restrict_to_combination,
     val_score,
@@ -753,8 +752,7 @@ def evaluate(
         ValueError: data without a modality the model was trained on.
         FileExistsError: ``output_dir`` holds files and ``overwrite`` is not set.
     """
-    from medfusion.evaluation.calibration import load_temperatures
-    from medfusion.evaluation.classification import evaluate_classification
+    from medfusion.apps.bundle import ClassificationEvaluation
     from medfusion.evaluation.report import ResultsFolder
 
     network, mods = _model(model, data)
@@ -762,24 +760,17 @@ def evaluate(
         _model(model, threshold_data)
     loader = _batches(data, batch_size, False, mods)
     thr = _batches(threshold_data, batch_size, False, mods) if threshold_data is not None else None
-    temperatures = load_temperatures(calibration_file, mods) if calibration_file else None
     name = model.method_name if isinstance(model, FittedModel) else getattr(unwrap(model), "head_name", "model")
     record = {"method": name, "modalities": list(mods)}
     if isinstance(model, FittedModel):
         record["run"] = {"config_hash": model.record.get("config_hash"), "seed": model.record.get("seed")}
 
-    def run(path: str | None) -> pd.DataFrame:
-        summary = evaluate_classification(
-            network, loader, mods, path, combinations_to_run=combinations, n_bootstrap=int(n_bootstrap),
-            device=device, progress=False, title=f"AUROC per modality combination ({name})", seed=int(seed),
-            temperatures=temperatures, record=copy.deepcopy(record), threshold_loader=thr,
-        )  # fmt: skip
-        if path is not None and isinstance(model, FittedModel):
-            method_figures(model.method_name, network, loader, mods, path, device=device)
-        return summary
-
-    if output_dir is None:
-        return run(None)
-    results = ResultsFolder(output_dir, overwrite)
-    summary: pd.DataFrame = results.run(lambda: run(results.path))
-    return summary
+    # the bundle's evaluate.json component: the same evaluation, figures (FittedModel) and all-or-nothing folder
+    evaluation = ClassificationEvaluation(
+        results=ResultsFolder(output_dir, overwrite) if output_dir is not None else None,
+        network=network, dataloader=loader, modalities=mods, method_name=name, combinations=combinations,
+        n_bootstrap=int(n_bootstrap), device=device, progress=False, seed=int(seed),
+        calibration_file=calibration_file, record=copy.deepcopy(record), threshold_loader=thr,
+        figures=isinstance(model, FittedModel),
+    )  # fmt: skip
+    return evaluation.run()

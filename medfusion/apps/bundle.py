@@ -214,14 +214,23 @@ class _BundleEvaluation:
     """An evaluation written all or nothing into ``results`` (a :class:`~medfusion.evaluation.report.ResultsFolder`).
 
     ``results`` refuses a non-empty output folder unless ``overwrite`` when it is built; :meth:`run` writes
-    into its hidden folder and publishes it only when the evaluation is complete.
+    into its hidden folder and publishes it only when the evaluation is complete. ``results=None``: nothing is
+    written, :meth:`run` only returns the summary.
     """
 
-    results: ResultsFolder
+    results: ResultsFolder | None
+
+    @property
+    def output_dir(self) -> str | None:
+        """Where the files are written while the evaluation runs (``None``: nowhere)."""
+        return self.results.path if self.results is not None else None
 
     def run(self) -> pd.DataFrame:
         """Evaluate into ``results.path``, then publish the folder; returns the summary table."""
-        return self.results.run(self._evaluate)
+        if self.results is None:
+            return self._evaluate()
+        summary: pd.DataFrame = self.results.run(self._evaluate)
+        return summary
 
     def _evaluate(self) -> pd.DataFrame:
         raise NotImplementedError
@@ -236,7 +245,7 @@ class ClassificationEvaluation(_BundleEvaluation):
     figure) into the results folder. Keyword arguments only (the config's named arguments).
 
     Args:
-        results: where the files go (all or nothing).
+        results: where the files go (all or nothing; ``None``: no files, e.g. from :func:`medfusion.apps.api.evaluate`).
         network: the trained classifier (checkpoint already loaded).
         dataloader: the evaluated split's batches.
         modalities: the model's ordered modality names.
@@ -251,7 +260,8 @@ class ClassificationEvaluation(_BundleEvaluation):
         record: facts about the run written to ``evaluation.json``.
         threshold_loader: validation batches for the per-combination decision threshold (binary tasks).
         notes: paragraphs under the summary table (the split rule).
-        figures: write the method's extra outputs (``False`` for a router: it has no single method).
+        figures: write the method's extra outputs when there is a results folder (``False`` for a router: it has
+            no single method).
     """
 
     network: torch.nn.Module
@@ -280,7 +290,7 @@ class ClassificationEvaluation(_BundleEvaluation):
             self.network,
             self.dataloader,
             self.modalities,
-            self.results.path,
+            self.output_dir,
             combinations_to_run=self.combinations,
             n_bootstrap=self.n_bootstrap,
             cached=self.cached,
@@ -293,9 +303,9 @@ class ClassificationEvaluation(_BundleEvaluation):
             threshold_loader=self.threshold_loader,
             notes=self.notes,
         )
-        if self.figures:
+        if self.figures and self.output_dir is not None:
             method_figures(
-                self.method_name, self.network, self.dataloader, self.modalities, self.results.path, device=self.device
+                self.method_name, self.network, self.dataloader, self.modalities, self.output_dir, device=self.device
             )
         return summary
 
@@ -343,7 +353,7 @@ class SegmentationEvaluation(_BundleEvaluation):
             self.network,
             self.data,
             self.modalities,
-            self.results.path,
+            self.output_dir,
             combinations_to_run=self.combinations,
             roi_size=self.roi_size,
             sw_batch_size=self.sw_batch_size,

@@ -896,8 +896,8 @@ def method_figures(
     """Method-specific evaluation outputs: the method class's ``evaluation_outputs`` hook.
 
     QMF and its ablations write ``qmf_weight_loss.csv`` and ``qmf_weight_vs_loss.png``
-    (:meth:`medfusion.fusion.qmf.QMFMethod.evaluation_outputs`); the other methods, and Meta Fusion (a
-    head trained by stages, not a recipe), write nothing.
+    (:meth:`medfusion.fusion.qmf.QMFMethod.evaluation_outputs`); the other methods (Meta Fusion included)
+    write nothing.
 
     Args:
         method_name: the bundle's ``method_name``.
@@ -911,12 +911,8 @@ def method_figures(
         Files written (empty for methods without extra outputs).
 
     Raises:
-        KeyError: a name that is neither a training recipe nor a fusion head.
+        KeyError: unknown method name.
     """
-    from medfusion.fusion import list_fusions
-    from medfusion.fusion.recipes import list_methods, method_class
+    from medfusion.fusion.recipes import method_class
 
-    if method_name not in list_methods() and method_name in list_fusions():
-        # a head trained by its own stages (Meta Fusion, configs/meta_fusion.json): no recipe, no extra outputs
-        return []
     return method_class(method_name).evaluation_outputs(model, loader, modalities, output_dir, resolve_device(device))

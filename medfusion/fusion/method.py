@@ -2,8 +2,9 @@
 
 A method is a recipe, not a trainer fork: ``loss_step(model, batch, engine)`` returns the losses of one
 iteration, ``handlers()`` the ignite handlers it needs (MetaKD's meta step, OmniFuse's lazy-combination
-mining, ...), and the class hooks :meth:`Method.data_head_kwargs` / :meth:`Method.evaluation_outputs` say
-what varies beyond its kwargs (read by the method registry, :mod:`medfusion.fusion.recipes`). The one
+mining, ...), and the class hooks :meth:`Method.data_head_kwargs` / :meth:`Method.evaluation_outputs` /
+:attr:`Method.training_head` say what varies beyond its kwargs (read by the method registry,
+:mod:`medfusion.fusion.recipes`). The one
 generic train step that runs a recipe in MONAI's ``SupervisedTrainer`` is
 :class:`medfusion.engines.method.TrainStep`.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,6 +31,11 @@ class Method:
     """
 
     name: str = "method"
+
+    training_head: ClassVar[str | None] = None
+    """A staged method's training head: the network trains with this registered fusion head (e.g. ``"concat"``)
+    and :meth:`loss_step`, then the method's own head is fitted by its stages after training (Meta Fusion;
+    the bundles run them with :mod:`medfusion.apps.staged`). ``None``: the recipe's head trains end to end."""
 
     if TYPE_CHECKING:
         # the registries build every recipe as ``method_class(modalities, **method_kwargs)``

@@ -11,8 +11,10 @@ kwargs). Recipes are registered where the method is defined, with :func:`registe
 Importing :mod:`medfusion.fusion` imports every method module, so the registry is complete whenever
 this module is usable. What varies between methods beyond the recipe's kwargs is a class hook of the
 method: :meth:`~medfusion.fusion.method.Method.data_head_kwargs` (head kwargs sized by the training
-data, e.g. QMF's ``num_samples``) and :meth:`~medfusion.fusion.method.Method.evaluation_outputs`
-(method-specific evaluation files, e.g. QMF's weight-vs-loss figure). Adding a method is its file plus
+data, e.g. QMF's ``num_samples``), :meth:`~medfusion.fusion.method.Method.evaluation_outputs`
+(method-specific evaluation files, e.g. QMF's weight-vs-loss figure) and
+:attr:`~medfusion.fusion.method.Method.training_head` (a staged method such as Meta Fusion trains its encoders
+with another head, then fits its own head in stages: :func:`training_head`). Adding a method is its file plus
 one import line in ``medfusion/fusion/__init__.py``.
 
 The four published methods and the baselines have one recipe each; the ablations that isolate one
@@ -47,6 +49,7 @@ __all__ = [
     "create_method",
     "list_methods",
     "head_name",
+    "training_head",
     "default_head_kwargs",
     "build_method",
 ]
@@ -189,6 +192,19 @@ def head_name(name: str) -> str:
         KeyError: unknown method name.
     """
     return _recipe(name).head
+
+
+def training_head(name: str) -> str:
+    """Fusion-head name the network of method ``name`` trains with.
+
+    The method's own head (:func:`head_name`), except for a staged method
+    (:attr:`~medfusion.fusion.method.Method.training_head` set, e.g. Meta Fusion trains ``"concat"`` and fits its
+    ``"meta_fusion"`` head afterwards).
+
+    Raises:
+        KeyError: unknown method name.
+    """
+    return _recipe(name).method_class.training_head or head_name(name)
 
 
 def default_head_kwargs(

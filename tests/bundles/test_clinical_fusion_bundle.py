@@ -25,6 +25,11 @@ ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "clinical_fusion"
 SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
 MANIFEST: dict[str, Any] = {"data_layout": "manifest", "modalities": ["pet", "ct", "report", "labs"]}
+#: per-method settings that keep a one-epoch run tiny (MetaKD's meta step, Meta Fusion's cohort fit)
+METHOD_EXTRA: dict[str, dict[str, Any]] = {
+    "metakd": {"method_kwargs": {"meta_interval": 1, "meta_steps": 2}},
+    "meta_fusion": {"head_kwargs": {"epochs": 2, "hidden": [8], "rho_grid": [0.0, 1.0], "batch_size": 0}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +141,7 @@ def test_every_method_trains_and_evaluates_all_7_combinations(cohort, tmp_path, 
         tmp_path = request.getfixturevalue("trained_qmf")
         summary = pd.read_csv(tmp_path / "eval" / "summary.csv", index_col=0)
     else:
-        extra = {"method_kwargs": {"meta_interval": 1, "meta_steps": 2}} if method == "metakd" else {}
+        extra = METHOD_EXTRA.get(method, {})
         summary = train_eval(cohort, tmp_path, method, extra)
     assert len(summary) == 8 and summary.index[-1] == "mean"
     assert set(summary.index[:-1]) == {
@@ -194,7 +199,7 @@ def test_inference_writes_probabilities_for_a_combination(cohort, trained_qmf, t
 
 @pytest.mark.parametrize("method", list_methods(include_ablations=False))
 def test_manifest_layout_four_modalities_15_combinations(cohort, tmp_path, method, train_eval):
-    extra = {"method_kwargs": {"meta_interval": 1, "meta_steps": 2}} if method == "metakd" else {}
+    extra = METHOD_EXTRA.get(method, {})
     summary = train_eval(cohort, tmp_path, method, {**MANIFEST, **extra})
     assert len(summary) == 16 and summary.index[-1] == "mean"
     assert "pet+ct+report+labs" in summary.index

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medfusion.apps.bundle import bundle_workflow
+from medfusion.apps.bundle import bundle_workflow, run_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "clinical_fusion"
@@ -42,10 +42,20 @@ def cohort(tmp_path_factory) -> Path:
 
 
 def _run(configs: list[str], overrides: dict[str, Any]) -> None:
-    wf = bundle_workflow(BUNDLE, configs, "train", overrides)
-    wf.initialize()
-    wf.run()
-    wf.finalize()
+    run_bundle(BUNDLE, configs, "train", overrides)
+
+
+def _check_inference(
+    configs: list[str], extra: dict[str, Any], cohort: Path, ckpt: Path, preds: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Inference on ehr+report gives the evaluation's probabilities for that combination."""
+    base = {k: v for k, v in TINY.items() if not k.startswith("meta_fusion") and k != "max_epochs"}
+    ov = {**base, **extra, "dataset_dir": str(cohort), "ckpt_path": str(ckpt), "output_dir": str(tmp_path / "pred")}
+    run_bundle(BUNDLE, configs, "infer", {**ov, "combination": "ehr+report"})
+    out = pd.read_csv(tmp_path / "pred" / "predictions.csv").set_index("case_id")
+    ref = preds[preds["combination"] == "ehr+report"].set_index("case_id")["prob_1"]
+    assert len(ref) > 0 and set(ref.index) <= set(out.index)
+    np.testing.assert_allclose(out.loc[ref.index, "prob_1"], ref, atol=1e-5)
 
 
 def test_meta_fusion_fragment_trains_fits_saves_and_evaluates(cohort, tmp_path):
@@ -82,25 +92,7 @@ def test_meta_fusion_fragment_trains_fits_saves_and_evaluates(cohort, tmp_path):
     assert (preds.loc[preds["combination"] == "ehr", "students_used"] == 1).all()
 
     # inference.json + meta_fusion_inference.json: same probabilities as the evaluation of that combination
-    infer = bundle_workflow(
-        BUNDLE,
-        ["inference.json", "meta_fusion_inference.json"],
-        "infer",
-        {
-            **{k: v for k, v in TINY.items() if not k.startswith("meta_fusion") and k != "max_epochs"},
-            "dataset_dir": str(cohort),
-            "ckpt_path": str(models / "model.pt"),
-            "output_dir": str(tmp_path / "pred"),
-            "combination": "ehr+report",
-        },
-    )
-    infer.initialize()
-    infer.run()
-    infer.finalize()
-    out = pd.read_csv(tmp_path / "pred" / "predictions.csv").set_index("case_id")
-    ref = preds[preds["combination"] == "ehr+report"].set_index("case_id")["prob_1"]
-    assert len(ref) > 0 and set(ref.index) <= set(out.index)
-    np.testing.assert_allclose(out.loc[ref.index, "prob_1"], ref, atol=1e-5)
+    _check_inference(["inference.json", "meta_fusion_inference.json"], {}, cohort, models / "model.pt", preds, tmp_path)
 
 
 def test_fragment_passes_check_properties_and_needs_fit_before_eval(cohort, tmp_path):
@@ -111,3 +103,46 @@ def test_fragment_passes_check_properties_and_needs_fit_before_eval(cohort, tmp_
     with pytest.raises(RuntimeError) as err:  # the deployable network needs the fitted cohort's config
         wf.parser.get_parsed_content("network_def")
     assert isinstance(err.value.__cause__, FileNotFoundError) and "meta_fusion_config.json" in str(err.value.__cause__)
+
+
+def test_method_name_meta_fusion_on_train_json_alone(cohort, tmp_path):
+    """`--method_name meta_fusion` on train.json alone: concat encoders, then the stages; evaluate.json and
+    inference.json with the same method_name rebuild the fitted head from the saved config."""
+    head = {
+        "epochs": 3,
+        "hidden": [16],
+        "rho_grid": [0.0, 1.0],
+        "batch_size": 0,
+        "grids": TINY["meta_fusion_grids"],
+        "rule": "ensemble",
+    }
+    base = {k: v for k, v in TINY.items() if not k.startswith("meta_fusion")}
+    ov = {
+        **base,
+        "method_name": "meta_fusion",
+        "head_kwargs": head,
+        "dataset_dir": str(cohort),
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "runs"),
+    }
+    wf = bundle_workflow(BUNDLE, ["train.json"], "train", ov)
+    wf.initialize()
+    assert wf.parser.get_parsed_content("network").head_name == "concat"  # stage (a) trains the concat head
+    wf.run()
+    wf.finalize()
+    models = tmp_path / "models"
+    assert (models / "supervised_model.pt").is_file() and not (models / "meta_fusion_stages.pt").exists()
+    cfg = json.loads((models / "meta_fusion_config.json").read_text())["head_kwargs"]
+    assert len(cfg["config"]["cohort"]) == 7 and cfg["rule"] == "ensemble" and cfg["config"]["epochs"] == 3
+    summary = json.loads((tmp_path / "runs" / "meta_fusion_summary.json").read_text())
+    assert summary["stage"] == "ensembled" and summary["rho"] in (0.0, 1.0)
+    ckpt = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    assert int(ckpt["model"]["head.meta.stage"]) == 5 and ckpt["record"]["model"]["head"] == "meta_fusion"
+
+    _run(["train.json", "evaluate.json"], {**ov, "eval_output_dir": str(tmp_path / "eval"), "eval_n_bootstrap": 0})
+    table = pd.read_csv(tmp_path / "eval" / "summary.csv", index_col=0)
+    assert set(table.index[:-1]) == COMBOS and np.isfinite(table[["accuracy", "auroc"]].to_numpy()).all()
+    preds = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    assert (preds.loc[preds["combination"] == "ehr", "students_used"] == 1).all()
+
+    _check_inference(["inference.json"], {"method_name": "meta_fusion"}, cohort, models / "model.pt", preds, tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medfusion.apps.staged import method_network
 from medfusion.fusion.recipes import (
     RECIPES,
     build_method,
@@ -13,6 +14,7 @@ from medfusion.fusion.recipes import (
     default_head_kwargs,
     head_name,
     list_methods,
+    training_head,
 )
 from medfusion.modality import all_combination_masks
 from medfusion.models.classifier import Classifier
@@ -35,7 +37,7 @@ def build(name: str, method_kwargs: dict | None = None) -> tuple[Classifier, obj
     """The clinical bundle's wiring on tiny MLP encoders: head and recipe from ``name`` alone."""
     torch.manual_seed(0)
     encoders = {m: {"name": "mlp", "in_features": 3, "hidden": [], "out_dim": d} for m, d in zip(MODS, (5, 6, 7))}
-    model = Classifier(encoders, head_name(name), 2, default_head_kwargs(name, 7))
+    model = method_network(name, encoders, 2, num_train_samples=7)  # a staged method: its training head
     full = dict(tiny_batch())
     full["modality_mask"] = torch.ones(7, 3, dtype=torch.bool)
     context = {"meta_loader": [full], "seed": 0, "modality_dropout": "uniform", "output_dir": None}
@@ -43,7 +45,12 @@ def build(name: str, method_kwargs: dict | None = None) -> tuple[Classifier, obj
 
 
 def test_listing_separates_methods_from_ablations():
-    assert list_methods(include_ablations=False) == ["concat", "late", "mean_features", "metakd", "omnifuse", "qmf"]
+    assert list_methods(include_ablations=False) == [
+        "concat", "late", "mean_features", "meta_fusion", "metakd", "omnifuse", "qmf"
+    ]  # fmt: skip
+    # a staged method trains another head, then fits its own (Meta Fusion: concat encoders, then the cohort)
+    assert (training_head("meta_fusion"), head_name("meta_fusion")) == ("concat", "meta_fusion")
+    assert all(training_head(n) == head_name(n) for n in list_methods() if n != "meta_fusion")
     ablations = set(list_methods()) - set(list_methods(include_ablations=False))
     assert ablations == {
         "late_modality_ce",

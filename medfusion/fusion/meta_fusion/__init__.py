@@ -4,7 +4,8 @@ One module per responsibility: :mod:`.cohort` (extractor/student specs, the coho
 latent maps), :mod:`.training` (screening, teachers, the mutual-learning loss and loop, rho),
 :mod:`.aggregation` (ensemble selection, stacking and every aggregation rule as one table,
 :data:`AGGREGATION_RULES`), :mod:`.model` (:class:`MetaFusion`: configuration, state, stages, predict) and
-:mod:`.head` (:class:`MetaFusionHead` and fitting it). The bundle stages are application glue in
+:mod:`.head` (:class:`MetaFusionHead` and fitting it), :mod:`.method` (the registered ``"meta_fusion"`` method:
+stage (a), the encoder training). The bundle stages are application glue in
 :mod:`medfusion.apps.meta_fusion_stages`.
 
 Importing this package registers the ``"meta_fusion"`` fusion head. Every public name is re-exported here, so
@@ -33,6 +34,7 @@ from medfusion.fusion.meta_fusion.cohort import (
     pooled_features,
 )
 from medfusion.fusion.meta_fusion.head import MetaFusionHead, attach_head, default_grids, fit_meta_fusion, tabular_data
+from medfusion.fusion.meta_fusion.method import MetaFusionMethod
 from medfusion.fusion.meta_fusion.model import MetaFusion
 from medfusion.fusion.meta_fusion.training import (
     RHO_CRITERIA,
@@ -65,6 +67,7 @@ __all__ = [
     "MetaFusion",
     "pooled_features",
     "MetaFusionHead",
+    "MetaFusionMethod",
     "default_grids",
     "tabular_data",
     "fit_meta_fusion",

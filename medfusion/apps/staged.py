@@ -20,6 +20,7 @@ For the other methods both functions do what the configs did inline before (same
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,11 +57,14 @@ class HeadStages:
             resume) -> None``: fit the head on the trained ``network`` (loaders ``{"train", "val"}``), attach
             it and write ``ckpt_dir/model.pt`` and whatever :attr:`saved_head_kwargs` reads.
         saved_head_kwargs: ``checkpoint folder -> head kwargs`` rebuilding the fitted head's architecture.
+        check_head_kwargs: raises ``ValueError`` for head kwargs the stages would reject, so a typo fails when
+            the network is built, before the encoders train.
         encoder_checkpoint: file (in the checkpoint folder) the trainer writes the best encoder epoch to.
     """
 
     run: Callable[..., Any]
     saved_head_kwargs: Callable[[Path], dict[str, Any]]
+    check_head_kwargs: Callable[[Mapping[str, Any]], None]
     encoder_checkpoint: str = "supervised_model.pt"
 
 
@@ -92,8 +96,26 @@ def _run_meta_fusion(
     ).run()
 
 
+def _check_meta_fusion(head_kwargs: Mapping[str, Any]) -> None:
+    """Meta Fusion head kwargs: ``grids``, ``rule`` (a key of the rule table) and :class:`MetaFusion` arguments."""
+    from medfusion.fusion.meta_fusion import MetaFusion, get_rule
+
+    allowed = set(inspect.signature(MetaFusion.__init__).parameters) - {"self", "modalities", "in_dims", "cohort"}
+    allowed -= {"num_classes"}  # the bundle's num_classes
+    unknown = sorted(set(head_kwargs) - allowed - {"grids", "rule"})
+    if unknown:
+        raise ValueError(
+            f"meta_fusion head_kwargs: unknown keys {unknown}; expected 'grids', 'rule' or MetaFusion arguments "
+            f"{sorted(allowed)}."
+        )
+    if head_kwargs.get("rule") is not None:
+        get_rule(head_kwargs["rule"], str(head_kwargs.get("task", "classification")), "meta_fusion head_kwargs rule")
+
+
 HEAD_STAGES: dict[str, HeadStages] = {
-    "meta_fusion": HeadStages(_run_meta_fusion, lambda folder: load_head_kwargs(folder / CONFIG_NAME)),
+    "meta_fusion": HeadStages(
+        _run_meta_fusion, lambda folder: load_head_kwargs(folder / CONFIG_NAME), _check_meta_fusion
+    ),
 }
 """Fusion head -> its stages (the heads of staged methods)."""
 
@@ -142,6 +164,7 @@ def method_network(
 
     Raises:
         KeyError: unknown method name.
+        ValueError: head kwargs a staged method's stages would reject (checked before training).
         FileNotFoundError: a staged method's saved head configuration is missing beside ``ckpt_path``.
     """
     from medfusion.models.classifier import Classifier
@@ -150,6 +173,7 @@ def method_network(
         kwargs = default_head_kwargs(method_name, num_train_samples, head_kwargs)
         return Classifier(encoders, head=head_name(method_name), num_classes=num_classes, head_kwargs=kwargs)
     if ckpt_path is None:
+        HEAD_STAGES[head_name(method_name)].check_head_kwargs(default_head_kwargs(method_name, None, head_kwargs))
         return Classifier(encoders, head=training_head(method_name), num_classes=num_classes)
     saved = HEAD_STAGES[head_name(method_name)].saved_head_kwargs(Path(ckpt_path).parent)
     return Classifier(encoders, head=head_name(method_name), num_classes=num_classes, head_kwargs=saved)
